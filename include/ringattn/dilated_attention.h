@@ -1,0 +1,48 @@
+#pragma once
+// DilatedAttention: LongNet-style dilated attention on one device.
+
+#include <optional>
+
+#include "ringattn/config.h"
+#include "ringattn/tensor.h"
+
+namespace ringattn {
+
+enum class Backend {
+  kCpu,        // the fused, threaded, SIMD CPU kernel
+  kReference,  // plain loops with fp64 accumulation: slow, obviously correct
+};
+
+const char* backend_name(Backend backend);
+// Parses "cpu" or "reference"; throws Error(kInvalidArgument) otherwise.
+Backend parse_backend(const std::string& text);
+
+struct ExecOptions {
+  Backend backend = Backend::kCpu;
+  int num_threads = 0;  // CPU threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
+};
+
+class DilatedAttention {
+ public:
+  // Validates the configuration; throws Error(kInvalidArgument) on a bad one.
+  explicit DilatedAttention(DilatedConfig config, ExecOptions options = {});
+
+  // q:   [B, N, H, D]    read
+  // k,v: [B, N, Hkv, D]  read; H % Hkv == 0, query head h reads kv head h / (H / Hkv)
+  // out: [B, N, H, D]    written (same dtype as q)
+  // lse: [B, H, N] fp32  written when given: natural-log log-sum-exp of the scaled scores
+  //                      (-inf for a row that attends to nothing)
+  // q, k, v and out share one dtype (fp32, fp16 or bf16); accumulation is fp32.
+  // Every rule of SPEC.md is checked before any compute; a violation throws Error.
+  void forward(const TensorView& q, const TensorView& k, const TensorView& v,
+               const TensorView& out, const std::optional<TensorView>& lse = std::nullopt) const;
+
+  const DilatedConfig& config() const { return config_; }
+  const ExecOptions& options() const { return options_; }
+
+ private:
+  DilatedConfig config_;
+  ExecOptions options_;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,8 @@
+#pragma once
+// The ringattn C++ API in one include.
+
+#include "ringattn/config.h"
+#include "ringattn/dilated_attention.h"
+#include "ringattn/error.h"
+#include "ringattn/tensor.h"
+#include "ringattn/version.h"

@@ -1,0 +1,125 @@
+// Small public helpers: errors, dtypes, tensor views, config parsing and checks.
+
+#include <cmath>
+
+#include "check.h"
+#include "ringattn/config.h"
+#include "ringattn/dilated_attention.h"
+#include "ringattn/error.h"
+#include "ringattn/tensor.h"
+#include "ringattn/version.h"
+
+namespace ringattn {
+
+const char* version() { return RINGATTN_VERSION; }
+
+const char* error_code_name(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kUnsupported:
+      return "unsupported";
+    case ErrorCode::kCommunication:
+      return "communication";
+    case ErrorCode::kDevice:
+      return "device";
+    case ErrorCode::kInternal:
+      return "internal";
+  }
+  return "unknown";
+}
+
+Error::Error(ErrorCode code, const std::string& message)
+    : std::runtime_error(std::string("ringattn: ") + error_code_name(code) + ": " + message),
+      code_(code) {}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return "fp32";
+    case DType::kF16:
+      return "fp16";
+    case DType::kBF16:
+      return "bf16";
+  }
+  return "unknown";
+}
+
+size_t dtype_size(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+
+TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                                  Device device) {
+  require(shape.size() >= 1 && shape.size() <= static_cast<size_t>(kMaxDims),
+          "TensorView::contiguous: shape has ", shape.size(), " dimensions; use 1 to ", kMaxDims);
+  TensorView t;
+  t.data = data;
+  t.dtype = dtype;
+  t.device = device;
+  t.ndim = static_cast<int>(shape.size());
+  int i = 0;
+  for (int64_t extent : shape) t.shape[i++] = extent;
+  int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    t.strides[d] = stride;
+    stride *= t.shape[d];
+  }
+  return t;
+}
+
+TensorView TensorView::strided(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                               std::initializer_list<int64_t> strides, Device device) {
+  require(strides.size() == shape.size(), "TensorView::strided: ", strides.size(),
+          " strides for ", shape.size(), " dimensions; give one stride per dimension");
+  TensorView t = contiguous(data, dtype, shape, device);
+  int i = 0;
+  for (int64_t s : strides) t.strides[i++] = s;
+  return t;
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
+const char* mode_name(Mode mode) { return mode == Mode::kGroups ? "groups" : "longnet"; }
+
+Mode parse_mode(const std::string& text) {
+  if (text == "groups") return Mode::kGroups;
+  if (text == "longnet") return Mode::kLongNet;
+  fail(ErrorCode::kInvalidArgument, "mode = '", text, "' is not a mode; use 'groups' or 'longnet'");
+}
+
+const char* backend_name(Backend backend) {
+  return backend == Backend::kCpu ? "cpu" : "reference";
+}
+
+Backend parse_backend(const std::string& text) {
+  if (text == "cpu") return Backend::kCpu;
+  if (text == "reference") return Backend::kReference;
+  fail(ErrorCode::kInvalidArgument, "backend = '", text,
+       "' is not a backend of this build; use 'cpu' or 'reference'");
+}
+
+void DilatedConfig::validate() const {
+  const size_t g = segment_lengths.size();
+  require(g >= 1, "segment_lengths is empty; give at least one branch, e.g. segment_lengths = "
+                  "{2048} and dilation_rates = {1}");
+  require(dilation_rates.size() == g, "segment_lengths has ", g, " entries but dilation_rates has ",
+          dilation_rates.size(), "; give one dilation rate per segment length");
+  for (size_t i = 0; i < g; ++i) {
+    require(segment_lengths[i] >= 1, "segment_lengths[", i, "] = ", segment_lengths[i],
+            "; segment lengths must be >= 1");
+    require(dilation_rates[i] >= 1, "dilation_rates[", i, "] = ", dilation_rates[i],
+            "; dilation rates must be >= 1");
+    require(dilation_rates[i] <= segment_lengths[i], "dilation_rates[", i, "] = ",
+            dilation_rates[i], " exceeds segment_lengths[", i, "] = ", segment_lengths[i],
+            "; use a dilation rate <= its segment length");
+  }
+  if (scale) {
+    require(std::isfinite(*scale) && *scale != 0.0f, "scale = ", *scale,
+            "; use a finite, non-zero scale (or leave it unset for 1/sqrt(head_dim))");
+  }
+}
+
+}  // namespace ringattn

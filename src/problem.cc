@@ -1,0 +1,166 @@
+// Validation of a forward call and the head -> branch assignment.
+
+#include "problem.h"
+
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "check.h"
+
+namespace ringattn {
+
+void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
+                  std::vector<int>& head_begin, std::vector<HeadBranch>& head_branches) {
+  const int g = static_cast<int>(branches.size());
+  head_begin.assign(static_cast<size_t>(heads) + 1, 0);
+  head_branches.clear();
+  if (mode == Mode::kLongNet) {
+    for (int64_t h = 0; h < heads; ++h) {
+      head_begin[h] = static_cast<int>(head_branches.size());
+      for (int i = 0; i < g; ++i) head_branches.push_back({i, h % branches[i].rate});
+    }
+  } else {
+    // G contiguous groups of H / G heads; the first H % G groups get one more.
+    const int64_t base = heads / g, extra = heads % g;
+    int64_t h = 0;
+    for (int i = 0; i < g; ++i) {
+      const int64_t size = base + (i < extra ? 1 : 0);
+      for (int64_t j = 0; j < size; ++j, ++h) {
+        head_begin[h] = static_cast<int>(head_branches.size());
+        head_branches.push_back({i, i % branches[i].rate});
+      }
+    }
+  }
+  head_begin[heads] = static_cast<int>(head_branches.size());
+}
+
+namespace {
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
+  return s + "]";
+}
+
+void check_view(const TensorView& t, const char* name, int ndim, const char* layout) {
+  require(t.ndim == ndim, name, " has ", t.ndim, " dimensions ", shape_str(t), "; it must be ",
+          layout);
+  for (int d = 0; d < ndim; ++d) {
+    require(t.shape[d] >= 1, name, ".shape[", d, "] = ", t.shape[d], " in ", shape_str(t),
+            "; every extent of ", layout, " must be >= 1");
+  }
+  require(t.data != nullptr, name, ".data is null; pass a buffer holding ", layout);
+  require(t.device == Device::kCPU, name,
+          " lives on a CUDA device, but this build runs on the CPU; pass a host buffer");
+}
+
+Strides3 bnhd_strides(const TensorView& t, const char* name) {
+  require(t.strides[3] == 1, name, ".strides[3] = ", t.strides[3],
+          "; the head dimension D must be contiguous (stride 1): make the tensor contiguous in D");
+  for (int d = 0; d < 3; ++d) {
+    require(t.strides[d] >= 0, name, ".strides[", d, "] = ", t.strides[d],
+            "; strides must be >= 0");
+  }
+  return {t.strides[0], t.strides[1], t.strides[2]};
+}
+
+int64_t lcm_of(const std::vector<int64_t>& values) {
+  int64_t l = 1;
+  for (int64_t v : values) l = std::lcm(l, v);
+  return l;
+}
+
+}  // namespace
+
+Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                     const TensorView& v, const TensorView& out,
+                     const std::optional<TensorView>& lse, int64_t max_head_dim,
+                     const char* backend) {
+  config.validate();
+  check_view(q, "q", 4, "[B, N, H, D]");
+  check_view(k, "k", 4, "[B, N, Hkv, D]");
+  check_view(v, "v", 4, "[B, N, Hkv, D]");
+  check_view(out, "out", 4, "[B, N, H, D] (the shape of q)");
+
+  Problem p;
+  p.batch = q.shape[0];
+  p.seq = q.shape[1];
+  p.heads = q.shape[2];
+  p.head_dim = q.shape[3];
+  p.kv_heads = k.shape[2];
+  p.dtype = q.dtype;
+  p.mode = config.mode;
+  p.causal = config.causal;
+
+  for (int d = 0; d < 4; ++d) {
+    require(k.shape[d] == v.shape[d], "k is ", shape_str(k), " but v is ", shape_str(v),
+            "; k and v must have the same shape [B, N, Hkv, D]");
+    require(out.shape[d] == q.shape[d], "out is ", shape_str(out), " but q is ", shape_str(q),
+            "; out must have the shape of q");
+  }
+  require(k.shape[0] == p.batch, "k.shape[0] = ", k.shape[0], " but q.shape[0] = ", p.batch,
+          "; q, k and v must have the same batch size B");
+  require(k.shape[1] == p.seq, "k.shape[1] = ", k.shape[1], " but q.shape[1] = ", p.seq,
+          "; q, k and v must have the same sequence length N");
+  require(k.shape[3] == p.head_dim, "k.shape[3] = ", k.shape[3], " but q.shape[3] = ", p.head_dim,
+          "; q, k and v must have the same head dim D");
+  require(p.heads % p.kv_heads == 0, "q has H = ", p.heads, " heads and k/v have Hkv = ",
+          p.kv_heads, " heads; H must be a multiple of Hkv (grouped-query attention)");
+  require(k.dtype == q.dtype && v.dtype == q.dtype && out.dtype == q.dtype, "dtypes differ: q is ",
+          dtype_name(q.dtype), ", k is ", dtype_name(k.dtype), ", v is ", dtype_name(v.dtype),
+          ", out is ", dtype_name(out.dtype), "; q, k, v and out must share one dtype");
+  if (p.head_dim > max_head_dim) {
+    fail(ErrorCode::kUnsupported, "head dim D = ", p.head_dim, " is not supported by the ",
+         backend, " backend (at most ", max_head_dim, "); split heads or use a smaller D");
+  }
+  p.q_st = bnhd_strides(q, "q");
+  p.k_st = bnhd_strides(k, "k");
+  p.v_st = bnhd_strides(v, "v");
+  p.out_st = bnhd_strides(out, "out");
+
+  const int g = config.num_branches();
+  for (int i = 0; i < g; ++i) {
+    const int64_t s = config.segment_lengths[i];
+    if (p.seq % s != 0) {
+      const int64_t l = lcm_of(config.segment_lengths);
+      fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
+           " does not divide the sequence length N = ", p.seq,
+           "; pad the sequence to a multiple of ", l,
+           " (the least common multiple of segment_lengths), e.g. N = ",
+           ((p.seq + l - 1) / l) * l);
+    }
+    p.branches.push_back({s, config.dilation_rates[i]});
+  }
+  if (config.mode == Mode::kGroups) {
+    require(p.heads >= g, "groups mode needs at least one head per branch, but H = ", p.heads,
+            " < G = ", g, " branches; use more heads, fewer branches, or mode = longnet");
+  }
+
+  if (lse) {
+    const TensorView& l = *lse;
+    check_view(l, "lse", 3, "[B, H, N]");
+    require(l.dtype == DType::kF32, "lse is ", dtype_name(l.dtype),
+            "; lse is always fp32 [B, H, N]");
+    require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.seq, "lse is ",
+            shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
+            p.heads, ", ", p.seq, "]");
+    for (int d = 0; d < 3; ++d) {
+      require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d],
+              "; strides must be >= 0");
+    }
+    p.lse = static_cast<float*>(l.data);
+    p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
+  }
+
+  p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  p.out_factor = config.mode == Mode::kGroups ? 1.0f / static_cast<float>(g) : 1.0f;
+  assign_heads(config.mode, p.branches, p.heads, p.head_begin, p.head_branches);
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  return p;
+}
+
+}  // namespace ringattn

@@ -1,0 +1,64 @@
+#pragma once
+// A validated forward problem: shapes, strides, dtype and the branch assignment of every
+// head. Built once per call by make_problem(), before any compute; all backends and the
+// reference read it.
+
+#include <optional>
+#include <vector>
+
+#include "ringattn/config.h"
+#include "ringattn/tensor.h"
+
+namespace ringattn {
+
+struct Branch {
+  int64_t segment;  // s_i
+  int64_t rate;     // r_i
+};
+
+// One (branch, offset) a head computes.
+struct HeadBranch {
+  int branch;
+  int64_t offset;  // o, 0 <= o < r
+};
+
+// Element strides of a [B, N, H, D] view (D is contiguous) or of lse [B, H, N].
+struct Strides3 {
+  int64_t b, n, h;
+};
+
+struct Problem {
+  int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  DType dtype = DType::kF32;
+  Mode mode = Mode::kGroups;
+  bool causal = false;
+  float scale = 1.0f;
+  float out_factor = 1.0f;  // 1/G in groups mode, 1 in longnet mode
+  std::vector<Branch> branches;
+  // Head h computes head_branches[head_begin[h] .. head_begin[h+1]).
+  std::vector<int> head_begin;
+  std::vector<HeadBranch> head_branches;
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // optional
+  Strides3 q_st{}, k_st{}, v_st{}, out_st{};
+  Strides3 lse_st{};  // b, n, h element strides of lse [B, H, N]
+
+  int64_t kv_head(int64_t h) const { return h / (heads / kv_heads); }
+};
+
+// Assigns branches to heads as SPEC.md says for `mode`.
+void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
+                  std::vector<int>& head_begin, std::vector<HeadBranch>& head_branches);
+
+// Validates everything SPEC.md lists (config, shapes, strides, dtypes, device, head dim
+// limit `max_head_dim` of the backend) and returns the problem. Throws Error.
+Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                     const TensorView& v, const TensorView& out,
+                     const std::optional<TensorView>& lse, int64_t max_head_dim,
+                     const char* backend);
+
+}  // namespace ringattn

@@ -1,0 +1,204 @@
+// The fast CPU backend against the fp64 reference (and the low-precision rule of SPEC.md).
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "oracle.h"
+#include "src/dtype.h"
+#include "src/problem.h"
+#include "src/reference.h"
+#include "test_util.h"
+
+namespace ringattn::test {
+namespace {
+
+struct Case {
+  int64_t B, N, H, Hkv, D;
+  std::vector<int64_t> s, r;
+  Mode mode;
+  bool causal;
+  DType dtype = DType::kF32;
+  bool strided = false;  // heads-outer layout with padding between rows
+};
+
+std::string describe(const Case& c) {
+  std::ostringstream os;
+  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
+     << " s=[";
+  for (size_t i = 0; i < c.s.size(); ++i) os << (i ? "," : "") << c.s[i];
+  os << "] r=[";
+  for (size_t i = 0; i < c.r.size(); ++i) os << (i ? "," : "") << c.r[i];
+  os << "] " << mode_name(c.mode) << (c.causal ? " causal " : " full ") << dtype_name(c.dtype)
+     << (c.strided ? " strided" : "");
+  return os.str();
+}
+
+struct Inputs {
+  Tensor q, k, v, out, lse;
+  DilatedConfig cfg;
+};
+
+Inputs make_run(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const bool bnh = !c.strided;
+  const int64_t pad = c.strided ? 3 : 0;
+  Inputs run{Tensor(c.dtype, {c.B, c.N, c.H, c.D}, bnh, pad),
+          Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
+          Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
+          Tensor(c.dtype, {c.B, c.N, c.H, c.D}, bnh, pad),
+          Tensor(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
+          DilatedConfig{c.s, c.r, c.mode, c.causal, std::nullopt}};
+  run.q.fill_normal(rng);
+  run.k.fill_normal(rng);
+  run.v.fill_normal(rng);
+  return run;
+}
+
+ReferenceResult reference_of(Inputs& run) {
+  return reference_forward(make_problem(run.cfg, run.q.view(), run.k.view(), run.v.view(),
+                                        run.out.view(), run.lse.view(), 1 << 20, "reference"));
+}
+
+void run_cpu(Inputs& run, int threads = 0) {
+  DilatedAttention attn(run.cfg, ExecOptions{Backend::kCpu, threads});
+  attn.forward(run.q.view(), run.k.view(), run.v.view(), run.out.view(), run.lse.view());
+}
+
+double round_to(DType dtype, double x) {
+  const float f = static_cast<float>(x);
+  switch (dtype) {
+    case DType::kF16:
+      return to_f32(from_f32<fp16_t>(f));
+    case DType::kBF16:
+      return to_f32(from_f32<bf16_t>(f));
+    case DType::kF32:
+      break;
+  }
+  return f;
+}
+
+// Checks one case: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error
+// of the naive computation in the same precision. Inputs and outputs non-zero and finite.
+void check_case(const Case& c, uint32_t seed) {
+  SCOPED_TRACE(describe(c));
+  Inputs run = make_run(c, seed);
+  const ReferenceResult ref = reference_of(run);
+  run_cpu(run);
+  const Stats so = compare_bnhd(run.out, ref.out);
+  const Stats sl = compare_lse(run.lse, ref.lse);
+  EXPECT_EQ(so.nonfinite, 0);
+  EXPECT_EQ(sl.nonfinite, 0);
+  EXPECT_GT(so.ref_nonzero, 0);
+  EXPECT_GE(so.nonzero, so.ref_nonzero * 99 / 100) << "rows the reference fills are zero";
+  EXPECT_GT(so.max_ref, 0.05);
+  EXPECT_LE(sl.max_abs_err, 2e-5 * std::max(1.0, sl.max_ref));
+  if (c.dtype == DType::kF32) {
+    EXPECT_LE(so.max_abs_err, 1e-5);
+  } else {
+    const OracleResult naive =
+        oracle_forward(run.cfg, run.q, run.k, run.v, [&](double x) { return round_to(c.dtype, x); });
+    double naive_err = 0.0;
+    for (size_t i = 0; i < ref.out.size(); ++i)
+      naive_err = std::max(naive_err, std::abs(naive.out[i] - ref.out[i]));
+    EXPECT_GT(naive_err, 0.0);
+    EXPECT_LE(so.max_abs_err, 2.0 * naive_err) << "naive low-precision error " << naive_err;
+  }
+}
+
+TEST(CpuForward, SeedLikeConfigurations) {
+  check_case({1, 256, 3, 3, 64, {64, 128, 256}, {1, 2, 4}, Mode::kGroups, true}, 10);
+  check_case({2, 256, 3, 3, 64, {64, 128, 256}, {1, 2, 4}, Mode::kLongNet, true}, 11);
+  check_case({1, 512, 2, 2, 128, {256, 512}, {1, 2}, Mode::kGroups, false}, 12);
+}
+
+TEST(CpuForward, HeadDims) {
+  uint32_t seed = 20;
+  for (int64_t d : {1, 16, 64, 80, 128, 256}) {
+    check_case({1, 192, 2, 1, d, {96, 192}, {1, 3}, Mode::kLongNet, true}, seed++);
+    check_case({1, 192, 2, 2, d, {64, 192}, {2, 4}, Mode::kGroups, false}, seed++);
+  }
+}
+
+TEST(CpuForward, LongSegmentsSpanManyTiles) {
+  // Segments much longer than a key tile and a query tile; row blocks split segments.
+  check_case({1, 1024, 2, 1, 32, {1024}, {1}, Mode::kGroups, true}, 30);
+  check_case({1, 1024, 2, 2, 32, {512, 1024}, {1, 3}, Mode::kLongNet, false}, 31);
+  check_case({1, 2048, 1, 1, 16, {2048}, {7}, Mode::kGroups, true}, 32);
+}
+
+TEST(CpuForward, RandomisedConfigurations) {
+  std::mt19937 rng(40);
+  const int64_t dims[] = {16, 64, 80, 128};
+  const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kF16};
+  for (int trial = 0; trial < 24; ++trial) {
+    Case c;
+    c.B = 1 + rng() % 2;
+    const int64_t g = 1 + rng() % 3;
+    c.Hkv = 1 + rng() % 2;
+    c.H = c.Hkv * (1 + rng() % 3);
+    if (c.H < g) c.H = c.Hkv * g;
+    c.D = dims[rng() % 4];
+    int64_t base = 16 << (rng() % 3);  // 16, 32, 64
+    for (int64_t i = 0; i < g; ++i) {
+      c.s.push_back(base << i);
+      c.r.push_back(1 + rng() % std::min<int64_t>(5, base << i));  // 1..5: not always dividing s
+    }
+    c.N = c.s.back() * (1 + rng() % 2);
+    c.mode = rng() % 2 ? Mode::kLongNet : Mode::kGroups;
+    c.causal = rng() % 2;
+    c.dtype = dtypes[trial % 3];
+    c.strided = rng() % 2;
+    check_case(c, 100 + trial);
+  }
+}
+
+TEST(CpuForward, AllDtypesAndStrides) {
+  uint32_t seed = 50;
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (bool strided : {false, true}) {
+      check_case({2, 128, 4, 2, 64, {32, 128}, {1, 2}, Mode::kGroups, true, dt, strided}, seed++);
+      check_case({1, 128, 4, 1, 128, {32, 128}, {1, 4}, Mode::kLongNet, false, dt, strided},
+                 seed++);
+    }
+  }
+}
+
+TEST(CpuForward, BitwiseDeterministicAcrossRunsAndThreadCounts) {
+  const Case c{2, 512, 4, 2, 64, {128, 512}, {1, 4}, Mode::kLongNet, true};
+  Inputs a = make_run(c, 60);
+  Inputs b = make_run(c, 60);
+  run_cpu(a, 1);
+  run_cpu(b, 2);
+  EXPECT_EQ(a.out.bytes(), b.out.bytes());
+  EXPECT_EQ(a.lse.bytes(), b.lse.bytes());
+  run_cpu(b, 2);
+  EXPECT_EQ(a.out.bytes(), b.out.bytes());
+  const Stats s = compare_bnhd(a.out, reference_of(a).out);
+  EXPECT_GT(s.nonzero, 0);
+  EXPECT_EQ(s.nonfinite, 0);
+}
+
+TEST(CpuForward, ReferenceBackendThroughPublicApi) {
+  const Case c{1, 64, 2, 2, 16, {32, 64}, {1, 2}, Mode::kGroups, true};
+  Inputs run = make_run(c, 70);
+  DilatedAttention attn(run.cfg, ExecOptions{Backend::kReference, 0});
+  attn.forward(run.q.view(), run.k.view(), run.v.view(), run.out.view(), run.lse.view());
+  const OracleResult orc = oracle_forward(run.cfg, run.q, run.k, run.v);
+  const Stats s = compare_bnhd(run.out, orc.out);
+  EXPECT_LE(s.max_abs_err, 1e-6);
+  EXPECT_GT(s.nonzero, 0);
+  EXPECT_LE(compare_lse(run.lse, orc.lse).max_abs_err, 1e-5);
+}
+
+TEST(CpuForward, CustomScale) {
+  Case c{1, 64, 2, 2, 16, {64}, {1}, Mode::kGroups, true};
+  Inputs run = make_run(c, 80);
+  run.cfg.scale = 0.7f;
+  const ReferenceResult ref = reference_of(run);
+  run_cpu(run);
+  EXPECT_LE(compare_bnhd(run.out, ref.out).max_abs_err, 1e-5);
+}
+
+}  // namespace
+}  // namespace ringattn::test

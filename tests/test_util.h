@@ -1,0 +1,54 @@
+#pragma once
+// Shared test helpers: random tensors in any dtype and layout, comparisons against fp64.
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "ringattn/ringattn.h"
+
+namespace ringattn::test {
+
+// Owns the storage of a [B, N, H, D] tensor (or [B, H, N] lse) with an optional padded,
+// permuted layout so that B, N and H strides are not the contiguous ones.
+class Tensor {
+ public:
+  // `layout_bnh` = true: memory order B, N, H, D; false: B, H, N, D (heads outer).
+  // `pad` extra elements between consecutive D-rows (non-contiguous strides).
+  Tensor(DType dtype, std::vector<int64_t> shape, bool layout_bnh = true, int64_t pad = 0);
+
+  TensorView view() const { return view_; }
+  DType dtype() const { return view_.dtype; }
+  // Element offset of index (i0, i1, i2, i3) in elements.
+  int64_t offset(int64_t i0, int64_t i1, int64_t i2, int64_t i3 = 0) const;
+  float get(int64_t i0, int64_t i1, int64_t i2, int64_t i3 = 0) const;
+  void set(int64_t i0, int64_t i1, int64_t i2, int64_t i3, float value);
+  // Fills with N(0, 1) samples rounded to the dtype.
+  void fill_normal(std::mt19937& rng, float stddev = 1.0f);
+  void fill(float value);
+  // Raw bytes, for bitwise comparisons.
+  const std::vector<uint8_t>& bytes() const { return data_; }
+
+ private:
+  std::vector<uint8_t> data_;
+  TensorView view_;
+};
+
+struct Stats {
+  double max_abs_err = 0.0;  // max |x - ref|
+  double max_ref = 0.0;      // max |ref|
+  int64_t nonfinite = 0;     // NaN or inf in x where ref is finite
+  int64_t nonzero = 0;       // entries of x that are not zero
+  int64_t ref_nonzero = 0;   // entries of ref that are not zero
+  int64_t count = 0;
+};
+
+// Compares a [B, N, H, D] tensor against a contiguous fp64 array of the same shape.
+Stats compare_bnhd(const Tensor& x, const std::vector<double>& ref);
+// Compares lse [B, H, N] (fp32) against fp64; -inf must match exactly.
+Stats compare_lse(const Tensor& x, const std::vector<double>& ref);
+
+// The contiguous fp64 values of a [B, N, H, D] tensor.
+std::vector<double> to_double(const Tensor& x);
+
+}  // namespace ringattn::test
