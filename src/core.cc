@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "check.h"
+#include "cpu/attention_cpu.h"
 #include "ringattn/config.h"
 #include "ringattn/dilated_attention.h"
 #include "ringattn/error.h"
@@ -12,6 +13,8 @@
 namespace ringattn {
 
 const char* version() { return RINGATTN_VERSION; }
+
+const char* cpu_simd_target() { return cpu::simd_target(); }
 
 const char* error_code_name(ErrorCode code) {
   switch (code) {
