@@ -12,9 +12,13 @@
 
 namespace ringattn {
 
-const char* version() { return RINGATTN_VERSION; }
+const char* version() {
+  return RINGATTN_VERSION;
+}
 
-const char* cpu_simd_target() { return cpu::simd_target(); }
+const char* cpu_simd_target() {
+  return cpu::simd_target();
+}
 
 const char* error_code_name(ErrorCode code) {
   switch (code) {
@@ -48,7 +52,9 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
-size_t dtype_size(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+size_t dtype_size(DType dtype) {
+  return dtype == DType::kF32 ? 4 : 2;
+}
 
 TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
                                   Device device) {
@@ -71,8 +77,8 @@ TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list
 
 TensorView TensorView::strided(void* data, DType dtype, std::initializer_list<int64_t> shape,
                                std::initializer_list<int64_t> strides, Device device) {
-  require(strides.size() == shape.size(), "TensorView::strided: ", strides.size(),
-          " strides for ", shape.size(), " dimensions; give one stride per dimension");
+  require(strides.size() == shape.size(), "TensorView::strided: ", strides.size(), " strides for ",
+          shape.size(), " dimensions; give one stride per dimension");
   TensorView t = contiguous(data, dtype, shape, device);
   int i = 0;
   for (int64_t s : strides) t.strides[i++] = s;
@@ -85,7 +91,9 @@ int64_t TensorView::numel() const {
   return n;
 }
 
-const char* mode_name(Mode mode) { return mode == Mode::kGroups ? "groups" : "longnet"; }
+const char* mode_name(Mode mode) {
+  return mode == Mode::kGroups ? "groups" : "longnet";
+}
 
 Mode parse_mode(const std::string& text) {
   if (text == "groups") return Mode::kGroups;
@@ -106,8 +114,9 @@ Backend parse_backend(const std::string& text) {
 
 void DilatedConfig::validate() const {
   const size_t g = segment_lengths.size();
-  require(g >= 1, "segment_lengths is empty; give at least one branch, e.g. segment_lengths = "
-                  "{2048} and dilation_rates = {1}");
+  require(g >= 1,
+          "segment_lengths is empty; give at least one branch, e.g. segment_lengths = "
+          "{2048} and dilation_rates = {1}");
   require(dilation_rates.size() == g, "segment_lengths has ", g, " entries but dilation_rates has ",
           dilation_rates.size(), "; give one dilation rate per segment length");
   for (size_t i = 0; i < g; ++i) {
@@ -115,8 +124,8 @@ void DilatedConfig::validate() const {
             "; segment lengths must be >= 1");
     require(dilation_rates[i] >= 1, "dilation_rates[", i, "] = ", dilation_rates[i],
             "; dilation rates must be >= 1");
-    require(dilation_rates[i] <= segment_lengths[i], "dilation_rates[", i, "] = ",
-            dilation_rates[i], " exceeds segment_lengths[", i, "] = ", segment_lengths[i],
+    require(dilation_rates[i] <= segment_lengths[i], "dilation_rates[", i,
+            "] = ", dilation_rates[i], " exceeds segment_lengths[", i, "] = ", segment_lengths[i],
             "; use a dilation rate <= its segment length");
   }
   if (scale) {

@@ -15,8 +15,8 @@ DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
 
 void DilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const std::optional<TensorView>& lse) const {
-  const Problem p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim,
-                                 backend_name(options_.backend));
+  const Problem p =
+      make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, backend_name(options_.backend));
   if (options_.backend == Backend::kReference) {
     reference_forward_into(p);
   } else {

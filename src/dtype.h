@@ -26,8 +26,12 @@ RA_HD float f32_from_bits(uint32_t u) {
   return f;
 }
 
-RA_HD float to_f32(float x) { return x; }
-RA_HD float to_f32(bf16_t x) { return f32_from_bits(static_cast<uint32_t>(x.bits) << 16); }
+RA_HD float to_f32(float x) {
+  return x;
+}
+RA_HD float to_f32(bf16_t x) {
+  return f32_from_bits(static_cast<uint32_t>(x.bits) << 16);
+}
 RA_HD float to_f32(fp16_t x) {
   const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   const uint32_t exp = (x.bits >> 10) & 0x1fu;
@@ -63,7 +67,7 @@ RA_HD fp16_t from_f32<fp16_t>(float f) {
   const uint32_t u = f32_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return fp16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // nan
+  if (a > 0x7f800000u) return fp16_t{static_cast<uint16_t>(sign | 0x7e00u)};   // nan
   if (a >= 0x477ff000u) return fp16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
   if (a < 0x38800000u) {
     // Result is subnormal (or zero): value = a_float * 2^24 rounded to an integer.

@@ -12,13 +12,23 @@
 
 namespace ringattn {
 
-RA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-RA_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-RA_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-RA_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+RA_HD int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+RA_HD int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+RA_HD int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+RA_HD int64_t max64(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
 
 // Number of rows a branch keeps in one segment (0 <= o < r <= s).
-RA_HD int64_t kept_count(int64_t s, int64_t r, int64_t o) { return ceil_div(s - o, r); }
+RA_HD int64_t kept_count(int64_t s, int64_t r, int64_t o) {
+  return ceil_div(s - o, r);
+}
 
 // The first kept index t whose row (relative to the segment start) is >= rel,
 // clamped to [0, kept_count].

@@ -105,14 +105,15 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
           "; q, k and v must have the same sequence length N");
   require(k.shape[3] == p.head_dim, "k.shape[3] = ", k.shape[3], " but q.shape[3] = ", p.head_dim,
           "; q, k and v must have the same head dim D");
-  require(p.heads % p.kv_heads == 0, "q has H = ", p.heads, " heads and k/v have Hkv = ",
-          p.kv_heads, " heads; H must be a multiple of Hkv (grouped-query attention)");
+  require(p.heads % p.kv_heads == 0, "q has H = ", p.heads,
+          " heads and k/v have Hkv = ", p.kv_heads,
+          " heads; H must be a multiple of Hkv (grouped-query attention)");
   require(k.dtype == q.dtype && v.dtype == q.dtype && out.dtype == q.dtype, "dtypes differ: q is ",
           dtype_name(q.dtype), ", k is ", dtype_name(k.dtype), ", v is ", dtype_name(v.dtype),
           ", out is ", dtype_name(out.dtype), "; q, k, v and out must share one dtype");
   if (p.head_dim > max_head_dim) {
-    fail(ErrorCode::kUnsupported, "head dim D = ", p.head_dim, " is not supported by the ",
-         backend, " backend (at most ", max_head_dim, "); split heads or use a smaller D");
+    fail(ErrorCode::kUnsupported, "head dim D = ", p.head_dim, " is not supported by the ", backend,
+         " backend (at most ", max_head_dim, "); split heads or use a smaller D");
   }
   p.q_st = bnhd_strides(q, "q");
   p.k_st = bnhd_strides(k, "k");
@@ -127,8 +128,7 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
       fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
            " does not divide the sequence length N = ", p.seq,
            "; pad the sequence to a multiple of ", l,
-           " (the least common multiple of segment_lengths), e.g. N = ",
-           ((p.seq + l - 1) / l) * l);
+           " (the least common multiple of segment_lengths), e.g. N = ", ((p.seq + l - 1) / l) * l);
     }
     p.branches.push_back({s, config.dilation_rates[i]});
   }
@@ -146,8 +146,7 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
             shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
             p.heads, ", ", p.seq, "]");
     for (int d = 0; d < 3; ++d) {
-      require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d],
-              "; strides must be >= 0");
+      require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d], "; strides must be >= 0");
     }
     p.lse = static_cast<float*>(l.data);
     p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};

@@ -47,8 +47,9 @@ ReferenceResult reference_forward(const Problem& p) {
               const int64_t kn = start + u * br.rate;
               double dot = 0.0;
               for (int64_t d = 0; d < D; ++d) {
-                dot += static_cast<double>(load_f32(p.q, p.dtype, offset_of(p.q_st, b, qn, h) + d)) *
-                       static_cast<double>(load_f32(p.k, p.dtype, offset_of(p.k_st, b, kn, hk) + d));
+                dot +=
+                    static_cast<double>(load_f32(p.q, p.dtype, offset_of(p.q_st, b, qn, h) + d)) *
+                    static_cast<double>(load_f32(p.k, p.dtype, offset_of(p.k_st, b, kn, hk) + d));
               }
               scores[u] = dot * static_cast<double>(p.scale);
               mx = std::max(mx, scores[u]);

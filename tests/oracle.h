@@ -2,9 +2,9 @@
 // Brute-force oracle: materialises, for each head, the N x N multiplicity matrix
 // W[n][k] = number of branches (of that head) that keep both rows n and k in one segment
 // (k <= n when causal), then computes a dense softmax weighted by W. Independent of the
-// library's planner, index math and merge. `round` is applied to the result of every operation (scores, probabilities, P.V, output), so
-// the same code gives the fp64 oracle (identity) and the naive low-precision computation
-// that SPEC.md's fp16/bf16 rule compares against.
+// library's planner, index math and merge. `round` is applied to the result of every operation
+// (scores, probabilities, P.V, output), so the same code gives the fp64 oracle (identity) and the
+// naive low-precision computation that SPEC.md's fp16/bf16 rule compares against.
 
 #include <cmath>
 #include <functional>
@@ -68,7 +68,8 @@ inline OracleResult oracle_forward(const DilatedConfig& cfg, const Tensor& q, co
           }
           if (w[kk] == 0.0) continue;
           double dot = 0.0;
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(q.get(b, n, h, d)) * k.get(b, kk, hk, d);
+          for (int64_t d = 0; d < D; ++d)
+            dot += static_cast<double>(q.get(b, n, h, d)) * k.get(b, kk, hk, d);
           s[kk] = rnd(rnd(dot) * scale);
           mx = std::max(mx, s[kk]);
         }

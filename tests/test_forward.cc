@@ -24,8 +24,7 @@ struct Case {
 
 std::string describe(const Case& c) {
   std::ostringstream os;
-  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
-     << " s=[";
+  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " s=[";
   for (size_t i = 0; i < c.s.size(); ++i) os << (i ? "," : "") << c.s[i];
   os << "] r=[";
   for (size_t i = 0; i < c.r.size(); ++i) os << (i ? "," : "") << c.r[i];
@@ -44,11 +43,11 @@ Inputs make_run(const Case& c, uint32_t seed) {
   const bool bnh = !c.strided;
   const int64_t pad = c.strided ? 3 : 0;
   Inputs run{Tensor(c.dtype, {c.B, c.N, c.H, c.D}, bnh, pad),
-          Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
-          Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
-          Tensor(c.dtype, {c.B, c.N, c.H, c.D}, bnh, pad),
-          Tensor(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
-          DilatedConfig{c.s, c.r, c.mode, c.causal, std::nullopt}};
+             Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
+             Tensor(c.dtype, {c.B, c.N, c.Hkv, c.D}, bnh, pad),
+             Tensor(c.dtype, {c.B, c.N, c.H, c.D}, bnh, pad),
+             Tensor(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
+             DilatedConfig{c.s, c.r, c.mode, c.causal, std::nullopt}};
   run.q.fill_normal(rng);
   run.k.fill_normal(rng);
   run.v.fill_normal(rng);
@@ -96,8 +95,8 @@ void check_case(const Case& c, uint32_t seed) {
   if (c.dtype == DType::kF32) {
     EXPECT_LE(so.max_abs_err, 1e-5);
   } else {
-    const OracleResult naive =
-        oracle_forward(run.cfg, run.q, run.k, run.v, [&](double x) { return round_to(c.dtype, x); });
+    const OracleResult naive = oracle_forward(run.cfg, run.q, run.k, run.v,
+                                              [&](double x) { return round_to(c.dtype, x); });
     double naive_err = 0.0;
     for (size_t i = 0; i < ref.out.size(); ++i)
       naive_err = std::max(naive_err, std::abs(naive.out[i] - ref.out[i]));

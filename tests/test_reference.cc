@@ -21,8 +21,8 @@ struct Case {
 
 ReferenceResult run_reference(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,
                               const Tensor& v, Tensor& out) {
-  return reference_forward(make_problem(cfg, q.view(), k.view(), v.view(), out.view(),
-                                        std::nullopt, 1 << 20, "reference"));
+  return reference_forward(make_problem(cfg, q.view(), k.view(), v.view(), out.view(), std::nullopt,
+                                        1 << 20, "reference"));
 }
 
 void expect_close(const std::vector<double>& a, const std::vector<double>& b, double tol) {
@@ -117,8 +117,8 @@ TEST(Reference, WorkedExampleFromSpec) {
 }
 
 // Plain dense softmax attention written out directly: [N, D] per (b, h).
-std::vector<double> dense_attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                                    bool causal, int64_t block) {
+std::vector<double> dense_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                    int64_t block) {
   const TensorView qv = q.view();
   const int64_t B = qv.shape[0], N = qv.shape[1], H = qv.shape[2], D = qv.shape[3];
   const int64_t Hkv = k.view().shape[2];
@@ -131,7 +131,8 @@ std::vector<double> dense_attention(const Tensor& q, const Tensor& k, const Tens
         double mx = -1e300;
         for (int64_t j = lo; j < hi; ++j) {
           double dot = 0.0;
-          for (int64_t d = 0; d < D; ++d) dot += double(q.get(b, n, h, d)) * k.get(b, j, h / (H / Hkv), d);
+          for (int64_t d = 0; d < D; ++d)
+            dot += double(q.get(b, n, h, d)) * k.get(b, j, h / (H / Hkv), d);
           s.push_back(dot * double(1.0f / std::sqrt(float(D))));
           mx = std::max(mx, s.back());
         }
@@ -155,8 +156,7 @@ TEST(Reference, FullSegmentRateOneIsDenseAttention) {
     q.fill_normal(rng);
     k.fill_normal(rng);
     v.fill_normal(rng);
-    expect_close(run_reference(cfg, q, k, v, out).out, dense_attention(q, k, v, causal, 32),
-                 1e-12);
+    expect_close(run_reference(cfg, q, k, v, out).out, dense_attention(q, k, v, causal, 32), 1e-12);
   }
 }
 

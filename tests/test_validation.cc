@@ -21,8 +21,9 @@ void expect_error(const std::function<void()>& fn, ErrorCode code,
     ADD_FAILURE() << "no error was raised";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), code) << e.what();
-    for (const char* w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos)
-        << "message lacks '" << w << "': " << e.what();
+    for (const char* w : words)
+      EXPECT_NE(std::string(e.what()).find(w), std::string::npos)
+          << "message lacks '" << w << "': " << e.what();
   }
 }
 
@@ -48,21 +49,41 @@ void forward_with(const DilatedConfig& cfg, const Shapes& s, DType kdt = DType::
   }
 }
 
-DilatedConfig good() { return {{8, 16}, {1, 2}, Mode::kGroups, false, std::nullopt}; }
+DilatedConfig good() {
+  return {{8, 16}, {1, 2}, Mode::kGroups, false, std::nullopt};
+}
 
 TEST(Validation, ConfigRules) {
-  expect_error([] { DilatedAttention a({{}, {}, Mode::kGroups, false, std::nullopt}); },
-               ErrorCode::kInvalidArgument, {"segment_lengths", "at least one"});
-  expect_error([] { DilatedAttention a({{8, 16}, {1}, Mode::kGroups, false, std::nullopt}); },
-               ErrorCode::kInvalidArgument, {"dilation_rates", "1", "one dilation rate per"});
-  expect_error([] { DilatedAttention a({{0}, {1}, Mode::kGroups, false, std::nullopt}); },
-               ErrorCode::kInvalidArgument, {"segment_lengths[0] = 0", ">= 1"});
-  expect_error([] { DilatedAttention a({{8}, {0}, Mode::kGroups, false, std::nullopt}); },
-               ErrorCode::kInvalidArgument, {"dilation_rates[0] = 0", ">= 1"});
-  expect_error([] { DilatedAttention a({{8, 4}, {1, 5}, Mode::kGroups, false, std::nullopt}); },
-               ErrorCode::kInvalidArgument, {"dilation_rates[1] = 5", "segment_lengths[1] = 4"});
-  expect_error([] { DilatedAttention a({{8}, {1}, Mode::kGroups, false, NAN}); },
-               ErrorCode::kInvalidArgument, {"scale", "finite"});
+  expect_error(
+      [] {
+        DilatedAttention a({{}, {}, Mode::kGroups, false, std::nullopt});
+      },
+      ErrorCode::kInvalidArgument, {"segment_lengths", "at least one"});
+  expect_error(
+      [] {
+        DilatedAttention a({{8, 16}, {1}, Mode::kGroups, false, std::nullopt});
+      },
+      ErrorCode::kInvalidArgument, {"dilation_rates", "1", "one dilation rate per"});
+  expect_error(
+      [] {
+        DilatedAttention a({{0}, {1}, Mode::kGroups, false, std::nullopt});
+      },
+      ErrorCode::kInvalidArgument, {"segment_lengths[0] = 0", ">= 1"});
+  expect_error(
+      [] {
+        DilatedAttention a({{8}, {0}, Mode::kGroups, false, std::nullopt});
+      },
+      ErrorCode::kInvalidArgument, {"dilation_rates[0] = 0", ">= 1"});
+  expect_error(
+      [] {
+        DilatedAttention a({{8, 4}, {1, 5}, Mode::kGroups, false, std::nullopt});
+      },
+      ErrorCode::kInvalidArgument, {"dilation_rates[1] = 5", "segment_lengths[1] = 4"});
+  expect_error(
+      [] {
+        DilatedAttention a({{8}, {1}, Mode::kGroups, false, NAN});
+      },
+      ErrorCode::kInvalidArgument, {"scale", "finite"});
   expect_error([] { parse_mode("dense"); }, ErrorCode::kInvalidArgument, {"dense", "longnet"});
 }
 
@@ -84,10 +105,16 @@ TEST(Validation, ShapesAndDtypes) {
                {"H = 4", "Hkv = 3", "multiple"});
   expect_error([&] { forward_with(good(), Shapes{}, DType::kBF16); }, ErrorCode::kInvalidArgument,
                {"dtype", "bf16", "one dtype"});
-  expect_error([&] { forward_with(good(), Shapes{}, DType::kF32, {1, 16, 4, 4}); },
-               ErrorCode::kInvalidArgument, {"out", "shape of q"});
-  expect_error([&] { forward_with(good(), Shapes{}, DType::kF32, {}, {1, 16, 4}); },
-               ErrorCode::kInvalidArgument, {"lse", "[B, H, N]"});
+  expect_error(
+      [&] {
+        forward_with(good(), Shapes{}, DType::kF32, {1, 16, 4, 4});
+      },
+      ErrorCode::kInvalidArgument, {"out", "shape of q"});
+  expect_error(
+      [&] {
+        forward_with(good(), Shapes{}, DType::kF32, {}, {1, 16, 4});
+      },
+      ErrorCode::kInvalidArgument, {"lse", "[B, H, N]"});
   expect_error([&] { forward_with(good(), Shapes{}, DType::kF32, {}, {}, DType::kBF16); },
                ErrorCode::kInvalidArgument, {"lse", "fp32"});
   Shapes big;

@@ -34,8 +34,8 @@ class DilatedAttention {
   //                      (-inf for a row that attends to nothing)
   // q, k, v and out share one dtype (fp32, fp16 or bf16); accumulation is fp32.
   // Every rule of SPEC.md is checked before any compute; a violation throws Error.
-  void forward(const TensorView& q, const TensorView& k, const TensorView& v,
-               const TensorView& out, const std::optional<TensorView>& lse = std::nullopt) const;
+  void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const std::optional<TensorView>& lse = std::nullopt) const;
 
   const DilatedConfig& config() const { return config_; }
   const ExecOptions& options() const { return options_; }

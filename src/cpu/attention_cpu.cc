@@ -5,8 +5,8 @@
 
 #include <omp.h>
 
-#include <algorithm>
 #include <hwy/aligned_allocator.h>
+#include <algorithm>
 #include <vector>
 
 #include "../dtype.h"
@@ -19,30 +19,37 @@ namespace {
 using detail::Scratch;
 using detail::Tiles;
 
-Tiles make_tiles(const Problem& p) {
-  Tiles t;
-  t.padded_dim = round_up(p.head_dim, 2 * Tiles::kMaxVecFloats);
+// Sequence rows per task for head h: enough that its sparsest branch still keeps
+// kKeptRows query rows, so each packed key/value tile serves many queries.
+int64_t head_row_block(const Problem& p, int64_t h) {
+  constexpr int64_t kKeptRows = 256;
   int64_t max_rate = 1;
-  for (const Branch& b : p.branches) max_rate = std::max(max_rate, b.rate);
-  // Enough rows that the sparsest branch still fills most of a query tile.
-  t.row_block = std::min(p.seq, std::clamp<int64_t>(64 * max_rate, 256, 2048));
-  return t;
+  for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+    max_rate = std::max(max_rate, p.branches[p.head_branches[hb].branch].rate);
+  }
+  return std::min(p.seq, std::min<int64_t>(kKeptRows * max_rate, 8 * kKeptRows));
 }
+
+struct Task {
+  int64_t b, h, n0, n1;
+};
 
 // One thread's scratch, carved from a single aligned allocation.
 class ThreadScratch {
  public:
   explicit ThreadScratch(const Tiles& t) {
-    const int64_t dp = t.padded_dim, mq = Tiles::kQueryTile, nk = Tiles::kKeyTile;
-    const int64_t sizes[] = {mq * dp, nk * dp, nk * dp, mq * nk, mq * dp,
-                             mq,      mq,      mq,      t.row_block * dp, t.row_block};
+    const int64_t dp = t.padded_dim, ld = t.ld_rows(), nk = Tiles::kKeyRows;
+    const int64_t sizes[] = {
+        dp * ld,          dp * ld,    ld, ld, nk * dp, nk * dp, nk * Tiles::kMaxPanel,
+        t.row_block * dp, t.row_block};
+    float** slots[] = {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l};
+    static_assert(std::size(sizes) == std::size(slots));
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s, 16);
     mem_ = hwy::AllocateAligned<float>(static_cast<size_t>(total));
+    std::fill_n(mem_.get(), total, 0.0f);
     float* next = mem_.get();
-    float** slots[] = {&s_.q, &s_.kt, &s_.v, &s_.s, &s_.o, &s_.m, &s_.l, &s_.alpha, &s_.acc_o,
-                       &s_.acc_l};
-    for (int i = 0; i < 10; ++i) {
+    for (size_t i = 0; i < std::size(slots); ++i) {
       *slots[i] = next;
       next += round_up(sizes[i], 16);
     }
@@ -69,9 +76,16 @@ void write_rows(const Problem& p, const Tiles& t, int64_t b, int64_t h, int64_t 
 }  // namespace
 
 void forward(const Problem& p, int num_threads) {
-  const Tiles tiles = make_tiles(p);
-  const int64_t blocks = ceil_div(p.seq, tiles.row_block);
-  const int64_t tasks = p.batch * p.heads * blocks;
+  std::vector<Task> tasks;
+  Tiles tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t rows = head_row_block(p, h);
+      tiles.row_block = std::max(tiles.row_block, rows);
+      for (int64_t n0 = 0; n0 < p.seq; n0 += rows)
+        tasks.push_back({b, h, n0, std::min(p.seq, n0 + rows)});
+    }
+  }
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 
   // Scratch is allocated up front so that nothing inside the parallel region can throw.
@@ -80,11 +94,9 @@ void forward(const Problem& p, int num_threads) {
   for (int i = 0; i < threads; ++i) scratch.emplace_back(tiles);
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) {
+  for (size_t i = 0; i < tasks.size(); ++i) {
     const Scratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())].get();
-    const int64_t blk = task % blocks, bh = task / blocks;
-    const int64_t b = bh / p.heads, h = bh % p.heads;
-    const int64_t n0 = blk * tiles.row_block, n1 = std::min(p.seq, n0 + tiles.row_block);
+    const auto [b, h, n0, n1] = tasks[i];
     detail::forward_block(p, tiles, b, h, n0, n1, sc);
     switch (p.dtype) {
       case DType::kF32:

@@ -20,27 +20,32 @@ const char* simd_target();
 namespace detail {
 
 // Tile geometry of one forward call, shared by the driver and the per-target kernels.
+//
+// Everything is vectorised across queries: a register micro-tile is kMicroRows rows (keys
+// for scores, head-dim entries for the output) by kMicroVecs vectors of queries, and a
+// query panel is kMicroVecs vectors wide (16 queries on AVX2, 32 on AVX-512).
 struct Tiles {
-  static constexpr int64_t kRowsPerMicro = 6;  // rows of a register micro-tile
-  static constexpr int64_t kMaxVecFloats = 16;
-  static constexpr int64_t kQueryTile = 96;  // query rows per tile (multiple of 6)
-  static constexpr int64_t kKeyTile = 128;   // key rows per tile (multiple of 2 vectors)
-  int64_t padded_dim;  // D rounded up to 2 vectors of the widest target
-  int64_t row_block;   // sequence rows per task
+  static constexpr int64_t kMicroRows = 6;
+  static constexpr int64_t kMicroVecs = 2;
+  static constexpr int64_t kMaxPanel = kMicroVecs * 16;  // widest panel (AVX-512)
+  static constexpr int64_t kKeyTile = 128;               // key rows per tile
+  static constexpr int64_t kKeyRows = (kKeyTile + kMicroRows - 1) / kMicroRows * kMicroRows;
+  int64_t padded_dim;                                        // D rounded up to kMicroRows
+  int64_t row_block;                                         // sequence rows per task
+  int64_t ld_rows() const { return row_block + kMaxPanel; }  // room for a padded panel
 };
 
-// Per-thread scratch: every buffer is O(tile), none depends on N.
+// Per-thread scratch: every buffer is O(tile) or O(row block), none depends on N.
 struct Scratch {
-  float* q;       // [kQueryTile][padded_dim], scaled by scale*log2(e)
-  float* kt;      // [kKeyTile / W][padded_dim][W], K^T in panels of W = 2 vectors
-  float* v;       // [kKeyTile][padded_dim]
-  float* s;       // [kQueryTile][kKeyTile], scores then probabilities
-  float* o;       // [kQueryTile][padded_dim], unnormalised output accumulator
-  float* m;       // [kQueryTile], running max (log2 units)
-  float* l;       // [kQueryTile], running sum
-  float* alpha;   // [kQueryTile], rescale factor of the current key tile
-  float* acc_o;   // [row_block][padded_dim], merged normalised output of the block
-  float* acc_l;   // [row_block], merged lse (natural log)
+  float* qt;     // [padded_dim][ld_rows], Q^T of the current piece, times scale*log2(e)
+  float* ot;     // [padded_dim][ld_rows], unnormalised O^T of the current piece
+  float* m;      // [ld_rows], running max per query (log2 units)
+  float* l;      // [ld_rows], running sum per query
+  float* k;      // [kKeyRows][padded_dim], the current key tile (zero rows past its end)
+  float* v;      // [kKeyTile][padded_dim], the current value tile
+  float* s;      // [kKeyRows][kMaxPanel], S^T then P^T of one query panel
+  float* acc_o;  // [row_block][padded_dim], merged normalised output of the block
+  float* acc_l;  // [row_block], merged lse (natural log)
 };
 
 // One task: rows [n0, n1) of head h in batch b, all branches of that head.

@@ -25,9 +25,6 @@ using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t MR = Tiles::kRowsPerMicro;
-constexpr int64_t MQ = Tiles::kQueryTile;
-constexpr int64_t NK = Tiles::kKeyTile;
 
 // 2^x for x <= 0 (x = -inf gives 0): 2^round(x) times a degree-6 polynomial on [-0.5, 0.5]
 // (relative error about 1.2e-7).
@@ -47,30 +44,34 @@ HWY_INLINE VF Exp2(DF df, VF x) {
   return hn::Mul(p, hn::BitCast(df, e));
 }
 
-// Copies `count` strided rows of D elements into a dense [rows][dp] fp32 tile, multiplied by
-// `mul`; rows past `count` up to `rows` and columns past D are zero.
+// Copies `count` strided rows of D elements into a dense [rows][dp] fp32 tile; rows past
+// `count` up to `rows` and columns past D are zero.
 template <typename T>
-void PackRows(const T* src, int64_t row_stride, int64_t count, int64_t rows, int64_t d,
-              int64_t dp, float mul, float* dst) {
+void PackRows(const T* src, int64_t row_stride, int64_t count, int64_t rows, int64_t d, int64_t dp,
+              float* dst) {
   for (int64_t i = 0; i < count; ++i) {
     const T* row = src + i * row_stride;
     float* out = dst + i * dp;
-    for (int64_t c = 0; c < d; ++c) out[c] = to_f32(row[c]) * mul;
+    for (int64_t c = 0; c < d; ++c) out[c] = to_f32(row[c]);
     for (int64_t c = d; c < dp; ++c) out[c] = 0.0f;
   }
   std::memset(dst + count * dp, 0, sizeof(float) * static_cast<size_t>((rows - count) * dp));
 }
 
-// Copies `count` strided K rows into panels of W columns: kt[j / W][c][j % W] = k[j][c].
+// Copies `count` strided rows of D elements, times `mul`, into the columns of a transposed
+// [dp][ld] tile; columns from `count` to `cols` and rows past D are zero.
 template <typename T>
-void PackKeysT(const T* src, int64_t row_stride, int64_t count, int64_t d, int64_t dp, int64_t w,
-               float* kt) {
-  const int64_t cols = round_up(count, w);
-  std::memset(kt, 0, sizeof(float) * static_cast<size_t>(cols * dp));
-  for (int64_t j = 0; j < count; ++j) {
-    const T* row = src + j * row_stride;
-    float* panel = kt + (j / w) * dp * w + (j % w);
-    for (int64_t c = 0; c < d; ++c) panel[c * w] = to_f32(row[c]);
+void PackTransposed(const T* src, int64_t row_stride, int64_t count, int64_t cols, int64_t d,
+                    int64_t dp, int64_t ld, float mul, float* dst) {
+  for (int64_t c = 0; c < dp; ++c) {
+    std::memset(dst + c * ld + count, 0, sizeof(float) * static_cast<size_t>(cols - count));
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const T* row = src + i * row_stride;
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = to_f32(row[c]) * mul;
+  }
+  for (int64_t c = d; c < dp; ++c) {
+    std::memset(dst + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
   }
 }
 
@@ -89,159 +90,115 @@ void WithType(DType dtype, const void* base, Fn&& fn) {
   }
 }
 
-// s[i][j] = q[i] . k[j] for rows i < rows (a multiple of MR) and panels of W columns
-// covering `cols`.
-void ScoresTile(const float* HWY_RESTRICT q, const float* HWY_RESTRICT kt, int64_t dp,
-                int64_t rows, int64_t cols, float* HWY_RESTRICT s) {
-  const DF df;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df)), W = 2 * L;
-  for (int64_t jp = 0; jp * W < cols; ++jp) {
-    const float* kp = kt + jp * dp * W;
-    for (int64_t i = 0; i < rows; i += MR) {
-      const float* q0 = q + i * dp;
-      VF c00 = hn::Zero(df), c01 = hn::Zero(df), c10 = hn::Zero(df), c11 = hn::Zero(df);
-      VF c20 = hn::Zero(df), c21 = hn::Zero(df), c30 = hn::Zero(df), c31 = hn::Zero(df);
-      VF c40 = hn::Zero(df), c41 = hn::Zero(df), c50 = hn::Zero(df), c51 = hn::Zero(df);
-      for (int64_t c = 0; c < dp; ++c) {
-        const VF b0 = hn::Load(df, kp + c * W);
-        const VF b1 = hn::Load(df, kp + c * W + L);
-        VF a = hn::Set(df, q0[c]);
-        c00 = hn::MulAdd(a, b0, c00);
-        c01 = hn::MulAdd(a, b1, c01);
-        a = hn::Set(df, q0[dp + c]);
-        c10 = hn::MulAdd(a, b0, c10);
-        c11 = hn::MulAdd(a, b1, c11);
-        a = hn::Set(df, q0[2 * dp + c]);
-        c20 = hn::MulAdd(a, b0, c20);
-        c21 = hn::MulAdd(a, b1, c21);
-        a = hn::Set(df, q0[3 * dp + c]);
-        c30 = hn::MulAdd(a, b0, c30);
-        c31 = hn::MulAdd(a, b1, c31);
-        a = hn::Set(df, q0[4 * dp + c]);
-        c40 = hn::MulAdd(a, b0, c40);
-        c41 = hn::MulAdd(a, b1, c41);
-        a = hn::Set(df, q0[5 * dp + c]);
-        c50 = hn::MulAdd(a, b0, c50);
-        c51 = hn::MulAdd(a, b1, c51);
-      }
-      float* out = s + i * NK + jp * W;
-      hn::Store(c00, df, out);
-      hn::Store(c01, df, out + L);
-      hn::Store(c10, df, out + NK);
-      hn::Store(c11, df, out + NK + L);
-      hn::Store(c20, df, out + 2 * NK);
-      hn::Store(c21, df, out + 2 * NK + L);
-      hn::Store(c30, df, out + 3 * NK);
-      hn::Store(c31, df, out + 3 * NK + L);
-      hn::Store(c40, df, out + 4 * NK);
-      hn::Store(c41, df, out + 4 * NK + L);
-      hn::Store(c50, df, out + 5 * NK);
-      hn::Store(c51, df, out + 5 * NK + L);
-    }
-  }
-}
-
-// o[i] = alpha[i] * o[i] + sum_j p[i][j] * v[j] for rows i < rows (a multiple of MR).
-void AccumulateTile(const float* HWY_RESTRICT p, const float* HWY_RESTRICT v,
-                    const float* HWY_RESTRICT alpha, int64_t dp, int64_t rows, int64_t keys,
-                    float* HWY_RESTRICT o) {
-  const DF df;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df)), W = 2 * L;
-  for (int64_t i = 0; i < rows; i += MR) {
-    const float* p0 = p + i * NK;
-    for (int64_t c = 0; c < dp; c += W) {
-      float* o0 = o + i * dp + c;
-      VF a = hn::Set(df, alpha[i]);
-      VF c00 = hn::Mul(a, hn::Load(df, o0)), c01 = hn::Mul(a, hn::Load(df, o0 + L));
-      a = hn::Set(df, alpha[i + 1]);
-      VF c10 = hn::Mul(a, hn::Load(df, o0 + dp)), c11 = hn::Mul(a, hn::Load(df, o0 + dp + L));
-      a = hn::Set(df, alpha[i + 2]);
-      VF c20 = hn::Mul(a, hn::Load(df, o0 + 2 * dp));
-      VF c21 = hn::Mul(a, hn::Load(df, o0 + 2 * dp + L));
-      a = hn::Set(df, alpha[i + 3]);
-      VF c30 = hn::Mul(a, hn::Load(df, o0 + 3 * dp));
-      VF c31 = hn::Mul(a, hn::Load(df, o0 + 3 * dp + L));
-      a = hn::Set(df, alpha[i + 4]);
-      VF c40 = hn::Mul(a, hn::Load(df, o0 + 4 * dp));
-      VF c41 = hn::Mul(a, hn::Load(df, o0 + 4 * dp + L));
-      a = hn::Set(df, alpha[i + 5]);
-      VF c50 = hn::Mul(a, hn::Load(df, o0 + 5 * dp));
-      VF c51 = hn::Mul(a, hn::Load(df, o0 + 5 * dp + L));
-      for (int64_t j = 0; j < keys; ++j) {
-        const VF b0 = hn::Load(df, v + j * dp + c);
-        const VF b1 = hn::Load(df, v + j * dp + c + L);
-        a = hn::Set(df, p0[j]);
-        c00 = hn::MulAdd(a, b0, c00);
-        c01 = hn::MulAdd(a, b1, c01);
-        a = hn::Set(df, p0[NK + j]);
-        c10 = hn::MulAdd(a, b0, c10);
-        c11 = hn::MulAdd(a, b1, c11);
-        a = hn::Set(df, p0[2 * NK + j]);
-        c20 = hn::MulAdd(a, b0, c20);
-        c21 = hn::MulAdd(a, b1, c21);
-        a = hn::Set(df, p0[3 * NK + j]);
-        c30 = hn::MulAdd(a, b0, c30);
-        c31 = hn::MulAdd(a, b1, c31);
-        a = hn::Set(df, p0[4 * NK + j]);
-        c40 = hn::MulAdd(a, b0, c40);
-        c41 = hn::MulAdd(a, b1, c41);
-        a = hn::Set(df, p0[5 * NK + j]);
-        c50 = hn::MulAdd(a, b0, c50);
-        c51 = hn::MulAdd(a, b1, c51);
-      }
-      hn::Store(c00, df, o0);
-      hn::Store(c01, df, o0 + L);
-      hn::Store(c10, df, o0 + dp);
-      hn::Store(c11, df, o0 + dp + L);
-      hn::Store(c20, df, o0 + 2 * dp);
-      hn::Store(c21, df, o0 + 2 * dp + L);
-      hn::Store(c30, df, o0 + 3 * dp);
-      hn::Store(c31, df, o0 + 3 * dp + L);
-      hn::Store(c40, df, o0 + 4 * dp);
-      hn::Store(c41, df, o0 + 4 * dp + L);
-      hn::Store(c50, df, o0 + 5 * dp);
-      hn::Store(c51, df, o0 + 5 * dp + L);
-    }
-  }
-}
-
-// Online-softmax step for one row of scores (log2 units) over `cols` columns, where columns
-// at or past `visible` are masked: turns the row into probabilities relative to the new
-// running max and updates (m, l); returns the factor that rescales the old accumulator.
-HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT row, int64_t cols, int64_t visible, float& m,
-                            float& l) {
+// The register micro-tile of both products, 6 rows by 2 vectors of queries:
+//   c[r][0..2L) = init_r + sum_{x < steps} a[r * a_row + x * a_step] * b[x * ldb + 0..2L)
+// where init_r is 0, or scale[0..2L) * c[r][0..2L) when kRescale (online-softmax rescale).
+// Scores:  a = K rows (a_row = dp, a_step = 1), b = Q^T panel, c = S^T.
+// Output:  a = V columns (a_row = 1, a_step = dp), b = P^T panel, c = O^T.
+template <bool kRescale>
+HWY_INLINE void MicroTile(const float* HWY_RESTRICT a, int64_t a_row, int64_t a_step,
+                          const float* HWY_RESTRICT b, int64_t ldb, int64_t steps,
+                          const float* HWY_RESTRICT scale, float* HWY_RESTRICT c, int64_t ldc) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  for (int64_t j = visible < 0 ? 0 : visible; j < cols; ++j) row[j] = kNegInf;
-  VF vmax = hn::Set(df, kNegInf);
-  for (int64_t j = 0; j < cols; j += L) vmax = hn::Max(vmax, hn::Load(df, row + j));
-  const float tile_max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  const float m_new = m > tile_max ? m : tile_max;
-  const float m_ref = m_new == kNegInf ? 0.0f : m_new;
-  const float alpha = std::exp2(m - m_ref);
-  const VF vref = hn::Set(df, m_ref);
-  VF vsum = hn::Zero(df);
-  for (int64_t j = 0; j < cols; j += L) {
-    const VF e = Exp2(df, hn::Sub(hn::Load(df, row + j), vref));
-    hn::Store(e, df, row + j);
-    vsum = hn::Add(vsum, e);
+  VF c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if constexpr (kRescale) {
+    const VF s0 = hn::LoadU(df, scale), s1 = hn::LoadU(df, scale + L);
+    c00 = hn::Mul(s0, hn::LoadU(df, c));
+    c01 = hn::Mul(s1, hn::LoadU(df, c + L));
+    c10 = hn::Mul(s0, hn::LoadU(df, c + ldc));
+    c11 = hn::Mul(s1, hn::LoadU(df, c + ldc + L));
+    c20 = hn::Mul(s0, hn::LoadU(df, c + 2 * ldc));
+    c21 = hn::Mul(s1, hn::LoadU(df, c + 2 * ldc + L));
+    c30 = hn::Mul(s0, hn::LoadU(df, c + 3 * ldc));
+    c31 = hn::Mul(s1, hn::LoadU(df, c + 3 * ldc + L));
+    c40 = hn::Mul(s0, hn::LoadU(df, c + 4 * ldc));
+    c41 = hn::Mul(s1, hn::LoadU(df, c + 4 * ldc + L));
+    c50 = hn::Mul(s0, hn::LoadU(df, c + 5 * ldc));
+    c51 = hn::Mul(s1, hn::LoadU(df, c + 5 * ldc + L));
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = hn::Zero(df);
   }
-  l = l * alpha + hn::GetLane(hn::SumOfLanes(df, vsum));
-  m = m_new;
-  return alpha;
+  for (int64_t x = 0; x < steps; ++x) {
+    const float* bx = b + x * ldb;
+    const float* ax = a + x * a_step;
+    const VF b0 = hn::LoadU(df, bx), b1 = hn::LoadU(df, bx + L);
+    VF s = hn::Set(df, ax[0]);
+    c00 = hn::MulAdd(s, b0, c00);
+    c01 = hn::MulAdd(s, b1, c01);
+    s = hn::Set(df, ax[a_row]);
+    c10 = hn::MulAdd(s, b0, c10);
+    c11 = hn::MulAdd(s, b1, c11);
+    s = hn::Set(df, ax[2 * a_row]);
+    c20 = hn::MulAdd(s, b0, c20);
+    c21 = hn::MulAdd(s, b1, c21);
+    s = hn::Set(df, ax[3 * a_row]);
+    c30 = hn::MulAdd(s, b0, c30);
+    c31 = hn::MulAdd(s, b1, c31);
+    s = hn::Set(df, ax[4 * a_row]);
+    c40 = hn::MulAdd(s, b0, c40);
+    c41 = hn::MulAdd(s, b1, c41);
+    s = hn::Set(df, ax[5 * a_row]);
+    c50 = hn::MulAdd(s, b0, c50);
+    c51 = hn::MulAdd(s, b1, c51);
+  }
+  hn::StoreU(c00, df, c);
+  hn::StoreU(c01, df, c + L);
+  hn::StoreU(c10, df, c + ldc);
+  hn::StoreU(c11, df, c + ldc + L);
+  hn::StoreU(c20, df, c + 2 * ldc);
+  hn::StoreU(c21, df, c + 2 * ldc + L);
+  hn::StoreU(c30, df, c + 3 * ldc);
+  hn::StoreU(c31, df, c + 3 * ldc + L);
+  hn::StoreU(c40, df, c + 4 * ldc);
+  hn::StoreU(c41, df, c + 4 * ldc + L);
+  hn::StoreU(c50, df, c + 5 * ldc);
+  hn::StoreU(c51, df, c + 5 * ldc + L);
+}
+
+// Online-softmax step of one query panel: s is S^T [keys][panel] in log2 units; turns it
+// into P^T relative to the new running max, updates (m, l) and writes the factor that
+// rescales the old output accumulator into alpha. Vectorised across queries.
+HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
+                             float* HWY_RESTRICT m, float* HWY_RESTRICT l,
+                             float* HWY_RESTRICT alpha) {
+  const DF df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  const VF neg_inf = hn::Set(df, kNegInf);
+  for (int64_t off = 0; off < panel; off += L) {
+    const VF m_old = hn::LoadU(df, m + off);
+    VF tile_max = neg_inf;
+    for (int64_t j = 0; j < keys; ++j)
+      tile_max = hn::Max(tile_max, hn::LoadU(df, s + j * panel + off));
+    const VF m_new = hn::Max(m_old, tile_max);
+    // Guard of SPEC.md: never (-inf) - (-inf).
+    const VF m_ref = hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new);
+    VF sum = hn::Zero(df);
+    for (int64_t j = 0; j < keys; ++j) {
+      float* sj = s + j * panel + off;
+      const VF e = Exp2(df, hn::Sub(hn::LoadU(df, sj), m_ref));
+      hn::StoreU(e, df, sj);
+      sum = hn::Add(sum, e);
+    }
+    const VF a = Exp2(df, hn::Sub(m_old, m_ref));
+    hn::StoreU(a, df, alpha + off);
+    hn::StoreU(hn::MulAdd(hn::LoadU(df, l + off), a, sum), df, l + off);
+    hn::StoreU(m_new, df, m + off);
+  }
 }
 
 void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
                       int64_t n1, const Scratch& sc) {
   const DF df;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df)), W = 2 * L;
-  const int64_t D = p.head_dim, dp = tiles.padded_dim, hk = p.kv_head(h);
-  const int64_t rows = n1 - n0;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t panel = Tiles::kMicroVecs * L, MR = Tiles::kMicroRows;
+  const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows(), hk = p.kv_head(h);
   const float q_mul = p.scale * 1.4426950408889634f;  // log2(e): scores in log2 units
   constexpr float kLn2 = 0.6931471805599453f;
+  float alpha[Tiles::kMaxPanel];
 
-  std::memset(sc.acc_o, 0, sizeof(float) * static_cast<size_t>(rows * dp));
-  for (int64_t i = 0; i < rows; ++i) sc.acc_l[i] = kNegInf;
+  std::memset(sc.acc_o, 0, sizeof(float) * static_cast<size_t>((n1 - n0) * dp));
+  for (int64_t i = 0; i < n1 - n0; ++i) sc.acc_l[i] = kNegInf;
 
   const char* q_base = static_cast<const char*>(p.q);
   const char* k_base = static_cast<const char*>(p.k);
@@ -253,62 +210,79 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
     const int64_t o = p.head_branches[hb].offset, r = br.rate;
     const int64_t kept = kept_count(br.segment, r, o);
     for (int64_t seg = n0 / br.segment; seg * br.segment < n1; ++seg) {
+      // The piece: kept rows t in [t0, t0 + rows) of this segment inside the block.
       const KeptSpan span = kept_span_in_window(seg, br.segment, r, o, n0, n1);
       const int64_t row0 = span.seg_start + o;  // global row of kept index 0
-      for (int64_t tq0 = span.t_begin; tq0 < span.t_end; tq0 += MQ) {
-        const int64_t mq = min64(MQ, span.t_end - tq0);
-        const int64_t mq_pad = round_up(mq, MR);
-        WithType(p.dtype, q_base + esize * (b * p.q_st.b + (row0 + tq0 * r) * p.q_st.n + h * p.q_st.h),
-                 [&](auto* src) { PackRows(src, r * p.q_st.n, mq, mq_pad, D, dp, q_mul, sc.q); });
-        for (int64_t i = 0; i < mq_pad; ++i) {
-          sc.m[i] = kNegInf;
-          sc.l[i] = 0.0f;
-        }
-        std::memset(sc.o, 0, sizeof(float) * static_cast<size_t>(mq_pad * dp));
+      const int64_t t0 = span.t_begin, rows = span.t_end - span.t_begin;
+      if (rows == 0) continue;
+      const int64_t cols = round_up(rows, panel);
+      WithType(p.dtype, q_base + esize * (b * p.q_st.b + (row0 + t0 * r) * p.q_st.n + h * p.q_st.h),
+               [&](auto* src) {
+                 PackTransposed(src, r * p.q_st.n, rows, cols, D, dp, ld, q_mul, sc.qt);
+               });
+      for (int64_t i = 0; i < cols; ++i) {
+        sc.m[i] = kNegInf;
+        sc.l[i] = 0.0f;
+      }
+      for (int64_t c = 0; c < dp; ++c) {
+        std::memset(sc.ot + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
+      }
 
-        const int64_t k_end = p.causal ? tq0 + mq : kept;
-        for (int64_t tk0 = 0; tk0 < k_end; tk0 += NK) {
-          const int64_t nk = min64(NK, k_end - tk0);
-          const int64_t cols = round_up(nk, W);
-          const int64_t kv_row = row0 + tk0 * r;
-          WithType(p.dtype, k_base + esize * (b * p.k_st.b + kv_row * p.k_st.n + hk * p.k_st.h),
-                   [&](auto* src) { PackKeysT(src, r * p.k_st.n, nk, D, dp, W, sc.kt); });
-          WithType(p.dtype, v_base + esize * (b * p.v_st.b + kv_row * p.v_st.n + hk * p.v_st.h),
-                   [&](auto* src) { PackRows(src, r * p.v_st.n, nk, nk, D, dp, 1.0f, sc.v); });
-          ScoresTile(sc.q, sc.kt, dp, mq_pad, cols, sc.s);
-          const bool diagonal = p.causal && tk0 + nk - 1 > tq0;
-          for (int64_t i = 0; i < mq_pad; ++i) {
-            const int64_t visible = diagonal ? min64(nk, tq0 + i - tk0 + 1) : nk;
-            sc.alpha[i] = SoftmaxRow(sc.s + i * NK, cols, visible, sc.m[i], sc.l[i]);
-          }
-          AccumulateTile(sc.s, sc.v, sc.alpha, dp, mq_pad, nk, sc.o);
-        }
+      const int64_t k_end = p.causal ? span.t_end : kept;
+      for (int64_t tk0 = 0; tk0 < k_end; tk0 += Tiles::kKeyTile) {
+        const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
+        const int64_t kv_row = row0 + tk0 * r;
+        WithType(
+            p.dtype, k_base + esize * (b * p.k_st.b + kv_row * p.k_st.n + hk * p.k_st.h),
+            [&](auto* src) { PackRows(src, r * p.k_st.n, nk, round_up(nk, MR), D, dp, sc.k); });
+        WithType(p.dtype, v_base + esize * (b * p.v_st.b + kv_row * p.v_st.n + hk * p.v_st.h),
+                 [&](auto* src) { PackRows(src, r * p.v_st.n, nk, nk, D, dp, sc.v); });
 
-        // Normalise each row and merge it into the block's accumulator (SPEC.md merge).
-        for (int64_t i = 0; i < mq; ++i) {
-          const int64_t local = row0 + (tq0 + i) * r - n0;
-          float* acc = sc.acc_o + local * dp;
-          const float* part = sc.o + i * dp;
-          const float lse = sc.l[i] > 0.0f ? (sc.m[i] + std::log2(sc.l[i])) * kLn2 : kNegInf;
-          if (lse == kNegInf) continue;  // no visible key: nothing to merge
-          const float prev = sc.acc_l[local];
-          const float mx = prev > lse ? prev : lse;
-          const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
-          const float total = w_prev + w_part;
-          const float a_prev = w_prev / total, a_part = w_part / (total * sc.l[i]);
-          const VF va = hn::Set(df, a_prev), vb = hn::Set(df, a_part);
-          for (int64_t c = 0; c < dp; c += L) {
-            hn::Store(hn::MulAdd(va, hn::Load(df, acc + c), hn::Mul(vb, hn::Load(df, part + c))),
-                      df, acc + c);
+        for (int64_t ip = 0; ip < rows; ip += panel) {
+          // Keys of this tile visible to the panel's last query (causal), or all of them.
+          const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + panel, rows) - 1;
+          const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
+          if (keys <= 0) continue;
+          const float* qt = sc.qt + ip;
+          for (int64_t j = 0; j < keys; j += MR) {
+            MicroTile<false>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel, panel);
           }
-          sc.acc_l[local] = mx + std::log(total);
+          if (p.causal && tk0 + keys - 1 > t_first) {
+            for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
+              // Query w sees key j iff tk0 + j <= t_first + w.
+              const int64_t w_end = min64(panel, tk0 + j - t_first);
+              for (int64_t w = 0; w < w_end; ++w) sc.s[j * panel + w] = kNegInf;
+            }
+          }
+          SoftmaxPanel(sc.s, panel, keys, sc.m + ip, sc.l + ip, alpha);
+          for (int64_t c = 0; c < dp; c += MR) {
+            MicroTile<true>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip, ld);
+          }
         }
+      }
+
+      // Normalise each query and merge it into the block's accumulator (SPEC.md merge).
+      for (int64_t i = 0; i < rows; ++i) {
+        const float l = sc.l[i];
+        if (!(l > 0.0f)) continue;  // no visible key: nothing to merge
+        const float lse = (sc.m[i] + std::log2(l)) * kLn2;
+        const int64_t local = row0 + (t0 + i) * r - n0;
+        float* acc = sc.acc_o + local * dp;
+        const float prev = sc.acc_l[local];
+        const float mx = prev > lse ? prev : lse;
+        const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
+        const float total = w_prev + w_part;
+        const float a_prev = w_prev / total, a_part = w_part / (total * l);
+        for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * sc.ot[c * ld + i];
+        sc.acc_l[local] = mx + std::log(total);
       }
     }
   }
 }
 
-const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+const char* TargetNameImpl() {
+  return hwy::TargetName(HWY_TARGET);
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace ringattn::cpu::detail
@@ -328,7 +302,9 @@ void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, i
 
 }  // namespace detail
 
-const char* simd_target() { return HWY_DYNAMIC_DISPATCH(detail::TargetNameImpl)(); }
+const char* simd_target() {
+  return HWY_DYNAMIC_DISPATCH(detail::TargetNameImpl)();
+}
 
 }  // namespace ringattn::cpu
 #endif  // HWY_ONCE
