@@ -86,6 +86,7 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   Problem p;
   p.batch = q.shape[0];
   p.seq = q.shape[1];
+  p.shard_rows = p.seq;
   p.heads = q.shape[2];
   p.head_dim = q.shape[3];
   p.kv_heads = k.shape[2];

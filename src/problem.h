@@ -29,6 +29,9 @@ struct Strides3 {
 
 struct Problem {
   int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  // Global rows [shard_begin, shard_begin + shard_rows) are the rows of the local views
+  // (the whole sequence on one device; one rank's shard in a ring).
+  int64_t shard_begin = 0, shard_rows = 0;
   DType dtype = DType::kF32;
   Mode mode = Mode::kGroups;
   bool causal = false;

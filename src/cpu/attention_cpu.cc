@@ -7,6 +7,7 @@
 
 #include <hwy/aligned_allocator.h>
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../dtype.h"
@@ -16,6 +17,8 @@ namespace ringattn::cpu {
 
 namespace {
 
+using detail::KeySource;
+using detail::KeySourceFn;
 using detail::Scratch;
 using detail::Tiles;
 
@@ -75,6 +78,25 @@ void write_rows(const Problem& p, const Tiles& t, int64_t b, int64_t h, int64_t 
 
 }  // namespace
 
+KeySourceFn detail::local_keys(const Problem& p) {
+  return [&p](int64_t b, int64_t h, int hb, int64_t seg, KeySource& src) {
+    const Branch br = p.branches[p.head_branches[hb].branch];
+    const int64_t o = p.head_branches[hb].offset, hk = p.kv_head(h);
+    const KeptSpan span = kept_span_in_window(seg, br.segment, br.rate, o, p.shard_begin,
+                                              p.shard_begin + p.shard_rows);
+    if (span.t_end == span.t_begin) return false;
+    const int64_t row = span.seg_start + o + span.t_begin * br.rate - p.shard_begin;
+    const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
+    src.k = static_cast<const char*>(p.k) + esize * (b * p.k_st.b + row * p.k_st.n + hk * p.k_st.h);
+    src.v = static_cast<const char*>(p.v) + esize * (b * p.v_st.b + row * p.v_st.n + hk * p.v_st.h);
+    src.k_stride = br.rate * p.k_st.n;
+    src.v_stride = br.rate * p.v_st.n;
+    src.t_begin = span.t_begin;
+    src.t_end = span.t_end;
+    return true;
+  };
+}
+
 void forward(const Problem& p, int num_threads) {
   std::vector<Task> tasks;
   Tiles tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
@@ -87,6 +109,7 @@ void forward(const Problem& p, int num_threads) {
     }
   }
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const KeySourceFn sources = detail::local_keys(p);
 
   // Scratch is allocated up front so that nothing inside the parallel region can throw.
   std::vector<ThreadScratch> scratch;
@@ -97,7 +120,9 @@ void forward(const Problem& p, int num_threads) {
   for (size_t i = 0; i < tasks.size(); ++i) {
     const Scratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())].get();
     const auto [b, h, n0, n1] = tasks[i];
-    detail::forward_block(p, tiles, b, h, n0, n1, sc);
+    std::fill_n(sc.acc_o, (n1 - n0) * tiles.padded_dim, 0.0f);
+    std::fill_n(sc.acc_l, n1 - n0, -std::numeric_limits<float>::infinity());
+    detail::forward_block(p, tiles, b, h, n0, n1, sources, sc);
     switch (p.dtype) {
       case DType::kF32:
         write_rows<float>(p, tiles, b, h, n0, n1, sc);

@@ -4,6 +4,7 @@
 // runtime dispatch.
 
 #include <cstdint>
+#include <functional>
 
 #include "../problem.h"
 
@@ -48,9 +49,29 @@ struct Scratch {
   float* acc_l;  // [row_block], merged lse (natural log)
 };
 
-// One task: rows [n0, n1) of head h in batch b, all branches of that head.
+// Keys and values one piece attends to: kept indices [t_begin, t_end) of a branch segment,
+// the row of kept index t at k + (t - t_begin) * k_stride elements (batch and kv head
+// already applied). A local strided view and a packed buffer received from another rank
+// look the same.
+struct KeySource {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+  int64_t t_begin = 0, t_end = 0;
+};
+
+// The keys of piece (batch b, head h, head branch hb, segment) in this pass; false = none.
+using KeySourceFn =
+    std::function<bool(int64_t b, int64_t h, int hb, int64_t segment, KeySource& source)>;
+
+// The keys of each piece that lie in the local views (p.shard_begin, p.shard_rows).
+KeySourceFn local_keys(const Problem& p);
+
+// One task: global rows [n0, n1) of head h in batch b (all inside the local shard), every
+// branch of that head, attending to the keys `sources` names. Each piece's (O, lse) is
+// merged (SPEC.md merge) into scratch.acc_o / acc_l, which the caller initialises.
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                   int64_t n1, const Scratch& scratch);
+                   int64_t n1, const KeySourceFn& sources, const Scratch& scratch);
 
 }  // namespace detail
 }  // namespace ringattn::cpu

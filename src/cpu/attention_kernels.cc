@@ -188,38 +188,35 @@ HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
 }
 
 void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                      int64_t n1, const Scratch& sc) {
+                      int64_t n1, const KeySourceFn& sources, const Scratch& sc) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   const int64_t panel = Tiles::kMicroVecs * L, MR = Tiles::kMicroRows;
-  const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows(), hk = p.kv_head(h);
+  const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows();
   const float q_mul = p.scale * 1.4426950408889634f;  // log2(e): scores in log2 units
   constexpr float kLn2 = 0.6931471805599453f;
   float alpha[Tiles::kMaxPanel];
-
-  std::memset(sc.acc_o, 0, sizeof(float) * static_cast<size_t>((n1 - n0) * dp));
-  for (int64_t i = 0; i < n1 - n0; ++i) sc.acc_l[i] = kNegInf;
-
   const char* q_base = static_cast<const char*>(p.q);
-  const char* k_base = static_cast<const char*>(p.k);
-  const char* v_base = static_cast<const char*>(p.v);
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
 
   for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
     const Branch br = p.branches[p.head_branches[hb].branch];
     const int64_t o = p.head_branches[hb].offset, r = br.rate;
-    const int64_t kept = kept_count(br.segment, r, o);
     for (int64_t seg = n0 / br.segment; seg * br.segment < n1; ++seg) {
       // The piece: kept rows t in [t0, t0 + rows) of this segment inside the block.
       const KeptSpan span = kept_span_in_window(seg, br.segment, r, o, n0, n1);
       const int64_t row0 = span.seg_start + o;  // global row of kept index 0
       const int64_t t0 = span.t_begin, rows = span.t_end - span.t_begin;
-      if (rows == 0) continue;
+      KeySource src;
+      if (rows == 0 || !sources(b, h, hb, seg, src)) continue;
+      const int64_t k_end = p.causal ? min64(src.t_end, span.t_end) : src.t_end;
+      if (k_end <= src.t_begin) continue;
+
       const int64_t cols = round_up(rows, panel);
-      WithType(p.dtype, q_base + esize * (b * p.q_st.b + (row0 + t0 * r) * p.q_st.n + h * p.q_st.h),
-               [&](auto* src) {
-                 PackTransposed(src, r * p.q_st.n, rows, cols, D, dp, ld, q_mul, sc.qt);
-               });
+      const int64_t q_row = row0 + t0 * r - p.shard_begin;  // local row of the first query
+      WithType(
+          p.dtype, q_base + esize * (b * p.q_st.b + q_row * p.q_st.n + h * p.q_st.h),
+          [&](auto* q) { PackTransposed(q, r * p.q_st.n, rows, cols, D, dp, ld, q_mul, sc.qt); });
       for (int64_t i = 0; i < cols; ++i) {
         sc.m[i] = kNegInf;
         sc.l[i] = 0.0f;
@@ -228,15 +225,13 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
         std::memset(sc.ot + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
       }
 
-      const int64_t k_end = p.causal ? span.t_end : kept;
-      for (int64_t tk0 = 0; tk0 < k_end; tk0 += Tiles::kKeyTile) {
+      for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += Tiles::kKeyTile) {
         const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
-        const int64_t kv_row = row0 + tk0 * r;
-        WithType(
-            p.dtype, k_base + esize * (b * p.k_st.b + kv_row * p.k_st.n + hk * p.k_st.h),
-            [&](auto* src) { PackRows(src, r * p.k_st.n, nk, round_up(nk, MR), D, dp, sc.k); });
-        WithType(p.dtype, v_base + esize * (b * p.v_st.b + kv_row * p.v_st.n + hk * p.v_st.h),
-                 [&](auto* src) { PackRows(src, r * p.v_st.n, nk, nk, D, dp, sc.v); });
+        const int64_t at = esize * (tk0 - src.t_begin);
+        WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride,
+                 [&](auto* k) { PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, sc.k); });
+        WithType(p.dtype, static_cast<const char*>(src.v) + at * src.v_stride,
+                 [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, sc.v); });
 
         for (int64_t ip = 0; ip < rows; ip += panel) {
           // Keys of this tile visible to the panel's last query (causal), or all of them.
@@ -296,8 +291,8 @@ HWY_EXPORT(ForwardBlockImpl);
 HWY_EXPORT(TargetNameImpl);
 
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                   int64_t n1, const Scratch& scratch) {
-  HWY_DYNAMIC_DISPATCH(ForwardBlockImpl)(p, tiles, b, h, n0, n1, scratch);
+                   int64_t n1, const KeySourceFn& sources, const Scratch& scratch) {
+  HWY_DYNAMIC_DISPATCH(ForwardBlockImpl)(p, tiles, b, h, n0, n1, sources, scratch);
 }
 
 }  // namespace detail
