@@ -76,7 +76,7 @@ int64_t lcm_of(const std::vector<int64_t>& values) {
 Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                      const TensorView& v, const TensorView& out,
                      const std::optional<TensorView>& lse, int64_t max_head_dim,
-                     const char* backend) {
+                     const char* backend, Shard shard) {
   config.validate();
   check_view(q, "q", 4, "[B, N, H, D]");
   check_view(k, "k", 4, "[B, N, Hkv, D]");
@@ -85,8 +85,9 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
 
   Problem p;
   p.batch = q.shape[0];
-  p.seq = q.shape[1];
-  p.shard_rows = p.seq;
+  p.shard_rows = q.shape[1];
+  p.shard_begin = shard.rank * p.shard_rows;
+  p.seq = shard.world * p.shard_rows;
   p.heads = q.shape[2];
   p.head_dim = q.shape[3];
   p.kv_heads = k.shape[2];
@@ -102,8 +103,8 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   }
   require(k.shape[0] == p.batch, "k.shape[0] = ", k.shape[0], " but q.shape[0] = ", p.batch,
           "; q, k and v must have the same batch size B");
-  require(k.shape[1] == p.seq, "k.shape[1] = ", k.shape[1], " but q.shape[1] = ", p.seq,
-          "; q, k and v must have the same sequence length N");
+  require(k.shape[1] == p.shard_rows, "k.shape[1] = ", k.shape[1],
+          " but q.shape[1] = ", p.shard_rows, "; q, k and v must have the same sequence length N");
   require(k.shape[3] == p.head_dim, "k.shape[3] = ", k.shape[3], " but q.shape[3] = ", p.head_dim,
           "; q, k and v must have the same head dim D");
   require(p.heads % p.kv_heads == 0, "q has H = ", p.heads,
@@ -128,6 +129,9 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
       const int64_t l = lcm_of(config.segment_lengths);
       fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
            " does not divide the sequence length N = ", p.seq,
+           shard.world > 1 ? " (" + std::to_string(shard.world) + " ranks x " +
+                                 std::to_string(p.shard_rows) + " rows)"
+                           : std::string(),
            "; pad the sequence to a multiple of ", l,
            " (the least common multiple of segment_lengths), e.g. N = ", ((p.seq + l - 1) / l) * l);
     }
@@ -143,9 +147,9 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
     check_view(l, "lse", 3, "[B, H, N]");
     require(l.dtype == DType::kF32, "lse is ", dtype_name(l.dtype),
             "; lse is always fp32 [B, H, N]");
-    require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.seq, "lse is ",
+    require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
             shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
-            p.heads, ", ", p.seq, "]");
+            p.heads, ", ", p.shard_rows, "]");
     for (int d = 0; d < 3; ++d) {
       require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d], "; strides must be >= 0");
     }

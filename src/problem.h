@@ -57,11 +57,18 @@ struct Problem {
 void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
                   std::vector<int>& head_begin, std::vector<HeadBranch>& head_branches);
 
+// Which rows of the sequence the local views hold: rank `rank` of `world` holds the
+// contiguous rows [rank * N_loc, (rank + 1) * N_loc), N = world * N_loc.
+struct Shard {
+  int rank = 0;
+  int world = 1;
+};
+
 // Validates everything SPEC.md lists (config, shapes, strides, dtypes, device, head dim
 // limit `max_head_dim` of the backend) and returns the problem. Throws Error.
 Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                      const TensorView& v, const TensorView& out,
                      const std::optional<TensorView>& lse, int64_t max_head_dim,
-                     const char* backend);
+                     const char* backend, Shard shard = {});
 
 }  // namespace ringattn

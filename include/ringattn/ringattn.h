@@ -1,8 +1,10 @@
 #pragma once
 // The ringattn C++ API in one include.
 
+#include "ringattn/comm.h"
 #include "ringattn/config.h"
 #include "ringattn/dilated_attention.h"
 #include "ringattn/error.h"
+#include "ringattn/ring_attention.h"
 #include "ringattn/tensor.h"
 #include "ringattn/version.h"

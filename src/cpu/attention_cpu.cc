@@ -30,7 +30,7 @@ int64_t head_row_block(const Problem& p, int64_t h) {
   for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
     max_rate = std::max(max_rate, p.branches[p.head_branches[hb].branch].rate);
   }
-  return std::min(p.seq, std::min<int64_t>(kKeptRows * max_rate, 8 * kKeptRows));
+  return std::min(p.shard_rows, std::min<int64_t>(kKeptRows * max_rate, 8 * kKeptRows));
 }
 
 struct Task {
@@ -65,16 +65,74 @@ class ThreadScratch {
 };
 
 template <typename T>
-void write_rows(const Problem& p, const Tiles& t, int64_t b, int64_t h, int64_t n0, int64_t n1,
-                const Scratch& sc) {
+void write_rows(const Problem& p, int64_t b, int64_t h, int64_t n0, int64_t n1, const float* acc_o,
+                int64_t ld, const float* acc_l) {
   T* out = static_cast<T*>(p.out);
   for (int64_t n = n0; n < n1; ++n) {
-    const float* acc = sc.acc_o + (n - n0) * t.padded_dim;
-    T* row = out + b * p.out_st.b + n * p.out_st.n + h * p.out_st.h;
+    const float* acc = acc_o + (n - n0) * ld;
+    const int64_t local = n - p.shard_begin;
+    T* row = out + b * p.out_st.b + local * p.out_st.n + h * p.out_st.h;
     for (int64_t d = 0; d < p.head_dim; ++d) row[d] = from_f32<T>(acc[d] * p.out_factor);
-    if (p.lse) p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h] = sc.acc_l[n - n0];
+    if (p.lse) p.lse[b * p.lse_st.b + local * p.lse_st.n + h * p.lse_st.h] = acc_l[n - n0];
   }
 }
+
+// Casts finished accumulator rows into p.out (times out_factor) and p.lse.
+void write_block(const Problem& p, const Task& t, const float* acc_o, int64_t ld,
+                 const float* acc_l) {
+  switch (p.dtype) {
+    case DType::kF32:
+      write_rows<float>(p, t.b, t.h, t.n0, t.n1, acc_o, ld, acc_l);
+      break;
+    case DType::kF16:
+      write_rows<fp16_t>(p, t.b, t.h, t.n0, t.n1, acc_o, ld, acc_l);
+      break;
+    case DType::kBF16:
+      write_rows<bf16_t>(p, t.b, t.h, t.n0, t.n1, acc_o, ld, acc_l);
+      break;
+  }
+}
+
+// Tasks over (batch, head, row block of the shard) and the tile geometry they need.
+std::vector<Task> make_tasks(const Problem& p, Tiles& tiles) {
+  std::vector<Task> tasks;
+  tiles = Tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
+  const int64_t end = p.shard_begin + p.shard_rows;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t rows = head_row_block(p, h);
+      tiles.row_block = std::max(tiles.row_block, rows);
+      for (int64_t n0 = p.shard_begin; n0 < end; n0 += rows) {
+        tasks.push_back({b, h, n0, std::min(end, n0 + rows)});
+      }
+    }
+  }
+  return tasks;
+}
+
+// Runs fn(task, scratch) for every task on `threads` OpenMP threads (dynamic schedule);
+// the calling thread also runs `poll` between its tasks. Nothing in here may throw.
+template <typename Fn>
+void run_tasks(const std::vector<Task>& tasks, const std::vector<ThreadScratch>& scratch,
+               const std::function<void()>& poll, Fn&& fn) {
+  const int threads = static_cast<int>(scratch.size());
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const int thread = omp_get_thread_num();
+    fn(tasks[i], scratch[static_cast<size_t>(thread)].get());
+    if (thread == 0 && poll) poll();
+  }
+}
+
+std::vector<ThreadScratch> make_scratch(const Tiles& tiles, int num_threads) {
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  std::vector<ThreadScratch> scratch;
+  scratch.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) scratch.emplace_back(tiles);
+  return scratch;
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 }  // namespace
 
@@ -98,43 +156,58 @@ KeySourceFn detail::local_keys(const Problem& p) {
 }
 
 void forward(const Problem& p, int num_threads) {
-  std::vector<Task> tasks;
-  Tiles tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t rows = head_row_block(p, h);
-      tiles.row_block = std::max(tiles.row_block, rows);
-      for (int64_t n0 = 0; n0 < p.seq; n0 += rows)
-        tasks.push_back({b, h, n0, std::min(p.seq, n0 + rows)});
-    }
-  }
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  Tiles tiles;
+  const std::vector<Task> tasks = make_tasks(p, tiles);
+  // Allocated up front so that nothing inside the parallel region can throw.
+  const std::vector<ThreadScratch> scratch = make_scratch(tiles, num_threads);
   const KeySourceFn sources = detail::local_keys(p);
+  run_tasks(tasks, scratch, nullptr, [&](const Task& t, const Scratch& sc) {
+    std::fill_n(sc.acc_o, (t.n1 - t.n0) * tiles.padded_dim, 0.0f);
+    std::fill_n(sc.acc_l, t.n1 - t.n0, kNegInf);
+    detail::forward_block(p, tiles, t.b, t.h, t.n0, t.n1, sources, sc);
+    write_block(p, t, sc.acc_o, tiles.padded_dim, sc.acc_l);
+  });
+}
 
-  // Scratch is allocated up front so that nothing inside the parallel region can throw.
+struct ShardForward::State {
+  std::vector<Task> tasks;
+  Tiles tiles;
   std::vector<ThreadScratch> scratch;
-  scratch.reserve(static_cast<size_t>(threads));
-  for (int i = 0; i < threads; ++i) scratch.emplace_back(tiles);
+  hwy::AlignedFreeUniquePtr<float[]> acc_o;  // [B][H][shard_rows][padded_dim]
+  std::vector<float> acc_l;                  // [B][H][shard_rows]
+};
 
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    const Scratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())].get();
-    const auto [b, h, n0, n1] = tasks[i];
-    std::fill_n(sc.acc_o, (n1 - n0) * tiles.padded_dim, 0.0f);
-    std::fill_n(sc.acc_l, n1 - n0, -std::numeric_limits<float>::infinity());
-    detail::forward_block(p, tiles, b, h, n0, n1, sources, sc);
-    switch (p.dtype) {
-      case DType::kF32:
-        write_rows<float>(p, tiles, b, h, n0, n1, sc);
-        break;
-      case DType::kF16:
-        write_rows<fp16_t>(p, tiles, b, h, n0, n1, sc);
-        break;
-      case DType::kBF16:
-        write_rows<bf16_t>(p, tiles, b, h, n0, n1, sc);
-        break;
-    }
-  }
+ShardForward::ShardForward(const Problem& p, int num_threads) : p_(p), s_(new State) {
+  s_->tasks = make_tasks(p, s_->tiles);
+  s_->scratch = make_scratch(s_->tiles, num_threads);
+  const int64_t rows = p.batch * p.heads * p.shard_rows;
+  s_->acc_o = hwy::AllocateAligned<float>(static_cast<size_t>(rows * s_->tiles.padded_dim));
+  std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
+  s_->acc_l.assign(static_cast<size_t>(rows), kNegInf);
+}
+
+ShardForward::~ShardForward() = default;
+
+int64_t ShardForward::row_index(int64_t b, int64_t h, int64_t n) const {
+  return (b * p_.heads + h) * p_.shard_rows + (n - p_.shard_begin);
+}
+
+void ShardForward::pass(const KeySourceFn& sources, const std::function<void()>& poll) {
+  const int64_t dp = s_->tiles.padded_dim;
+  run_tasks(s_->tasks, s_->scratch, poll, [&](const Task& t, const Scratch& sc) {
+    Scratch mine = sc;
+    mine.acc_o = s_->acc_o.get() + row_index(t.b, t.h, t.n0) * dp;
+    mine.acc_l = s_->acc_l.data() + row_index(t.b, t.h, t.n0);
+    detail::forward_block(p_, s_->tiles, t.b, t.h, t.n0, t.n1, sources, mine);
+  });
+}
+
+void ShardForward::write_output() const {
+  const int64_t dp = s_->tiles.padded_dim;
+  run_tasks(s_->tasks, s_->scratch, nullptr, [&](const Task& t, const Scratch&) {
+    write_block(p_, t, s_->acc_o.get() + row_index(t.b, t.h, t.n0) * dp, dp,
+                s_->acc_l.data() + row_index(t.b, t.h, t.n0));
+  });
 }
 
 }  // namespace ringattn::cpu

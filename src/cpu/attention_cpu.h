@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "../problem.h"
 
@@ -12,8 +13,35 @@ namespace ringattn::cpu {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Computes p.out (and p.lse when set). `num_threads` = 0 uses OpenMP's default.
+// Computes p.out (and p.lse when set) from the keys in the local views.
+// `num_threads` = 0 uses OpenMP's default.
 void forward(const Problem& p, int num_threads);
+
+namespace detail {
+struct KeySource;
+using KeySourceFn =
+    std::function<bool(int64_t b, int64_t h, int hb, int64_t segment, KeySource& source)>;
+}  // namespace detail
+
+// The forward of one shard built from several passes (a ring): the shard's (O, lse) stay
+// in fp32 accumulators ([B, H, shard_rows, D], O(N / P) memory) between passes.
+class ShardForward {
+ public:
+  ShardForward(const Problem& p, int num_threads);
+  ~ShardForward();
+  // Every local query piece attends to the keys `sources` names; results are merged into
+  // the accumulators in a fixed order. `poll` runs on the calling thread between tasks
+  // (to progress communication while the other threads compute).
+  void pass(const detail::KeySourceFn& sources, const std::function<void()>& poll = nullptr);
+  // Casts the accumulators into p.out (times the output factor) and p.lse.
+  void write_output() const;
+
+ private:
+  struct State;
+  int64_t row_index(int64_t b, int64_t h, int64_t n) const;
+  const Problem& p_;
+  std::unique_ptr<State> s_;
+};
 
 // The SIMD target chosen at run time for this CPU (e.g. "AVX2", "AVX3").
 const char* simd_target();
@@ -61,8 +89,7 @@ struct KeySource {
 };
 
 // The keys of piece (batch b, head h, head branch hb, segment) in this pass; false = none.
-using KeySourceFn =
-    std::function<bool(int64_t b, int64_t h, int hb, int64_t segment, KeySource& source)>;
+// (KeySourceFn is declared above.)
 
 // The keys of each piece that lie in the local views (p.shard_begin, p.shard_rows).
 KeySourceFn local_keys(const Problem& p);

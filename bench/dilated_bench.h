@@ -1,0 +1,53 @@
+#pragma once
+// The dilated-attention benchmark: the seed's configurations, SPEC.md's FLOP count, and the
+// measurement of one row (allocation, timing, peak memory, the check against the reference).
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+#include "ringattn/ringattn.h"
+
+namespace ringattn::bench {
+
+// One dilated forward to measure. The defaults are the seed's "small" configuration with
+// 8 heads of dimension 64 in fp32; "custom" rows start from them.
+struct DilatedShape {
+  std::string name = "custom";  // preset name, or "custom"
+  int64_t batch = 1, seq = 2048, heads = 8, kv_heads = 8, head_dim = 64;
+  std::vector<int64_t> segments = {1024, 2048}, dilations = {1, 2};
+  Mode mode = Mode::kGroups;
+  bool causal = true;
+  DType dtype = DType::kF32;
+
+  DilatedConfig config() const;
+};
+
+// "small", "medium", "large" (the seed's, BENCHMARKS.md) and "dense" (one dense segment:
+// B=1, N=8192, s=2048, r=1, not causal; the dense-segment kernel target).
+const std::vector<std::string>& preset_names();
+DilatedShape preset(const std::string& name);
+
+// SPEC.md's forward count: per head and segment with m kept rows, 4*m*m*D (2*m*(m+1)*D
+// causal), summed over the branches each head computes, segments, heads and batch.
+double forward_flops(const DilatedShape& shape);
+
+struct RunOptions {
+  Backend backend = Backend::kCpu;
+  int threads = 0;  // --threads: 0 = OpenMP's default
+  int warmup = 3, iters = 10;
+  bool check = false;
+};
+
+// Runs the library's own checks of the row (configuration, shapes, dtype, head dim) without
+// allocating or computing anything, so that a bad flag fails before any measurement.
+// Throws ringattn::Error.
+void validate(const DilatedShape& shape, Backend backend);
+
+// Allocates the row's tensors (q, k, v: N(0,1) samples from a fixed seed, rounded to the
+// dtype), times the forward and, with `check`, compares batch 0 of out and lse with the fp64
+// reference outside the timed loop.
+Record run_dilated(const DilatedShape& shape, const RunOptions& options);
+
+}  // namespace ringattn::bench

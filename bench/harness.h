@@ -1,0 +1,71 @@
+#pragma once
+// The part of ringattn_bench every implementation shares: timing and statistics, peak
+// memory, and the output (the #-prefixed header, the aligned table and the JSON records).
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ceiling.h"
+
+namespace ringattn::bench {
+
+// printf into a std::string.
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// The thread count a --threads value means: itself, or OpenMP's default for 0.
+int resolved_threads(int threads);
+
+struct Timing {
+  double mean_ms = 0, std_ms = 0, min_ms = 0, median_ms = 0;
+};
+
+// Calls `fn` `warmup` times untimed, then `iters` (>= 1) times with std::chrono::steady_clock
+// around each call; std is the sample standard deviation (0 for one iteration).
+Timing time_calls(const std::function<void()>& fn, int warmup, int iters);
+
+// Peak resident memory of the process since construction, above the resident size at
+// construction. Construct it just before allocating a row's tensors.
+class PeakMemory {
+ public:
+  // Resets the kernel's high-water mark (VmHWM) to the current RSS (writes "5" to
+  // /proc/self/clear_refs; ignored where that is not allowed) and records the RSS.
+  PeakMemory();
+  // VmHWM - RSS at construction, in MB (1 MB = 2^20 bytes).
+  double peak_mb() const;
+
+ private:
+  double baseline_mb_;
+};
+
+// One measured row: the table's columns and the JSON record's keys.
+struct Record {
+  std::string impl, config, backend, dtype, mode;
+  bool causal = false, backward = false;
+  int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  std::vector<int64_t> segments, dilations;
+  int ranks = 1, threads = 0;
+  Timing timing;
+  double peak_mb = 0, io_mb = 0, tokens_per_s = 0, gflops = 0;
+  int64_t bytes_sent = 0;
+  std::optional<int64_t> wrong;  // elements outside tolerance; empty without --check
+};
+
+// What the header reports about the run as a whole.
+struct RunInfo {
+  std::string backend;
+  int threads = 0;  // resolved (never 0)
+  int ranks = 1;
+};
+
+void print_header(const RunInfo& run);
+void print_ceiling(const Ceiling& ceiling, int threads);
+void print_table_header();
+void print_table_row(const Record& r, const Ceiling& ceiling);
+nlohmann::ordered_json to_json(const Record& r, const Ceiling& ceiling);
+
+}  // namespace ringattn::bench

@@ -1,0 +1,259 @@
+// ringattn_bench: measures the ringattn implementations on the seed's configurations
+// (BENCHMARKS.md), nccl-tests style: a #-prefixed header, the machine's ceiling, one table
+// row per measured configuration, optional JSON.
+// Exit status: 0 done, 1 a --check found wrong elements, 2 bad flags or a library error.
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <charconv>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <optional>
+#include <stdexcept>
+
+#include "dilated_bench.h"
+#include "harness.h"
+
+namespace ringattn::bench {
+namespace {
+
+constexpr int kExitWrong = 1;
+constexpr int kExitError = 2;
+
+// Integers >= `min` (CLI11's number checks print their range as doubles).
+CLI::Validator at_least(int64_t min) {
+  const std::string description = "integer >= " + std::to_string(min);
+  return CLI::Validator(
+      [min, description](std::string& text) -> std::string {
+        int64_t value = 0;
+        const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+        if (error != std::errc() || end != text.data() + text.size() || value < min) {
+          return "value " + text + " is not an " + description;
+        }
+        return {};
+      },
+      description);
+}
+
+// Accepts the library's names of an enum's values and hands CLI11 the value's number.
+template <typename E>
+CLI::Validator one_of(std::initializer_list<E> values, const char* (*name)(E)) {
+  std::string names;
+  for (E v : values) names += (names.empty() ? "" : "|") + std::string(name(v));
+  return CLI::Validator(
+      [values = std::vector<E>(values), name, names](std::string& text) -> std::string {
+        for (E v : values) {
+          if (text == name(v)) {
+            text = std::to_string(static_cast<int>(v));
+            return {};
+          }
+        }
+        return text + " is not one of " + names;
+      },
+      names);
+}
+
+// "--segments gives 1" or "the large preset has 3": where a row's list came from.
+std::string list_source(const CLI::Option* flag, size_t size, const std::string& row) {
+  if (flag->count() > 0) return format("%s gives %zu", flag->get_name().c_str(), size);
+  return format("the %s preset has %zu", row.c_str(), size);
+}
+
+// The command line: the flags of BENCHMARKS.md and the rows they describe.
+class CommandLine {
+ public:
+  CommandLine();
+
+  // Parses argv; returns the exit status when the program should stop here (--help, a bad
+  // flag).
+  std::optional<int> parse(int argc, char** argv);
+
+  // The rows to measure, each checked by the library before anything is measured. Throws
+  // on an implementation or pass that is not built, or on an invalid row.
+  std::vector<DilatedShape> rows() const;
+
+  const RunOptions& options() const { return options_; }
+  const std::string& json_path() const { return json_path_; }
+
+ private:
+  // A flag that sets a field of the rows: with --config it overrides the preset's field,
+  // without --config it makes a "custom" row.
+  template <typename T>
+  CLI::Option* add_shape_flag(const std::string& name, T DilatedShape::*field,
+                              const std::string& help) {
+    CLI::Option* option = app_.add_option(name, given_.*field, help);
+    shape_flags_.push_back(
+        {option, [this, field](DilatedShape& row) { row.*field = given_.*field; }});
+    return option;
+  }
+  DilatedShape row(const std::string& name) const;
+
+  struct ShapeFlag {
+    CLI::Option* option;
+    std::function<void(DilatedShape&)> apply;
+  };
+
+  CLI::App app_{
+      "ringattn_bench: times the ringattn implementations on the seed's "
+      "configurations and compares them with the machine's FLOP/s ceiling measured "
+      "in the same run (BENCHMARKS.md)."};
+  std::string impl_ = "all", config_ = "all", json_path_;
+  DType dtype_ = DType::kF32;
+  bool backward_ = false;
+  RunOptions options_;
+  DilatedShape given_;
+  std::vector<ShapeFlag> shape_flags_;
+  CLI::Option *config_flag_, *kv_heads_flag_, *segments_flag_, *dilations_flag_;
+};
+
+CommandLine::CommandLine() {
+  app_.add_option("--impl", impl_, "implementation to measure")
+      ->check(CLI::IsMember({"dilated", "multihead", "ring", "distributed", "blocksparse", "all"}))
+      ->capture_default_str();
+  config_flag_ =
+      app_.add_option("--config", config_,
+                      "small, medium, large: the seed's; dense: one dense segment; all: small, "
+                      "medium and large (the default, unless shape flags without --config ask "
+                      "for one \"custom\" row, which starts from small's values)")
+          ->check(CLI::IsMember({"small", "medium", "large", "dense", "all"}));
+
+  add_shape_flag("--batch", &DilatedShape::batch, "batch size B")->check(at_least(1));
+  add_shape_flag("--seq", &DilatedShape::seq, "sequence length N")->check(at_least(1));
+  add_shape_flag("--heads", &DilatedShape::heads, "query heads H (default 8)")->check(at_least(1));
+  kv_heads_flag_ =
+      add_shape_flag("--kv-heads", &DilatedShape::kv_heads, "key/value heads Hkv (default H)")
+          ->check(at_least(1));
+  add_shape_flag("--head-dim", &DilatedShape::head_dim, "head dimension D (default 64)")
+      ->check(at_least(1));
+  segments_flag_ =
+      add_shape_flag("--segments", &DilatedShape::segments, "segment lengths, e.g. 2048,4096")
+          ->delimiter(',')
+          ->check(at_least(1));
+  dilations_flag_ =
+      add_shape_flag("--dilations", &DilatedShape::dilations, "dilation rates, e.g. 1,2")
+          ->delimiter(',')
+          ->check(at_least(1));
+  add_shape_flag("--mode", &DilatedShape::mode, "head assignment (default groups)")
+      ->transform(one_of({Mode::kGroups, Mode::kLongNet}, mode_name));
+  add_shape_flag("--causal", &DilatedShape::causal, "causal masking (default: the preset's)")
+      ->check(CLI::IsMember({"0", "1"}));
+
+  app_.add_option("--dtype", dtype_, "type of q, k, v and out (default fp32)")
+      ->transform(one_of({DType::kF32, DType::kBF16, DType::kF16}, dtype_name));
+  app_.add_option("--backward", backward_, "measure the backward pass too (default 0)")
+      ->check(CLI::IsMember({"0", "1"}));
+  app_.add_option("--backend", options_.backend, "default cpu")
+      ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
+  app_.add_option("--threads", options_.threads, "CPU threads; 0 = OpenMP's default")
+      ->check(at_least(0))
+      ->capture_default_str();
+  app_.add_option("--warmup", options_.warmup, "untimed iterations per row")
+      ->check(at_least(0))
+      ->capture_default_str();
+  app_.add_option("--iters", options_.iters, "timed iterations per row")
+      ->check(at_least(1))
+      ->capture_default_str();
+  app_.add_flag("--check", options_.check,
+                "compare batch 0 of each row with the fp64 reference (outside the timed "
+                "loop); exit 1 if any element is outside tolerance");
+  app_.add_option("--json", json_path_, "write one JSON record per row to this file");
+}
+
+std::optional<int> CommandLine::parse(int argc, char** argv) {
+  try {
+    app_.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app_.exit(e);  // --help
+    std::fprintf(stderr, "error: %s\nRun with --help for the options.\n", e.what());
+    return kExitError;
+  }
+  return std::nullopt;
+}
+
+DilatedShape CommandLine::row(const std::string& name) const {
+  DilatedShape row = preset(name);
+  for (const ShapeFlag& flag : shape_flags_) {
+    if (flag.option->count() > 0) flag.apply(row);
+  }
+  if (kv_heads_flag_->count() == 0) row.kv_heads = row.heads;
+  row.dtype = dtype_;
+  if (row.segments.size() != row.dilations.size()) {
+    throw std::invalid_argument(
+        list_source(segments_flag_, row.segments.size(), name) + " segment lengths but " +
+        list_source(dilations_flag_, row.dilations.size(), name) +
+        " dilation rates; give --segments and --dilations with the same number of values");
+  }
+  validate(row, options_.backend);
+  return row;
+}
+
+std::vector<DilatedShape> CommandLine::rows() const {
+  if (impl_ != "dilated" && impl_ != "all") {
+    throw std::invalid_argument("--impl " + impl_ + " is not built yet; available: dilated");
+  }
+  if (backward_) {
+    throw std::invalid_argument(
+        "--backward 1: the backward pass is not implemented yet; available: --backward 0");
+  }
+  std::vector<std::string> names = {"small", "medium", "large"};
+  const bool any_shape_flag = std::any_of(shape_flags_.begin(), shape_flags_.end(),
+                                          [](const ShapeFlag& f) { return f.option->count() > 0; });
+  if (config_flag_->count() > 0 && config_ != "all") {
+    names = {config_};
+  } else if (config_flag_->count() == 0 && any_shape_flag) {
+    names = {"custom"};
+  }
+  std::vector<DilatedShape> rows;
+  for (const std::string& name : names) rows.push_back(row(name));
+  return rows;
+}
+
+int run(int argc, char** argv) {
+  CommandLine cli;
+  if (const std::optional<int> status = cli.parse(argc, argv)) return *status;
+  const std::vector<DilatedShape> rows = cli.rows();
+  const RunOptions& options = cli.options();
+  std::ofstream json_file;
+  if (!cli.json_path().empty()) {
+    json_file.open(cli.json_path());
+    if (!json_file) throw std::runtime_error("cannot write --json file " + cli.json_path());
+  }
+
+  const int threads = resolved_threads(options.threads);
+  print_header({backend_name(options.backend), threads, 1});
+  std::fprintf(stderr, "# measuring the ceiling (sgemm %d^3, peak FMA loop)\n", kSgemmSize);
+  const Ceiling ceiling = measure_ceiling(threads);
+  print_ceiling(ceiling, threads);
+  print_table_header();
+
+  nlohmann::ordered_json records = nlohmann::ordered_json::array();
+  bool any_wrong = false;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const DilatedShape& row = rows[i];
+    std::fprintf(stderr, "# running dilated %s %s (%zu of %zu)\n", row.name.c_str(),
+                 dtype_name(row.dtype), i + 1, rows.size());
+    const Record record = run_dilated(row, options);
+    print_table_row(record, ceiling);
+    records.push_back(to_json(record, ceiling));
+    any_wrong = any_wrong || record.wrong.value_or(0) > 0;
+  }
+  if (json_file.is_open()) {
+    json_file << records.dump(2) << "\n";
+    if (!json_file) throw std::runtime_error("writing --json file " + cli.json_path() + " failed");
+  }
+  return any_wrong ? kExitWrong : 0;
+}
+
+}  // namespace
+}  // namespace ringattn::bench
+
+int main(int argc, char** argv) {
+  try {
+    return ringattn::bench::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return ringattn::bench::kExitError;
+  }
+}

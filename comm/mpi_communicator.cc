@@ -1,0 +1,293 @@
+// The MPI communicator: CPU buffers, MPI's C API, every return code checked.
+
+#include "comm/mpi_communicator.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ringattn/comm.h"
+#include "ringattn/comm_mpi.h"
+#include "ringattn/error.h"
+#include "src/check.h"
+
+namespace ringattn {
+namespace {
+
+// "MPI_Isend(buf, ...)" -> "MPI_Isend"; "/a/b/comm/x.cc" -> "comm/x.cc".
+std::string_view call_name(std::string_view expr) {
+  return expr.substr(0, expr.find('('));
+}
+std::string_view short_file(std::string_view file) {
+  const size_t pos = file.rfind("comm/");
+  return pos == std::string_view::npos ? file : file.substr(pos);
+}
+
+std::string mpi_error_string(int code) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) {
+    return "MPI error code " + std::to_string(code);
+  }
+  return std::string(text, static_cast<size_t>(len));
+}
+
+// Throws Error(kCommunication) "<call> failed at file:line: <MPI_Error_string>[ (context)]".
+void check_mpi(int rc, const char* expr, const char* file, int line,
+               const std::string& context = {}) {
+  if (rc == MPI_SUCCESS) return;
+  fail(ErrorCode::kCommunication, call_name(expr), " failed at ", short_file(file), ":", line, ": ",
+       mpi_error_string(rc), context.empty() ? "" : " (", context, context.empty() ? "" : ")");
+}
+
+#define RINGATTN_MPI_CHECK(call, ...) \
+  check_mpi((call), #call, __FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+
+const char* thread_level_name(int level) {
+  if (level == MPI_THREAD_SINGLE) return "MPI_THREAD_SINGLE";
+  if (level == MPI_THREAD_FUNNELED) return "MPI_THREAD_FUNNELED";
+  if (level == MPI_THREAD_SERIALIZED) return "MPI_THREAD_SERIALIZED";
+  if (level == MPI_THREAD_MULTIPLE) return "MPI_THREAD_MULTIPLE";
+  return "an unknown thread level";
+}
+
+bool mpi_finalized() {
+  int finalized = 0;
+  return MPI_Finalized(&finalized) == MPI_SUCCESS && finalized;
+}
+
+// One isend or irecv in flight: one MPI request per piece.
+struct MpiTransfer : CommRequest::State {
+  ~MpiTransfer() override {
+    // Never blocks on the peer: cancel unmatched receives, let sends finish on their own.
+    if (mpi_finalized()) return;
+    for (size_t i = next; i < reqs.size(); ++i) {
+      if (reqs[i] == MPI_REQUEST_NULL) continue;
+      if (is_recv) {
+        MPI_Cancel(&reqs[i]);
+        MPI_Wait(&reqs[i], MPI_STATUS_IGNORE);
+      } else {
+        MPI_Request_free(&reqs[i]);
+      }
+    }
+  }
+
+  std::string describe() const {
+    return std::string(is_recv ? "irecv of " : "isend of ") + std::to_string(bytes) +
+           (is_recv ? " bytes from peer " : " bytes to peer ") + std::to_string(peer) + ", tag " +
+           std::to_string(tag);
+  }
+
+  bool is_recv = false;
+  int peer = 0;
+  int tag = 0;
+  size_t bytes = 0;
+  std::vector<MPI_Request> reqs;  // one per piece, in order
+  std::vector<int> piece_bytes;   // the size of each piece
+  size_t next = 0;                // the first piece not yet waited on
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, size_t max_piece_bytes) : max_piece_(max_piece_bytes) {
+    require(max_piece_bytes >= 1 && max_piece_bytes <= static_cast<size_t>(INT_MAX),
+            "make_mpi_communicator: max_piece_bytes = ", max_piece_bytes,
+            " is outside [1, INT_MAX]; pass a positive int");
+    int initialized = 0;
+    RINGATTN_MPI_CHECK(MPI_Initialized(&initialized));
+    if (!initialized || mpi_finalized()) {
+      fail(ErrorCode::kInvalidArgument, "make_mpi_communicator: MPI is ",
+           initialized ? "already finalized" : "not initialized",
+           "; call MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) before and "
+           "MPI_Finalize after using ringattn");
+    }
+    int level = MPI_THREAD_SINGLE;
+    RINGATTN_MPI_CHECK(MPI_Query_thread(&level));
+    if (level < MPI_THREAD_FUNNELED) {
+      fail(ErrorCode::kUnsupported, "make_mpi_communicator: MPI was initialized with ",
+           thread_level_name(level),
+           " but ringattn needs at least MPI_THREAD_FUNNELED (its CPU kernels run OpenMP "
+           "threads); initialize MPI with MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, "
+           "&provided) instead of MPI_Init");
+    }
+    require(comm != MPI_COMM_NULL,
+            "make_mpi_communicator: comm is MPI_COMM_NULL; pass a valid communicator such as "
+            "MPI_COMM_WORLD");
+    // Collective over the caller's communicator; errors here follow the caller's handler.
+    RINGATTN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+    try {
+      RINGATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+      RINGATTN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+      RINGATTN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+      void* attr = nullptr;
+      int flag = 0;
+      RINGATTN_MPI_CHECK(MPI_Comm_get_attr(comm_, MPI_TAG_UB, &attr, &flag));
+      if (flag && attr != nullptr) max_tag_ = *static_cast<int*>(attr);
+    } catch (...) {
+      MPI_Comm_free(&comm_);
+      throw;
+    }
+  }
+
+  ~MpiCommunicator() override {
+    if (comm_ != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* name() const override { return "mpi"; }
+  int max_tag() const override { return max_tag_; }
+
+  CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
+    check_transfer_args("isend", buf, bytes, peer, tag);
+    auto t = start(false, bytes, peer, tag);
+    const auto* p = static_cast<const char*>(buf);
+    for (size_t i = 0; i < t->reqs.size(); ++i) {
+      RINGATTN_MPI_CHECK(MPI_Isend(p, t->piece_bytes[i], MPI_BYTE, peer, tag, comm_, &t->reqs[i]),
+                         t->describe());
+      p += t->piece_bytes[i];
+    }
+    count_sent(bytes);
+    return CommRequest(this, std::move(t));
+  }
+
+  CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
+    check_transfer_args("irecv", buf, bytes, peer, tag);
+    auto t = start(true, bytes, peer, tag);
+    auto* p = static_cast<char*>(buf);
+    for (size_t i = 0; i < t->reqs.size(); ++i) {
+      RINGATTN_MPI_CHECK(MPI_Irecv(p, t->piece_bytes[i], MPI_BYTE, peer, tag, comm_, &t->reqs[i]),
+                         t->describe());
+      p += t->piece_bytes[i];
+    }
+    return CommRequest(this, std::move(t));
+  }
+
+  void wait(CommRequest& req) override {
+    if (req.complete()) return;
+    require(req.owner() == this,
+            "wait: the request belongs to another communicator; wait on it with the "
+            "communicator that made it");
+    auto* t = static_cast<MpiTransfer*>(req.state());
+    while (t->next < t->reqs.size()) {
+      const size_t i = t->next;
+      MPI_Status status;
+      const int rc = MPI_Wait(&t->reqs[i], &status);
+      if (rc != MPI_SUCCESS) {
+        t->reqs[i] = MPI_REQUEST_NULL;  // a request that failed is not waited on again
+        t->next = i + 1;
+        check_mpi(rc, "MPI_Wait", __FILE__, __LINE__, t->describe());
+      }
+      t->next = i + 1;
+      if (t->is_recv) {
+        int count = 0;
+        RINGATTN_MPI_CHECK(MPI_Get_count(&status, MPI_BYTE, &count), t->describe());
+        if (count != t->piece_bytes[i]) {
+          fail(ErrorCode::kCommunication, "wait: ", t->describe(), " got a message of ", count,
+               " bytes", t->reqs.size() > 1 ? " in one of its pieces" : "",
+               "; post the receive with the exact size of the send");
+        }
+      }
+    }
+    req.reset();
+  }
+
+  void allreduce_sum(int64_t* data, size_t n) override {
+    allreduce("allreduce_sum", data, n, MPI_INT64_T, MPI_SUM);
+  }
+  void allreduce_sum(double* data, size_t n) override {
+    allreduce("allreduce_sum", data, n, MPI_DOUBLE, MPI_SUM);
+  }
+  void allreduce_max(int64_t* data, size_t n) override {
+    allreduce("allreduce_max", data, n, MPI_INT64_T, MPI_MAX);
+  }
+  void allreduce_min(int64_t* data, size_t n) override {
+    allreduce("allreduce_min", data, n, MPI_INT64_T, MPI_MIN);
+  }
+
+  void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
+    require(bytes_per_rank <= static_cast<size_t>(INT_MAX),
+            "allgather: bytes_per_rank = ", bytes_per_rank,
+            " is above INT_MAX; gather small arrays only");
+    require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
+            "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
+            "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
+    const size_t total = bytes_per_rank * static_cast<size_t>(size_);
+    const auto* s = static_cast<const char*>(send);
+    auto* r = static_cast<char*>(recv);
+    std::vector<char> copy;
+    const void* send_arg = send;
+    if (bytes_per_rank > 0 && s == r + bytes_per_rank * static_cast<size_t>(rank_)) {
+      send_arg = MPI_IN_PLACE;
+    } else if (bytes_per_rank > 0 && s < r + total && r < s + bytes_per_rank) {
+      copy.assign(s, s + bytes_per_rank);  // overlaps recv elsewhere: MPI forbids aliasing
+      send_arg = copy.data();
+    }
+    const int count = static_cast<int>(bytes_per_rank);
+    RINGATTN_MPI_CHECK(MPI_Allgather(send_arg, count, MPI_BYTE, recv, count, MPI_BYTE, comm_));
+  }
+
+  void broadcast(void* buf, size_t bytes, int root) override {
+    require(root >= 0 && root < size_, "broadcast: root = ", root, " is outside [0, ", size_,
+            "); pass a rank of this communicator");
+    require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
+            "; pass a buffer of at least that many bytes");
+    auto* p = static_cast<char*>(buf);
+    for (size_t off = 0; off < bytes; off += max_piece_) {
+      const int n = static_cast<int>(std::min(max_piece_, bytes - off));
+      RINGATTN_MPI_CHECK(MPI_Bcast(p + off, n, MPI_BYTE, root, comm_));
+    }
+  }
+
+  void barrier() override { RINGATTN_MPI_CHECK(MPI_Barrier(comm_)); }
+
+ private:
+  std::unique_ptr<MpiTransfer> start(bool is_recv, size_t bytes, int peer, int tag) const {
+    auto t = std::make_unique<MpiTransfer>();
+    t->is_recv = is_recv;
+    t->peer = peer;
+    t->tag = tag;
+    t->bytes = bytes;
+    // A zero-byte message is still one (empty) MPI message, so that it matches.
+    const size_t pieces = std::max<size_t>(1, (bytes + max_piece_ - 1) / max_piece_);
+    t->reqs.assign(pieces, MPI_REQUEST_NULL);
+    t->piece_bytes.resize(pieces);
+    for (size_t i = 0; i < pieces; ++i) {
+      t->piece_bytes[i] = static_cast<int>(std::min(max_piece_, bytes - i * max_piece_));
+    }
+    return t;
+  }
+
+  template <typename T>
+  void allreduce(const char* call, T* data, size_t n, MPI_Datatype type, MPI_Op op) {
+    require(n <= static_cast<size_t>(INT_MAX), call, ": n = ", n,
+            " is above INT_MAX; reduce small arrays only");
+    require(data != nullptr || n == 0, call, ": data is null but n = ", n,
+            "; pass an array of n elements");
+    RINGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), type, op, comm_));
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+  int max_tag_ = 32767;  // the minimum MPI guarantees
+  size_t max_piece_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
+  return std::make_unique<MpiCommunicator>(comm, detail::kMpiMaxPieceBytes);
+}
+
+namespace detail {
+std::unique_ptr<Communicator> make_mpi_communicator_with_pieces(MPI_Comm comm,
+                                                                size_t max_piece_bytes) {
+  return std::make_unique<MpiCommunicator>(comm, max_piece_bytes);
+}
+}  // namespace detail
+
+}  // namespace ringattn

@@ -1,0 +1,150 @@
+#pragma once
+// Communicators: move bytes between the ranks of a job.
+//
+// A Communicator offers non-blocking point-to-point transfers (isend / irecv / wait) for
+// the K/V blocks of a ring, and a few blocking collectives on small host arrays for setup
+// (agreeing on shapes and configurations, reducing statistics).
+//
+// Implementations: "self" (one process, no MPI; make_self_communicator below) and "mpi"
+// (ringattn/comm_mpi.h, only in builds with RINGATTN_HAVE_MPI).
+//
+// Rules every implementation follows:
+//   - Every failure throws ringattn::Error; library code never exits or aborts.
+//     Bad arguments: kInvalidArgument. A failed transfer or disagreeing ranks:
+//     kCommunication.
+//   - A receive must name the exact byte count of the matching send (a mismatch is an
+//     Error(kCommunication) at wait()).
+//   - Messages between one pair of ranks with the same tag are matched in the order they
+//     were posted (MPI's non-overtaking rule).
+//   - Collectives are called in the same order with the same sizes on every rank.
+//   - Only one thread uses a communicator at a time (MPI_THREAD_FUNNELED is enough).
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace ringattn {
+
+class Communicator;
+
+// A non-blocking transfer in flight, returned by Communicator::isend / irecv and completed
+// by Communicator::wait. Movable, not copyable. An empty (default-constructed) request is
+// complete, and waiting on it does nothing.
+//
+// Always wait() on a request. Destroying one that is still in flight (for example while an
+// exception unwinds) never blocks: an unmatched receive is cancelled, and a send is left to
+// finish in the background (its buffer must then stay valid until the peer has received
+// it). A request must not outlive the communicator that made it.
+class CommRequest {
+ public:
+  // Per-implementation state of a transfer in flight (for Communicator implementations).
+  class State {
+   public:
+    virtual ~State() = default;
+  };
+
+  CommRequest() = default;
+  // For Communicator implementations: a request in flight owned by `owner`.
+  CommRequest(const Communicator* owner, std::unique_ptr<State> state)
+      : owner_(owner), state_(std::move(state)) {}
+  CommRequest(CommRequest&& other) noexcept = default;
+  CommRequest& operator=(CommRequest&& other) noexcept = default;
+  CommRequest(const CommRequest&) = delete;
+  CommRequest& operator=(const CommRequest&) = delete;
+  ~CommRequest() = default;
+
+  // True when nothing is left to wait for (an empty request, or one already waited on).
+  bool complete() const { return state_ == nullptr; }
+
+  // For Communicator implementations.
+  const Communicator* owner() const { return owner_; }
+  State* state() const { return state_.get(); }
+  // Marks the request complete (destroys the state).
+  void reset() {
+    state_.reset();
+    owner_ = nullptr;
+  }
+
+ private:
+  const Communicator* owner_ = nullptr;
+  std::unique_ptr<State> state_;
+};
+
+class Communicator {
+ public:
+  Communicator() = default;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+  virtual ~Communicator();
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* name() const = 0;  // "self", "mpi"
+
+  // Non-blocking point-to-point. `buf` ([bytes] bytes) must stay valid (and, for isend,
+  // unchanged) until wait() returns. 0 <= peer < size(), 0 <= tag <= max_tag(). The
+  // receive size must equal the send size. Sending to one's own rank is allowed.
+  // isend reads buf; irecv writes buf.
+  virtual CommRequest isend(const void* buf, size_t bytes, int peer, int tag) = 0;
+  virtual CommRequest irecv(void* buf, size_t bytes, int peer, int tag) = 0;
+  // Completes one request (blocking) and leaves it empty; throws Error(kCommunication) if
+  // the transfer failed. Waiting on an empty request returns at once.
+  virtual void wait(CommRequest& req) = 0;
+  // Waits on each request in order. On an error the remaining requests stay in flight.
+  void wait_all(std::span<CommRequest> reqs);
+  // The largest tag this communicator accepts (at least 32767).
+  virtual int max_tag() const = 0;
+
+  // Blocking collectives on small host arrays (n elements, n <= INT_MAX), called in the
+  // same order with the same n on every rank. `data` is read and overwritten with the
+  // elementwise result.
+  virtual void allreduce_sum(int64_t* data, size_t n) = 0;
+  virtual void allreduce_sum(double* data, size_t n) = 0;
+  virtual void allreduce_max(int64_t* data, size_t n) = 0;
+  virtual void allreduce_min(int64_t* data, size_t n) = 0;
+  // send: [bytes_per_rank] read; recv: [size() * bytes_per_rank] written, rank r's bytes at
+  // offset r * bytes_per_rank. `send` may point at this rank's slot of `recv`.
+  virtual void allgather(const void* send, void* recv, size_t bytes_per_rank) = 0;
+  // buf: [bytes] read on `root`, written on every other rank.
+  virtual void broadcast(void* buf, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+
+  // Payload bytes handed to isend since construction or the last reset_bytes_sent()
+  // (sends to one's own rank included; collectives not counted).
+  int64_t bytes_sent() const { return bytes_sent_; }
+  void reset_bytes_sent() { bytes_sent_ = 0; }
+
+ protected:
+  // For implementations: validates the arguments of isend / irecv (`call` names it in the
+  // message) and throws Error(kInvalidArgument) naming the bad one.
+  void check_transfer_args(const char* call, const void* buf, size_t bytes, int peer,
+                           int tag) const;
+  void count_sent(size_t bytes) { bytes_sent_ += static_cast<int64_t>(bytes); }
+
+ private:
+  int64_t bytes_sent_ = 0;
+};
+
+// One process, no MPI: rank 0 of 1. isend / irecv to self (peer 0) are matched by tag
+// through an internal mailbox: a send may precede or follow its receive, and the data is
+// copied at isend (the send buffer may be reused as soon as isend returns). Waiting on a
+// receive that no send has matched yet throws Error(kCommunication) (it could never
+// complete). Any peer other than 0 is an Error(kInvalidArgument). Collectives are
+// identities.
+std::unique_ptr<Communicator> make_self_communicator();
+
+// Checks that every rank passes the same `values` (a configuration, shapes, ...).
+// Collective: every rank makes the same calls whether or not it throws, so it never hangs.
+// If any rank differs, throws Error(kCommunication) on every rank, with a message naming
+// `what`, the ranks and their values, e.g.
+//   "ranks disagree on segment_lengths: rank 0 has [2048,4096], rank 1 has [2048]; pass
+//    the same configuration on every rank".
+// Exchanges a length and a 64-bit hash, plus the values themselves when there are at most
+// 16 of them (longer lists are shown by their first values, length and hash).
+void check_same_on_all_ranks(Communicator& comm, const std::string& what,
+                             const std::vector<int64_t>& values);
+
+}  // namespace ringattn

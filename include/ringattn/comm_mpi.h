@@ -1,0 +1,24 @@
+#pragma once
+// The MPI communicator (CPU buffers). Only available in builds with RINGATTN_HAVE_MPI
+// (CMake option RINGATTN_WITH_MPI); linking ringattn then brings in MPI.
+
+#include <memory>
+
+#include <mpi.h>
+
+#include "ringattn/comm.h"
+
+namespace ringattn {
+
+// Borrows `comm`: the caller owns MPI_Init / MPI_Finalize and `comm`. Collective over
+// `comm` (it is duplicated with MPI_Comm_dup, so ringattn's traffic and its error handler,
+// MPI_ERRORS_RETURN, never touch the caller's communicator; the duplicate is freed by the
+// destructor, which must run before MPI_Finalize).
+//
+// Requires MPI to be initialized with at least MPI_THREAD_FUNNELED (MPI_Init_thread);
+// otherwise throws Error(kUnsupported). Every failing MPI call throws
+// Error(kCommunication) naming the call, file:line and MPI's error string.
+// Messages of any size are supported (those above INT_MAX bytes are sent in pieces).
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);
+
+}  // namespace ringattn

@@ -1,0 +1,48 @@
+#pragma once
+// RingDilatedAttention: dilated attention with the sequence sharded over the ranks of a
+// communicator. Rank p holds the contiguous rows [p * N_loc, (p + 1) * N_loc) of q, k and v
+// and gets the same rows of the single-device result.
+
+#include <optional>
+
+#include "ringattn/comm.h"
+#include "ringattn/dilated_attention.h"
+
+namespace ringattn {
+
+// What the last forward moved and how long it waited (this rank).
+struct RingStats {
+  int64_t bytes_sent = 0;     // payload bytes this rank sent
+  int64_t messages_sent = 0;  // point-to-point sends
+  double comm_wait_ms = 0.0;  // time blocked waiting for transfers (not hidden by compute)
+  double total_ms = 0.0;      // the whole forward on this rank
+};
+
+class RingDilatedAttention {
+ public:
+  // Borrows `comm` (it must outlive this object). Validates the configuration.
+  RingDilatedAttention(DilatedConfig config, Communicator& comm, ExecOptions options = {});
+
+  // Collective over the communicator: every rank calls it with its shard.
+  // q:   [B, N_loc, H, D]    read (global rows rank * N_loc ...)
+  // k,v: [B, N_loc, Hkv, D]  read
+  // out: [B, N_loc, H, D]    written
+  // lse: [B, H, N_loc] fp32  written when given
+  // The global sequence is N = size * N_loc. Every branch must fit the shards: a segment
+  // either lies inside one rank (N_loc % s == 0) or covers whole ranks (s % N_loc == 0).
+  // Ranks check at the start that they agree on configuration and shapes; any bad input
+  // or disagreement throws Error on every rank, before any compute.
+  void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const std::optional<TensorView>& lse = std::nullopt);
+
+  const RingStats& last_stats() const { return stats_; }
+  const DilatedConfig& config() const { return config_; }
+
+ private:
+  DilatedConfig config_;
+  Communicator& comm_;
+  ExecOptions options_;
+  RingStats stats_;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,90 @@
+#include "ring_plan.h"
+
+#include <algorithm>
+
+#include "check.h"
+#include "index_math.h"
+
+namespace ringattn {
+
+RingPlan plan_ring(const Problem& p, int rank, int world) {
+  RingPlan plan;
+  plan.rank = rank;
+  plan.world = world;
+  const int64_t n_loc = p.shard_rows;
+  for (size_t i = 0; i < p.branches.size(); ++i) {
+    const int64_t s = p.branches[i].segment;
+    if (s <= n_loc) {
+      require(n_loc % s == 0, "segment_lengths[", i, "] = ", s, " does not divide the ", n_loc,
+              " rows each of the ", world, " ranks holds, so its segments straddle ranks; use ",
+              "a sequence length per rank that is a multiple of ", s, " (or a segment length ",
+              "that divides ", n_loc, " or is a multiple of it)");
+      continue;
+    }
+    require(s % n_loc == 0, "segment_lengths[", i, "] = ", s, " is not a multiple of the ", n_loc,
+            " rows each of the ", world, " ranks holds, so its segments do not start at a rank ",
+            "boundary; use a segment length that is a multiple of ", n_loc, " or divides it");
+    SpanningBranch sb;
+    sb.branch = static_cast<int>(i);
+    sb.group = s / n_loc;
+    sb.head_stream.assign(static_cast<size_t>(p.heads), -1);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+        if (p.head_branches[hb].branch != sb.branch) continue;
+        const RingStream st{p.kv_head(h), p.head_branches[hb].offset};
+        auto it = std::find_if(sb.streams.begin(), sb.streams.end(), [&](const RingStream& x) {
+          return x.kv_head == st.kv_head && x.offset == st.offset;
+        });
+        if (it == sb.streams.end()) it = sb.streams.insert(sb.streams.end(), st);
+        sb.head_stream[h] = static_cast<int>(it - sb.streams.begin());
+      }
+    }
+    if (sb.streams.empty()) continue;  // no head computes this branch
+    plan.spans.push_back(std::move(sb));
+  }
+
+  // Step k of a branch: send to the rank k places later in the segment's group and receive
+  // from the one k places earlier (around the group; with causal, only forward in it).
+  for (size_t si = 0; si < plan.spans.size(); ++si) {
+    const int g = static_cast<int>(plan.spans[si].group);
+    const int base = rank / g * g, a = rank - base;
+    for (int k = 1; k < g; ++k) {
+      RingStep st{static_cast<int>(si), -1, -1, static_cast<int>(si) * world + k};
+      if (p.causal) {
+        if (a + k < g) st.send_to = base + a + k;
+        if (a - k >= 0) st.recv_from = base + a - k;
+      } else {
+        st.send_to = base + (a + k) % g;
+        st.recv_from = base + (a - k + g) % g;
+      }
+      if (st.send_to >= 0 || st.recv_from >= 0) plan.steps.push_back(st);
+    }
+  }
+  return plan;
+}
+
+std::vector<BlockPiece> RingPlan::layout(const Problem& p, int s, int sender) const {
+  const SpanningBranch& sb = spans[static_cast<size_t>(s)];
+  const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+  const int64_t n0 = sender * p.shard_rows, n1 = n0 + p.shard_rows, seg = n0 / br.segment;
+  std::vector<BlockPiece> pieces;
+  int64_t at = 0;
+  for (const RingStream& st : sb.streams) {
+    const KeptSpan span = kept_span_in_window(seg, br.segment, br.rate, st.offset, n0, n1);
+    const int64_t rows = span.t_end - span.t_begin;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      pieces.push_back({span.t_begin, span.t_end, at, at + rows * p.head_dim});
+      at += 2 * rows * p.head_dim;
+    }
+  }
+  return pieces;
+}
+
+int64_t RingPlan::block_elements(const Problem& p, int s, int sender) const {
+  const std::vector<BlockPiece> pieces = layout(p, s, sender);
+  int64_t total = 0;
+  for (const BlockPiece& x : pieces) total += 2 * (x.t_end - x.t_begin) * p.head_dim;
+  return total;
+}
+
+}  // namespace ringattn

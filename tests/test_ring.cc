@@ -1,0 +1,239 @@
+// RingDilatedAttention under mpirun: each rank's rows equal the same rows of the
+// single-device result; bytes sent equal the minimum computed here independently; bad or
+// disagreeing input fails on every rank.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+
+#include "ringattn/ringattn.h"
+#include "src/reference.h"
+#include "tests/mpi_main.h"
+#include "tests/test_util.h"
+
+namespace ringattn::test {
+namespace {
+
+struct RingCase {
+  int64_t B, n_loc, H, Hkv, D;
+  std::vector<int64_t> s, r;
+  Mode mode;
+  bool causal;
+  DType dtype = DType::kF32;
+};
+
+std::string describe(const RingCase& c) {
+  std::ostringstream os;
+  os << "P=" << world().size() << " B=" << c.B << " N_loc=" << c.n_loc << " H=" << c.H
+     << " Hkv=" << c.Hkv << " D=" << c.D << " s=[";
+  for (size_t i = 0; i < c.s.size(); ++i) os << (i ? "," : "") << c.s[i];
+  os << "] r=[";
+  for (size_t i = 0; i < c.r.size(); ++i) os << (i ? "," : "") << c.r[i];
+  os << "] " << mode_name(c.mode) << (c.causal ? " causal " : " full ") << dtype_name(c.dtype);
+  return os.str();
+}
+
+// Rows [row0, row0 + rows) of a [B, N, H, D] (or lse [B, H, N]) tensor as a view.
+TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
+  TensorView v = t.view();
+  v.data = static_cast<uint8_t*>(v.data) +
+           static_cast<size_t>(row0 * v.strides[seq_dim]) * dtype_size(v.dtype);
+  v.shape[seq_dim] = rows;
+  return v;
+}
+
+// Bytes this rank must send, from SPEC.md's rules written out directly: for each branch
+// whose segment covers several ranks, the kept rows of this rank's shard for every distinct
+// (kv head, offset) of the heads computing the branch, K and V, to every other rank of the
+// segment (with causal, only to later ranks).
+int64_t expected_bytes(const RingCase& c, int rank, int world_size) {
+  const int64_t G = static_cast<int64_t>(c.s.size()), n0 = rank * c.n_loc;
+  int64_t total = 0;
+  for (int64_t i = 0; i < G; ++i) {
+    if (c.s[i] <= c.n_loc) continue;
+    std::set<std::pair<int64_t, int64_t>> streams;  // (kv head, offset)
+    int64_t first = 0;
+    for (int64_t j = 0; j < i; ++j) first += c.H / G + (j < c.H % G ? 1 : 0);
+    for (int64_t h = 0; h < c.H; ++h) {
+      const bool computes =
+          c.mode == Mode::kLongNet || (h >= first && h < first + c.H / G + (i < c.H % G ? 1 : 0));
+      const int64_t o = c.mode == Mode::kLongNet ? h % c.r[i] : i % c.r[i];
+      if (computes) streams.insert({h / (c.H / c.Hkv), o});
+    }
+    int64_t rows = 0;
+    for (auto [hk, o] : streams) {
+      for (int64_t n = n0; n < n0 + c.n_loc; ++n) rows += (n % c.s[i]) % c.r[i] == o;
+    }
+    int receivers = 0;
+    for (int q = 0; q < world_size; ++q) {
+      const bool same_segment = q * c.n_loc / c.s[i] == n0 / c.s[i];
+      if (q != rank && same_segment && (!c.causal || q > rank)) ++receivers;
+    }
+    total += receivers * rows * c.B * 2 * c.D * static_cast<int64_t>(dtype_size(c.dtype));
+  }
+  return total;
+}
+
+void check_ring_case(const RingCase& c, uint32_t seed) {
+  SCOPED_TRACE(describe(c));
+  Communicator& comm = world();
+  const int P = comm.size(), rank = comm.rank();
+  const int64_t N = P * c.n_loc;
+  std::mt19937 rng(seed);  // the same inputs on every rank
+  Tensor q(c.dtype, {c.B, N, c.H, c.D}), k(c.dtype, {c.B, N, c.Hkv, c.D}),
+      v(c.dtype, {c.B, N, c.Hkv, c.D}), full_out(c.dtype, {c.B, N, c.H, c.D}),
+      full_lse(DType::kF32, {c.B, c.H, N}), out(c.dtype, {c.B, c.n_loc, c.H, c.D}),
+      lse(DType::kF32, {c.B, c.H, c.n_loc});
+  q.fill_normal(rng);
+  k.fill_normal(rng);
+  v.fill_normal(rng);
+  const DilatedConfig cfg{c.s, c.r, c.mode, c.causal, std::nullopt};
+  // Single device on the whole sequence, and the fp64 reference.
+  DilatedAttention(cfg).forward(q.view(), k.view(), v.view(), full_out.view(), full_lse.view());
+  const ReferenceResult ref = reference_forward(make_problem(
+      cfg, q.view(), k.view(), v.view(), full_out.view(), std::nullopt, 1 << 20, "reference"));
+
+  RingDilatedAttention ring(cfg, comm);
+  const int64_t row0 = rank * c.n_loc;
+  ring.forward(rows_of(q, row0, c.n_loc, 1), rows_of(k, row0, c.n_loc, 1),
+               rows_of(v, row0, c.n_loc, 1), out.view(), lse.view());
+
+  double err = 0.0, single_err = 0.0, lse_err = 0.0;
+  int64_t nonzero = 0, ref_nonzero = 0, bad = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t n = 0; n < c.n_loc; ++n)
+      for (int64_t h = 0; h < c.H; ++h) {
+        for (int64_t d = 0; d < c.D; ++d) {
+          const double x = out.get(b, n, h, d), y = full_out.get(b, row0 + n, h, d);
+          const double r = ref.out[static_cast<size_t>(((b * N + row0 + n) * c.H + h) * c.D + d)];
+          if (!std::isfinite(x)) ++bad;
+          err = std::max(err, std::abs(x - r));
+          single_err = std::max(single_err, std::abs(y - r));
+          nonzero += x != 0.0;
+          ref_nonzero += r != 0.0;
+        }
+        const double lr = ref.lse[static_cast<size_t>((b * c.H + h) * N + row0 + n)];
+        const double lx = lse.get(b, h, n);
+        if (std::isinf(lr)) {
+          if (lx != lr) ++bad;
+        } else {
+          lse_err = std::max(lse_err, std::abs(lx - lr));
+        }
+      }
+  EXPECT_EQ(bad, 0);
+  EXPECT_GT(ref_nonzero, 0);
+  EXPECT_GE(nonzero, ref_nonzero * 99 / 100);
+  if (c.dtype == DType::kF32) {
+    EXPECT_LE(err, 1e-5);
+  } else {
+    EXPECT_LE(err, 1.5 * single_err + 1e-6) << "single-device error " << single_err;
+  }
+  EXPECT_LE(lse_err, 2e-5);
+  EXPECT_EQ(ring.last_stats().bytes_sent, expected_bytes(c, rank, P));
+}
+
+// Segment lengths that fit P ranks of n_loc rows: inside a rank, across two, across all.
+std::vector<std::vector<int64_t>> segment_sets(int P, int64_t n_loc) {
+  std::vector<std::vector<int64_t>> sets = {{n_loc / 2, n_loc}};
+  if (P % 2 == 0) sets.push_back({n_loc, 2 * n_loc});
+  if (P > 1) sets.push_back({n_loc / 2, P * n_loc});
+  return sets;
+}
+
+TEST(Ring, MatchesSingleDeviceRows) {
+  const int P = world().size();
+  uint32_t seed = 1;
+  for (const auto& s : segment_sets(P, 64)) {
+    for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
+      for (bool causal : {false, true}) {
+        check_ring_case({2, 64, 4, 2, 64, s, {1, 2}, mode, causal}, seed++);
+      }
+    }
+  }
+}
+
+TEST(Ring, DilationNotDividingSegmentAndHeadDim128) {
+  const int P = world().size();
+  const int64_t n_loc = 48;
+  check_ring_case({1, n_loc, 3, 3, 128, {n_loc, P * n_loc}, {1, 5}, Mode::kLongNet, true}, 20);
+  check_ring_case({1, n_loc, 3, 1, 128, {n_loc, P * n_loc}, {3, 5}, Mode::kGroups, false}, 21);
+}
+
+TEST(Ring, Bf16) {
+  const int P = world().size();
+  check_ring_case({1, 64, 4, 2, 64, {32, P * 64}, {1, 2}, Mode::kLongNet, true, DType::kBF16}, 30);
+  check_ring_case({1, 64, 2, 2, 128, {64, P * 64}, {1, 4}, Mode::kGroups, false, DType::kBF16}, 31);
+}
+
+TEST(Ring, DenseRingAttention) {
+  const int P = world().size();
+  for (bool causal : {true, false}) {
+    check_ring_case({1, 96, 2, 1, 64, {P * 96}, {1}, Mode::kGroups, causal}, 40 + causal);
+  }
+}
+
+void expect_error_everywhere(const std::function<void()>& fn, ErrorCode code, const char* word) {
+  bool thrown = false;
+  try {
+    fn();
+  } catch (const Error& e) {
+    thrown = true;
+    EXPECT_EQ(e.code(), code) << e.what();
+    EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(thrown);
+}
+
+TEST(Ring, RanksThatDisagreeFailTogether) {
+  Communicator& comm = world();
+  const int rank = comm.rank();
+  Tensor q(DType::kF32, {1, 32, 2, 8}), out(DType::kF32, {1, 32, 2, 8});
+  std::mt19937 rng(5);
+  q.fill_normal(rng);
+  if (comm.size() > 1) {
+    // The last rank uses another dilation rate: every rank throws a communication error.
+    DilatedConfig cfg{{32}, {rank == comm.size() - 1 ? 2 : 1}, Mode::kGroups, false, std::nullopt};
+    RingDilatedAttention ring(cfg, comm);
+    expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
+                            ErrorCode::kCommunication, "disagree");
+  }
+  // One rank passes a bad shape (out has the wrong head count): every rank throws.
+  Tensor bad_out(DType::kF32, {1, 32, rank == 0 ? 3 : 2, 8});
+  RingDilatedAttention ring(DilatedConfig{{32}, {1}, Mode::kGroups, false, std::nullopt}, comm);
+  expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), bad_out.view()); },
+                          ErrorCode::kInvalidArgument, "out");
+  // A bad configuration on one rank fails every rank's constructor.
+  expect_error_everywhere(
+      [&] {
+        RingDilatedAttention r(
+            DilatedConfig{{32}, {rank == 0 ? 64 : 1}, Mode::kGroups, false, std::nullopt}, comm);
+      },
+      ErrorCode::kInvalidArgument, "dilation_rates[0] = 64");
+}
+
+TEST(Ring, SegmentsThatDoNotFitTheShardsAreErrors) {
+  Communicator& comm = world();
+  const int P = comm.size();
+  Tensor q(DType::kF32, {1, 48, 2, 8}), out(DType::kF32, {1, 48, 2, 8});
+  std::mt19937 rng(6);
+  q.fill_normal(rng);
+  if (P > 1) {
+    // A segment length that divides N = 48 P but neither divides the 48-row shards nor is
+    // a multiple of them, so its segments straddle ranks.
+    int64_t straddling = 2;
+    while (48 * P % straddling != 0 || 48 % straddling == 0 || straddling % 48 == 0) ++straddling;
+    RingDilatedAttention ring(DilatedConfig{{straddling}, {1}, Mode::kGroups, false, std::nullopt},
+                              comm);
+    expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
+                            ErrorCode::kInvalidArgument, "rows each of the");
+  }
+  // A segment that does not divide N = 48 P: names the ranks and rows.
+  RingDilatedAttention ring(DilatedConfig{{96 * P + 32}, {1}, Mode::kGroups, false, std::nullopt},
+                            comm);
+  expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
+                          ErrorCode::kInvalidArgument, "does not divide the sequence length");
+}
+
+}  // namespace
+}  // namespace ringattn::test
