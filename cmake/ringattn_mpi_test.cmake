@@ -12,7 +12,8 @@
 set(RINGATTN_MPI_TEST_ENV
     "OMPI_ALLOW_RUN_AS_ROOT=1"
     "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    "OMPI_MCA_rmaps_base_oversubscribe=1")
+    "OMPI_MCA_rmaps_base_oversubscribe=1"
+    "OMP_NUM_THREADS=1")
 
 if(NOT DEFINED RINGATTN_MPIEXEC_IS_OPENMPI)
   execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version OUTPUT_VARIABLE _mpiexec_version
