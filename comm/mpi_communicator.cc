@@ -166,6 +166,11 @@ class MpiCommunicator final : public Communicator {
     return CommRequest(this, std::move(t));
   }
 
+  void progress() override {
+    int flag = 0;
+    RINGATTN_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm_, &flag, MPI_STATUS_IGNORE));
+  }
+
   void wait(CommRequest& req) override {
     if (req.complete()) return;
     require(req.owner() == this,

@@ -128,7 +128,8 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
 
   post(0);
   post(1);
-  shard.pass(cpu::detail::local_keys(p));
+  const auto poll = [this] { comm_.progress(); };
+  shard.pass(cpu::detail::local_keys(p), poll);
   for (size_t e = 0; e < plan.steps.size(); ++e) {
     const RingStep& st = plan.steps[e];
     if (st.recv_from >= 0) {
@@ -136,18 +137,20 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
       const std::vector<BlockPiece> pieces = plan.layout(p, st.span, st.recv_from);
       const uint8_t* base = inbox[e % 2].data();
-      shard.pass([&](int64_t b, int64_t h, int hb, int64_t, cpu::detail::KeySource& src) {
-        if (p.head_branches[hb].branch != sb.branch) return false;
-        const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch + b)];
-        if (x.t_end == x.t_begin) return false;
-        src = {base + esize * static_cast<size_t>(x.k_offset),
-               base + esize * static_cast<size_t>(x.v_offset),
-               p.head_dim,
-               p.head_dim,
-               x.t_begin,
-               x.t_end};
-        return true;
-      });
+      shard.pass(
+          [&](int64_t b, int64_t h, int hb, int64_t, cpu::detail::KeySource& src) {
+            if (p.head_branches[hb].branch != sb.branch) return false;
+            const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch + b)];
+            if (x.t_end == x.t_begin) return false;
+            src = {base + esize * static_cast<size_t>(x.k_offset),
+                   base + esize * static_cast<size_t>(x.v_offset),
+                   p.head_dim,
+                   p.head_dim,
+                   x.t_begin,
+                   x.t_end};
+            return true;
+          },
+          poll);
     }
     post(e + 2);
   }

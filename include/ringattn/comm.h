@@ -95,6 +95,10 @@ class Communicator {
   virtual void wait(CommRequest& req) = 0;
   // Waits on each request in order. On an error the remaining requests stay in flight.
   void wait_all(std::span<CommRequest> reqs);
+  // Lets transfers in flight advance without blocking (MPI implementations progress
+  // rendezvous transfers only inside MPI calls). Ring code calls it between compute tasks,
+  // from the thread that owns the communicator. The default does nothing.
+  virtual void progress() {}
   // The largest tag this communicator accepts (at least 32767).
   virtual int max_tag() const = 0;
 
