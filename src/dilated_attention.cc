@@ -24,4 +24,18 @@ void DilatedAttention::forward(const TensorView& q, const TensorView& k, const T
   }
 }
 
+void DilatedAttention::backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                const TensorView& v, const TensorView& out, const TensorView& lse,
+                                const TensorView& dq, const TensorView& dk,
+                                const TensorView& dv) const {
+  const BackwardProblem bp =
+      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
+                            backend_name(options_.backend));
+  if (options_.backend == Backend::kReference) {
+    reference_backward_into(bp);
+  } else {
+    cpu::backward(bp, options_.num_threads);
+  }
+}
+
 }  // namespace ringattn

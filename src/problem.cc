@@ -167,4 +167,39 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   return p;
 }
 
+BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorView& dout,
+                                      const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& out, const TensorView& lse,
+                                      const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv, int64_t max_head_dim,
+                                      const char* backend, Shard shard) {
+  BackwardProblem bp;
+  bp.fwd = make_problem(config, q, k, v, out, lse, max_head_dim, backend, shard);
+  const struct {
+    const TensorView& t;
+    const char* name;
+    const TensorView& like;
+    const char* like_name;
+    Strides3* st;
+  } grads[] = {{dout, "dout", q, "q", &bp.dout_st},
+               {dq, "dq", q, "q", &bp.dq_st},
+               {dk, "dk", k, "k", &bp.dk_st},
+               {dv, "dv", k, "k", &bp.dv_st}};
+  for (const auto& g : grads) {
+    check_view(g.t, g.name, 4, g.like_name[0] == 'q' ? "[B, N, H, D]" : "[B, N, Hkv, D]");
+    for (int d = 0; d < 4; ++d) {
+      require(g.t.shape[d] == g.like.shape[d], g.name, " is ", shape_str(g.t), " but ", g.like_name,
+              " is ", shape_str(g.like), "; ", g.name, " must have the shape of ", g.like_name);
+    }
+    require(g.t.dtype == q.dtype, g.name, " is ", dtype_name(g.t.dtype), " but q is ",
+            dtype_name(q.dtype), "; gradients share the dtype of q");
+    *g.st = bnhd_strides(g.t, g.name);
+  }
+  bp.dout = dout.data;
+  bp.dq = dq.data;
+  bp.dk = dk.data;
+  bp.dv = dv.data;
+  return bp;
+}
+
 }  // namespace ringattn

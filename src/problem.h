@@ -57,6 +57,17 @@ struct Problem {
 void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
                   std::vector<int>& head_begin, std::vector<HeadBranch>& head_branches);
 
+// A validated backward call: the forward problem (q, k, v, out, lse) plus the incoming
+// gradient and the gradients to write.
+struct BackwardProblem {
+  Problem fwd;
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides3 dout_st{}, dq_st{}, dk_st{}, dv_st{};
+};
+
 // Which rows of the sequence the local views hold: rank `rank` of `world` holds the
 // contiguous rows [rank * N_loc, (rank + 1) * N_loc), N = world * N_loc.
 struct Shard {
@@ -70,5 +81,14 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
                      const TensorView& v, const TensorView& out,
                      const std::optional<TensorView>& lse, int64_t max_head_dim,
                      const char* backend, Shard shard = {});
+
+// Validates a backward call: `out` and `lse` are the forward's results (lse is required),
+// dout/dq have q's shape, dk/dv have k's shape, all in q's dtype. Throws Error.
+BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorView& dout,
+                                      const TensorView& q, const TensorView& k, const TensorView& v,
+                                      const TensorView& out, const TensorView& lse,
+                                      const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv, int64_t max_head_dim,
+                                      const char* backend, Shard shard = {});
 
 }  // namespace ringattn

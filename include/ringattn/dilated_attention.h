@@ -37,6 +37,18 @@ class DilatedAttention {
   void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const std::optional<TensorView>& lse = std::nullopt) const;
 
+  // The exact gradient of forward (SPEC.md "Backward").
+  // dout:    [B, N, H, D]    read: gradient of the loss with respect to out
+  // q, k, v: as in forward   read
+  // out:     [B, N, H, D]    read: forward's output
+  // lse:     [B, H, N] fp32  read: forward's lse
+  // dq:      [B, N, H, D]    written
+  // dk, dv:  [B, N, Hkv, D]  written (summed over the query heads sharing a kv head)
+  // All tensors but lse share q's dtype; accumulation is fp32 and deterministic.
+  void backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                const TensorView& v, const TensorView& out, const TensorView& lse,
+                const TensorView& dq, const TensorView& dk, const TensorView& dv) const;
+
   const DilatedConfig& config() const { return config_; }
   const ExecOptions& options() const { return options_; }
 

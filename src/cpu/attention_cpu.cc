@@ -37,31 +37,39 @@ struct Task {
   int64_t b, h, n0, n1;
 };
 
-// One thread's scratch, carved from a single aligned allocation.
-class ThreadScratch {
+// Zeroed fp32 buffers carved from one aligned allocation: slots[i] gets sizes[i] floats.
+class Arena {
  public:
-  explicit ThreadScratch(const Tiles& t) {
-    const int64_t dp = t.padded_dim, ld = t.ld_rows(), nk = Tiles::kKeyRows;
-    const int64_t sizes[] = {
-        dp * ld,          dp * ld,    ld, ld, nk * dp, nk * dp, nk * Tiles::kMaxPanel,
-        t.row_block * dp, t.row_block};
-    float** slots[] = {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l};
-    static_assert(std::size(sizes) == std::size(slots));
+  Arena(std::initializer_list<int64_t> sizes, std::initializer_list<float**> slots) {
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s, 16);
     mem_ = hwy::AllocateAligned<float>(static_cast<size_t>(total));
     std::fill_n(mem_.get(), total, 0.0f);
     float* next = mem_.get();
-    for (size_t i = 0; i < std::size(slots); ++i) {
-      *slots[i] = next;
-      next += round_up(sizes[i], 16);
+    auto size = sizes.begin();
+    for (float** slot : slots) {
+      *slot = next;
+      next += round_up(*size++, 16);
     }
   }
-  const Scratch& get() const { return s_; }
 
  private:
   hwy::AlignedFreeUniquePtr<float[]> mem_;
+};
+
+// One thread's forward scratch.
+class ThreadScratch {
+ public:
+  explicit ThreadScratch(const Tiles& t)
+      : arena_({t.padded_dim * t.ld_rows(), t.padded_dim * t.ld_rows(), t.ld_rows(), t.ld_rows(),
+                Tiles::kKeyRows * t.padded_dim, Tiles::kKeyRows * t.padded_dim,
+                Tiles::kKeyRows * Tiles::kMaxPanel, t.row_block * t.padded_dim, t.row_block},
+               {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l}) {}
+  const Scratch& get() const { return s_; }
+
+ private:
   Scratch s_{};
+  Arena arena_;
 };
 
 template <typename T>
@@ -208,6 +216,91 @@ void ShardForward::write_output() const {
     write_block(p_, t, s_->acc_o.get() + row_index(t.b, t.h, t.n0) * dp, dp,
                 s_->acc_l.data() + row_index(t.b, t.h, t.n0));
   });
+}
+
+namespace {
+
+// One thread's backward scratch.
+class BackwardThreadScratch {
+ public:
+  explicit BackwardThreadScratch(const detail::BackwardTiles& t)
+      : arena_({KB * t.padded_dim, KB * t.padded_dim, t.head_dim * QB, QR * t.padded_dim,
+                t.head_dim * QB, QR * t.padded_dim, KB * QR, KB * QR, QB, QB, KB * t.padded_dim,
+                KB * t.padded_dim, (t.max_kept + QR) * t.padded_dim},
+               {&s_.k, &s_.v, &s_.qt, &s_.q, &s_.dot, &s_.dout, &s_.p, &s_.ds, &s_.lse2, &s_.dr,
+                &s_.dk, &s_.dv, &s_.dq}) {}
+  const detail::BackwardScratch& get() const { return s_; }
+
+ private:
+  static constexpr int64_t KB = detail::BackwardTiles::kKeyBlock;
+  static constexpr int64_t QB = detail::BackwardTiles::kQueryBlock;
+  static constexpr int64_t QR = detail::BackwardTiles::kQueryRows;
+  detail::BackwardScratch s_{};
+  Arena arena_;
+};
+
+// Casts a contiguous fp32 [B][N][heads][D] accumulator into a strided view.
+template <typename T>
+void write_grad(const std::vector<float>& acc, void* dst, const Strides3& st, int64_t batch,
+                int64_t rows, int64_t heads, int64_t dim) {
+  T* out = static_cast<T*>(dst);
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t n = 0; n < rows; ++n) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* src = acc.data() + ((b * rows + n) * heads + h) * dim;
+        T* row = out + b * st.b + n * st.n + h * st.h;
+        for (int64_t d = 0; d < dim; ++d) row[d] = from_f32<T>(src[d]);
+      }
+    }
+  }
+}
+
+void write_grad(DType dtype, const std::vector<float>& acc, void* dst, const Strides3& st,
+                int64_t batch, int64_t rows, int64_t heads, int64_t dim) {
+  switch (dtype) {
+    case DType::kF32:
+      return write_grad<float>(acc, dst, st, batch, rows, heads, dim);
+    case DType::kF16:
+      return write_grad<fp16_t>(acc, dst, st, batch, rows, heads, dim);
+    case DType::kBF16:
+      return write_grad<bf16_t>(acc, dst, st, batch, rows, heads, dim);
+  }
+}
+
+}  // namespace
+
+void backward(const BackwardProblem& bp, int num_threads) {
+  const Problem& p = bp.fwd;
+  detail::BackwardTiles tiles{round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
+  for (const Branch& br : p.branches) {
+    tiles.max_kept = std::max(tiles.max_kept, kept_count(br.segment, br.rate, 0));
+  }
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  std::vector<BackwardThreadScratch> scratch;
+  scratch.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) scratch.emplace_back(tiles);
+  const int64_t rows = p.shard_rows, D = p.head_dim;
+  std::vector<float> dq(static_cast<size_t>(p.batch * rows * p.heads * D), 0.0f);
+  std::vector<float> dk(static_cast<size_t>(p.batch * rows * p.kv_heads * D), 0.0f);
+  std::vector<float> dv(dk.size(), 0.0f);
+
+  // One pass per branch, in order: inside a pass, tasks (batch, kv head, segment) own
+  // disjoint rows of dq, dk and dv, so the sums are deterministic without atomics.
+  for (int i = 0; i < static_cast<int>(p.branches.size()); ++i) {
+    const int64_t segments = p.seq / p.branches[static_cast<size_t>(i)].segment;
+    const int64_t tasks = p.batch * p.kv_heads * segments;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t seg = t % segments, bh = t / segments;
+      detail::backward_segment(bp, tiles, bh / p.kv_heads, bh % p.kv_heads, i, seg,
+                               scratch[static_cast<size_t>(omp_get_thread_num())].get(), dq.data(),
+                               dk.data(), dv.data());
+    }
+  }
+  write_grad(p.dtype, dq, bp.dq, bp.dq_st, p.batch, rows, p.heads, D);
+  write_grad(p.dtype, dk, bp.dk, bp.dk_st, p.batch, rows, p.kv_heads, D);
+  write_grad(p.dtype, dv, bp.dv, bp.dv_st, p.batch, rows, p.kv_heads, D);
 }
 
 }  // namespace ringattn::cpu

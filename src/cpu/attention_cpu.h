@@ -17,6 +17,9 @@ constexpr int64_t kMaxHeadDim = 256;
 // `num_threads` = 0 uses OpenMP's default.
 void forward(const Problem& p, int num_threads);
 
+// Computes bp.dq, bp.dk, bp.dv (SPEC.md backward) from the saved out and lse.
+void backward(const BackwardProblem& bp, int num_threads);
+
 namespace detail {
 struct KeySource;
 using KeySourceFn =
@@ -99,6 +102,40 @@ KeySourceFn local_keys(const Problem& p);
 // merged (SPEC.md merge) into scratch.acc_o / acc_l, which the caller initialises.
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
                    int64_t n1, const KeySourceFn& sources, const Scratch& scratch);
+
+// Backward tiles: a key block of kKeyBlock rows (dk, dv accumulate in scratch) meets query
+// blocks of kQueryBlock rows; the five products run on the forward's micro-tile.
+struct BackwardTiles {
+  static constexpr int64_t kKeyBlock = 66;    // multiple of the micro-tile's 6 rows
+  static constexpr int64_t kQueryBlock = 64;  // multiple of every target's panel
+  static constexpr int64_t kQueryRows = 66;   // row stride of the S^T / dS^T tiles (>= 64, % 6)
+  int64_t padded_dim;  // D rounded up to 2 vectors of the widest target (row-major tiles)
+  int64_t head_dim;    // D
+  int64_t max_kept;    // most kept rows of any branch segment
+};
+
+struct BackwardScratch {
+  float* k;     // [kKeyBlock][padded_dim]
+  float* v;     // [kKeyBlock][padded_dim]
+  float* qt;    // [D][kQueryBlock], Q^T times scale*log2(e)
+  float* q;     // [kQueryRows][padded_dim], Q
+  float* dot;   // [D][kQueryBlock], dO^T times the output factor
+  float* dout;  // [kQueryRows][padded_dim], dO times the output factor
+  float* p;     // [kKeyBlock][kQueryRows], S^T then P^T
+  float* ds;    // [kKeyBlock][kQueryRows], dP^T then dS^T
+  float* lse2;  // [kQueryBlock], lse in log2 units
+  float* dr;    // [kQueryBlock], rowsum(dout * out)
+  float* dk;    // [kKeyBlock][padded_dim], this key block's dK (unscaled)
+  float* dv;    // [kKeyBlock][padded_dim], this key block's dV
+  float* dq;    // [max_kept + kQueryRows][padded_dim], dQ of one head's segment (unscaled)
+};
+
+// Accumulates the gradients of one branch segment: batch b, segment `segment` of branch
+// `branch`, every query head of kv head hk that computes the branch. Adds into fp32
+// accumulators dq [B][N][H][D], dk and dv [B][N][Hkv][D]; each task owns its rows.
+void backward_segment(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b, int64_t hk,
+                      int branch, int64_t segment, const BackwardScratch& scratch, float* dq,
+                      float* dk, float* dv);
 
 }  // namespace detail
 }  // namespace ringattn::cpu

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "src/cpu/attention_cpu.h"
 #include "src/dtype.h"
@@ -44,15 +45,15 @@ HWY_INLINE VF Exp2(DF df, VF x) {
   return hn::Mul(p, hn::BitCast(df, e));
 }
 
-// Copies `count` strided rows of D elements into a dense [rows][dp] fp32 tile; rows past
-// `count` up to `rows` and columns past D are zero.
+// Copies `count` strided rows of D elements, times `mul`, into a dense [rows][dp] fp32
+// tile; rows past `count` up to `rows` and columns past D are zero.
 template <typename T>
 void PackRows(const T* src, int64_t row_stride, int64_t count, int64_t rows, int64_t d, int64_t dp,
-              float* dst) {
+              float mul, float* dst) {
   for (int64_t i = 0; i < count; ++i) {
     const T* row = src + i * row_stride;
     float* out = dst + i * dp;
-    for (int64_t c = 0; c < d; ++c) out[c] = to_f32(row[c]);
+    for (int64_t c = 0; c < d; ++c) out[c] = to_f32(row[c]) * mul;
     for (int64_t c = d; c < dp; ++c) out[c] = 0.0f;
   }
   std::memset(dst + count * dp, 0, sizeof(float) * static_cast<size_t>((rows - count) * dp));
@@ -90,20 +91,33 @@ void WithType(DType dtype, const void* base, Fn&& fn) {
   }
 }
 
-// The register micro-tile of both products, 6 rows by 2 vectors of queries:
+// How a micro-tile's accumulators start.
+enum class Init {
+  kZero,   // c = 0 + ...
+  kScale,  // c = scale (per query lane) * c + ...   (online-softmax rescale)
+  kLoad,   // c = c + ...                             (accumulate)
+};
+
+// The register micro-tile of every product, 6 rows by 2 vectors:
 //   c[r][0..2L) = init_r + sum_{x < steps} a[r * a_row + x * a_step] * b[x * ldb + 0..2L)
-// where init_r is 0, or scale[0..2L) * c[r][0..2L) when kRescale (online-softmax rescale).
-// Scores:  a = K rows (a_row = dp, a_step = 1), b = Q^T panel, c = S^T.
-// Output:  a = V columns (a_row = 1, a_step = dp), b = P^T panel, c = O^T.
-template <bool kRescale>
+// Forward scores:  a = K rows (a_row = dp, a_step = 1), b = Q^T panel, c = S^T.
+// Forward output:  a = V columns (a_row = 1, a_step = dp), b = P^T panel, c = O^T.
+// Backward:        the same shapes for S^T and dP^T; dV, dK, dQ with b a row-major tile.
+template <Init kInit>
 HWY_INLINE void MicroTile(const float* HWY_RESTRICT a, int64_t a_row, int64_t a_step,
                           const float* HWY_RESTRICT b, int64_t ldb, int64_t steps,
                           const float* HWY_RESTRICT scale, float* HWY_RESTRICT c, int64_t ldc) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   VF c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if constexpr (kRescale) {
-    const VF s0 = hn::LoadU(df, scale), s1 = hn::LoadU(df, scale + L);
+  if constexpr (kInit == Init::kZero) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = hn::Zero(df);
+  } else {
+    VF s0 = hn::Set(df, 1.0f), s1 = s0;
+    if constexpr (kInit == Init::kScale) {
+      s0 = hn::LoadU(df, scale);
+      s1 = hn::LoadU(df, scale + L);
+    }
     c00 = hn::Mul(s0, hn::LoadU(df, c));
     c01 = hn::Mul(s1, hn::LoadU(df, c + L));
     c10 = hn::Mul(s0, hn::LoadU(df, c + ldc));
@@ -116,8 +130,6 @@ HWY_INLINE void MicroTile(const float* HWY_RESTRICT a, int64_t a_row, int64_t a_
     c41 = hn::Mul(s1, hn::LoadU(df, c + 4 * ldc + L));
     c50 = hn::Mul(s0, hn::LoadU(df, c + 5 * ldc));
     c51 = hn::Mul(s1, hn::LoadU(df, c + 5 * ldc + L));
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = hn::Zero(df);
   }
   for (int64_t x = 0; x < steps; ++x) {
     const float* bx = b + x * ldb;
@@ -228,10 +240,11 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
       for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += Tiles::kKeyTile) {
         const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
         const int64_t at = esize * (tk0 - src.t_begin);
-        WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride,
-                 [&](auto* k) { PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, sc.k); });
+        WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride, [&](auto* k) {
+          PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, 1.0f, sc.k);
+        });
         WithType(p.dtype, static_cast<const char*>(src.v) + at * src.v_stride,
-                 [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, sc.v); });
+                 [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, 1.0f, sc.v); });
 
         for (int64_t ip = 0; ip < rows; ip += panel) {
           // Keys of this tile visible to the panel's last query (causal), or all of them.
@@ -240,7 +253,8 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
           if (keys <= 0) continue;
           const float* qt = sc.qt + ip;
           for (int64_t j = 0; j < keys; j += MR) {
-            MicroTile<false>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel, panel);
+            MicroTile<Init::kZero>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel,
+                                   panel);
           }
           if (p.causal && tk0 + keys - 1 > t_first) {
             for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
@@ -251,7 +265,8 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
           }
           SoftmaxPanel(sc.s, panel, keys, sc.m + ip, sc.l + ip, alpha);
           for (int64_t c = 0; c < dp; c += MR) {
-            MicroTile<true>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip, ld);
+            MicroTile<Init::kScale>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip,
+                                    ld);
           }
         }
       }
@@ -275,6 +290,135 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
   }
 }
 
+// Gradients of one branch segment (see backward_segment in attention_cpu.h). Key blocks
+// outer, query blocks inner: dK and dV of a key block stay in scratch, dQ of the whole
+// segment too, so every row is written by one task in a fixed order (no atomics).
+void BackwardSegmentImpl(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b,
+                         int64_t hk, int branch, int64_t seg, const BackwardScratch& sc,
+                         float* dq_acc, float* dk_acc, float* dv_acc) {
+  const Problem& p = bp.fwd;
+  const DF df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df)), panel = Tiles::kMicroVecs * L;
+  const int64_t MR = Tiles::kMicroRows, KB = BackwardTiles::kKeyBlock;
+  const int64_t QB = BackwardTiles::kQueryBlock, QR = BackwardTiles::kQueryRows;
+  const int64_t D = p.head_dim, dp = tiles.padded_dim, N = p.shard_rows;
+  const Branch br = p.branches[static_cast<size_t>(branch)];
+  const int64_t r = br.rate, group = p.heads / p.kv_heads;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float q_mul = p.scale * kLog2e;
+  const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
+  const VF zero = hn::Zero(df), iota = hn::Iota(df, 0.0f);
+
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    int64_t o = -1;
+    for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+      if (p.head_branches[hb].branch == branch) o = p.head_branches[hb].offset;
+    }
+    if (o < 0) continue;  // this head does not compute the branch
+    const int64_t m = kept_count(br.segment, r, o);
+    const int64_t row0 = seg * br.segment + o - p.shard_begin;  // local row of kept index 0
+    std::memset(sc.dq, 0, sizeof(float) * static_cast<size_t>((m + QR) * dp));
+    auto at = [&](const void* base, const Strides3& st, int64_t t, int64_t head) {
+      return static_cast<const char*>(base) +
+             esize * (b * st.b + (row0 + t * r) * st.n + head * st.h);
+    };
+
+    for (int64_t j0 = 0; j0 < m; j0 += KB) {
+      const int64_t nk = min64(KB, m - j0);
+      WithType(p.dtype, at(p.k, p.k_st, j0, hk),
+               [&](auto* k) { PackRows(k, r * p.k_st.n, nk, KB, D, dp, 1.0f, sc.k); });
+      WithType(p.dtype, at(p.v, p.v_st, j0, hk),
+               [&](auto* v) { PackRows(v, r * p.v_st.n, nk, KB, D, dp, 1.0f, sc.v); });
+      std::memset(sc.dk, 0, sizeof(float) * static_cast<size_t>(KB * dp));
+      std::memset(sc.dv, 0, sizeof(float) * static_cast<size_t>(KB * dp));
+
+      for (int64_t i0 = p.causal ? j0 / QB * QB : 0; i0 < m; i0 += QB) {
+        const int64_t nq = min64(QB, m - i0);
+        WithType(p.dtype, at(p.q, p.q_st, i0, h), [&](auto* q) {
+          PackTransposed(q, r * p.q_st.n, nq, QB, D, D, QB, q_mul, sc.qt);
+          PackRows(q, r * p.q_st.n, nq, QR, D, dp, 1.0f, sc.q);
+        });
+        WithType(p.dtype, at(bp.dout, bp.dout_st, i0, h), [&](auto* dout) {
+          using T = std::remove_cv_t<std::remove_pointer_t<decltype(dout)>>;
+          PackTransposed(dout, r * bp.dout_st.n, nq, QB, D, D, QB, p.out_factor, sc.dot);
+          PackRows(dout, r * bp.dout_st.n, nq, QR, D, dp, p.out_factor, sc.dout);
+          const T* out = reinterpret_cast<const T*>(at(p.out, p.out_st, i0, h));
+          for (int64_t i = 0; i < QB; ++i) {
+            if (i >= nq) {
+              sc.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
+              sc.dr[i] = 0.0f;
+              continue;
+            }
+            const int64_t n = row0 + (i0 + i) * r;
+            const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
+            sc.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+            float dr = 0.0f;
+            for (int64_t c = 0; c < D; ++c) {
+              dr += to_f32(dout[i * r * bp.dout_st.n + c]) * to_f32(out[i * r * p.out_st.n + c]);
+            }
+            sc.dr[i] = dr;
+          }
+        });
+
+        // S^T = K Q^T and dP^T = V dO^T, [keys][queries].
+        for (int64_t j = 0; j < nk; j += MR) {
+          for (int64_t ip = 0; ip < QB; ip += panel) {
+            MicroTile<Init::kZero>(sc.k + j * dp, dp, 1, sc.qt + ip, QB, D, nullptr,
+                                   sc.p + j * QR + ip, QR);
+            MicroTile<Init::kZero>(sc.v + j * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
+                                   sc.ds + j * QR + ip, QR);
+          }
+        }
+        // P = exp(S - lse) (0 where masked), dS = P * (dP - Dr), vectorised across queries.
+        for (int64_t j = 0; j < round_up(nk, MR); ++j) {
+          const VF key = hn::Set(df, static_cast<float>(j0 + j));
+          for (int64_t i = 0; i < QB; i += L) {
+            float* pj = sc.p + j * QR + i;
+            float* dsj = sc.ds + j * QR + i;
+            VF prob = Exp2(df, hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i)));
+            if (j >= nk) prob = zero;
+            if (p.causal) {
+              const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
+              prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);
+            }
+            hn::StoreU(prob, df, pj);
+            hn::StoreU(hn::Mul(prob, hn::Sub(hn::LoadU(df, dsj), hn::LoadU(df, sc.dr + i))), df,
+                       dsj);
+          }
+        }
+        // dV += P^T dO and dK += dS^T Q (rows: keys); dQ += dS K (rows: queries).
+        for (int64_t j = 0; j < nk; j += MR) {
+          for (int64_t c = 0; c < dp; c += panel) {
+            MicroTile<Init::kLoad>(sc.p + j * QR, QR, 1, sc.dout + c, dp, nq, nullptr,
+                                   sc.dv + j * dp + c, dp);
+            MicroTile<Init::kLoad>(sc.ds + j * QR, QR, 1, sc.q + c, dp, nq, nullptr,
+                                   sc.dk + j * dp + c, dp);
+          }
+        }
+        for (int64_t i = 0; i < nq; i += MR) {
+          for (int64_t c = 0; c < dp; c += panel) {
+            MicroTile<Init::kLoad>(sc.ds + i, 1, QR, sc.k + c, dp, nk, nullptr,
+                                   sc.dq + (i0 + i) * dp + c, dp);
+          }
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t n = row0 + (j0 + j) * r;
+        float* dk_row = dk_acc + ((b * N + n) * p.kv_heads + hk) * D;
+        float* dv_row = dv_acc + ((b * N + n) * p.kv_heads + hk) * D;
+        for (int64_t c = 0; c < D; ++c) {
+          dk_row[c] += p.scale * sc.dk[j * dp + c];
+          dv_row[c] += sc.dv[j * dp + c];
+        }
+      }
+    }
+    for (int64_t t = 0; t < m; ++t) {
+      float* dq_row = dq_acc + ((b * N + row0 + t * r) * p.heads + h) * D;
+      for (int64_t c = 0; c < D; ++c) dq_row[c] += p.scale * sc.dq[t * dp + c];
+    }
+  }
+}
+
 const char* TargetNameImpl() {
   return hwy::TargetName(HWY_TARGET);
 }
@@ -289,6 +433,13 @@ namespace detail {
 
 HWY_EXPORT(ForwardBlockImpl);
 HWY_EXPORT(TargetNameImpl);
+HWY_EXPORT(BackwardSegmentImpl);
+
+void backward_segment(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b, int64_t hk,
+                      int branch, int64_t segment, const BackwardScratch& scratch, float* dq,
+                      float* dk, float* dv) {
+  HWY_DYNAMIC_DISPATCH(BackwardSegmentImpl)(bp, tiles, b, hk, branch, segment, scratch, dq, dk, dv);
+}
 
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
                    int64_t n1, const KeySourceFn& sources, const Scratch& scratch) {
