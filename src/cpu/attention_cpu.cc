@@ -224,17 +224,19 @@ namespace {
 class BackwardThreadScratch {
  public:
   explicit BackwardThreadScratch(const detail::BackwardTiles& t)
-      : arena_({KB * t.padded_dim, KB * t.padded_dim, t.head_dim * QB, QR * t.padded_dim,
-                t.head_dim * QB, QR * t.padded_dim, KB * QR, KB * QR, QB, QB, KB * t.padded_dim,
-                KB * t.padded_dim, (t.max_kept + QR) * t.padded_dim},
-               {&s_.k, &s_.v, &s_.qt, &s_.q, &s_.dot, &s_.dout, &s_.p, &s_.ds, &s_.lse2, &s_.dr,
-                &s_.dk, &s_.dv, &s_.dq}) {}
+      : arena_({seg(t), seg(t), seg(t), seg(t), t.head_dim * QB, QR * t.padded_dim, t.head_dim * QB,
+                QR * t.padded_dim, KB * QR, KB * QR, QB, QB, QR * t.padded_dim},
+               {&s_.k, &s_.v, &s_.dk, &s_.dv, &s_.qt, &s_.q, &s_.dot, &s_.dout, &s_.p, &s_.ds,
+                &s_.lse2, &s_.dr, &s_.dq}) {}
   const detail::BackwardScratch& get() const { return s_; }
 
  private:
   static constexpr int64_t KB = detail::BackwardTiles::kKeyBlock;
   static constexpr int64_t QB = detail::BackwardTiles::kQueryBlock;
   static constexpr int64_t QR = detail::BackwardTiles::kQueryRows;
+  static int64_t seg(const detail::BackwardTiles& t) {
+    return round_up(t.max_kept, KB) * t.padded_dim;
+  }
   detail::BackwardScratch s_{};
   Arena arena_;
 };

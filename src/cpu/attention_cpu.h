@@ -115,8 +115,10 @@ struct BackwardTiles {
 };
 
 struct BackwardScratch {
-  float* k;     // [kKeyBlock][padded_dim]
-  float* v;     // [kKeyBlock][padded_dim]
+  float* k;     // [max_kept + kKeyBlock][padded_dim], K of the segment
+  float* v;     // [max_kept + kKeyBlock][padded_dim], V of the segment
+  float* dk;    // [max_kept + kKeyBlock][padded_dim], dK of the segment (unscaled)
+  float* dv;    // [max_kept + kKeyBlock][padded_dim], dV of the segment
   float* qt;    // [D][kQueryBlock], Q^T times scale*log2(e)
   float* q;     // [kQueryRows][padded_dim], Q
   float* dot;   // [D][kQueryBlock], dO^T times the output factor
@@ -125,9 +127,7 @@ struct BackwardScratch {
   float* ds;    // [kKeyBlock][kQueryRows], dP^T then dS^T
   float* lse2;  // [kQueryBlock], lse in log2 units
   float* dr;    // [kQueryBlock], rowsum(dout * out)
-  float* dk;    // [kKeyBlock][padded_dim], this key block's dK (unscaled)
-  float* dv;    // [kKeyBlock][padded_dim], this key block's dV
-  float* dq;    // [max_kept + kQueryRows][padded_dim], dQ of one head's segment (unscaled)
+  float* dq;    // [kQueryRows][padded_dim], dQ of the query block (unscaled)
 };
 
 // Accumulates the gradients of one branch segment: batch b, segment `segment` of branch
