@@ -8,6 +8,7 @@
 #include "agreement.h"
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "index_math.h"
 #include "problem.h"
 #include "ring_plan.h"
 
@@ -70,6 +71,94 @@ void pack_block(const Problem& p, const RingPlan& plan, int s, std::vector<uint8
   }
 }
 
+// The K/V traffic of a ring, shared by forward and backward: every rank's packed blocks
+// of the spanning branches go out per RingPlan; step e's incoming block lands in one of two
+// buffers while the previous one is being computed on (double buffering).
+class KvRing {
+ public:
+  KvRing(Communicator& comm, const Problem& p, const RingPlan& plan, RingStats& stats)
+      : comm_(comm), p_(p), plan_(plan), stats_(stats), recvs_(plan.steps.size()) {
+    own_.resize(plan.spans.size());
+    for (size_t s = 0; s < plan.spans.size(); ++s)
+      pack_block(p, plan, static_cast<int>(s), own_[s]);
+    post(0);
+    post(1);
+  }
+
+  // Waits for step e's block (nullptr when the step receives nothing) and posts step e + 2
+  // into the other buffer. Call for e = 0, 1, ... in order.
+  const uint8_t* receive(size_t e) {
+    const uint8_t* data = nullptr;
+    const RingStep& st = plan_.steps[e];
+    if (st.recv_from >= 0) {
+      wait(recvs_[e]);
+      data = inbox_[e % 2].data();
+      layout_ = plan_.layout(p_, st.span, st.recv_from);
+    }
+    return data;
+  }
+  // Step e's buffer is free again: post step e + 2 into it.
+  void release(size_t e) { post(e + 2); }
+
+  // The key source of head h (head branch hb, batch b) in step e's block (the last
+  // received; read-only, safe from every thread).
+  bool keys(size_t e, const uint8_t* block, int64_t b, int64_t h, int hb,
+            cpu::detail::KeySource& src) const {
+    const RingStep& st = plan_.steps[e];
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
+    if (p_.head_branches[hb].branch != sb.branch) return false;
+    const BlockPiece& x = piece(sb.head_stream[h], b);
+    if (x.t_end == x.t_begin) return false;
+    const size_t esize = dtype_size(p_.dtype);
+    src = {block + esize * static_cast<size_t>(x.k_offset),
+           block + esize * static_cast<size_t>(x.v_offset),
+           p_.head_dim,
+           p_.head_dim,
+           x.t_begin,
+           x.t_end};
+    return true;
+  }
+  // Where stream `stream` of batch b lies in the block last received (step e).
+  const BlockPiece& piece(int stream, int64_t b) const {
+    return layout_[static_cast<size_t>(stream * p_.batch + b)];
+  }
+
+  void wait(CommRequest& req) {
+    const Clock::time_point t0 = Clock::now();
+    comm_.wait(req);
+    stats_.comm_wait_ms += ms_since(t0);
+  }
+  void finish() {
+    for (CommRequest& req : sends_) wait(req);
+  }
+
+ private:
+  void post(size_t e) {
+    if (e >= plan_.steps.size()) return;
+    const RingStep& st = plan_.steps[e];
+    if (st.recv_from >= 0) {
+      std::vector<uint8_t>& buf = inbox_[e % 2];
+      buf.resize(static_cast<size_t>(plan_.block_elements(p_, st.span, st.recv_from)) *
+                 dtype_size(p_.dtype));
+      recvs_[e] = comm_.irecv(buf.data(), buf.size(), st.recv_from, st.tag);
+    }
+    if (st.send_to >= 0) {
+      const std::vector<uint8_t>& blk = own_[static_cast<size_t>(st.span)];
+      sends_.push_back(comm_.isend(blk.data(), blk.size(), st.send_to, st.tag));
+      ++stats_.messages_sent;
+    }
+  }
+
+  Communicator& comm_;
+  const Problem& p_;
+  const RingPlan& plan_;
+  RingStats& stats_;
+  std::vector<std::vector<uint8_t>> own_;
+  std::vector<uint8_t> inbox_[2];
+  std::vector<CommRequest> sends_, recvs_;
+  std::vector<BlockPiece> layout_;  // of the block last received
+};
+
 }  // namespace
 
 RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& comm,
@@ -96,65 +185,129 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
                           agreement_values(config_, p));
   const RingPlan plan = plan_ring(p, rank, world);
 
-  cpu::ShardForward shard(p, options_.num_threads);
-  const size_t esize = dtype_size(p.dtype);
-  std::vector<std::vector<uint8_t>> own(plan.spans.size());
-  for (size_t s = 0; s < plan.spans.size(); ++s) pack_block(p, plan, static_cast<int>(s), own[s]);
-
-  // Double-buffered receives: step e lands in inbox[e % 2] while step e - 1 is computed.
-  std::vector<uint8_t> inbox[2];
-  std::vector<CommRequest> sends, recvs(plan.steps.size());
-  const int64_t sent_before = comm_.bytes_sent();
   stats_ = RingStats{};
-  auto post = [&](size_t e) {
-    if (e >= plan.steps.size()) return;
-    const RingStep& st = plan.steps[e];
-    if (st.recv_from >= 0) {
-      std::vector<uint8_t>& buf = inbox[e % 2];
-      buf.resize(static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)) * esize);
-      recvs[e] = comm_.irecv(buf.data(), buf.size(), st.recv_from, st.tag);
-    }
-    if (st.send_to >= 0) {
-      const std::vector<uint8_t>& blk = own[static_cast<size_t>(st.span)];
-      sends.push_back(comm_.isend(blk.data(), blk.size(), st.send_to, st.tag));
-      ++stats_.messages_sent;
-    }
-  };
-  auto wait = [&](CommRequest& req) {
-    const Clock::time_point t0 = Clock::now();
-    comm_.wait(req);
-    stats_.comm_wait_ms += ms_since(t0);
-  };
-
-  post(0);
-  post(1);
+  const int64_t sent_before = comm_.bytes_sent();
+  cpu::ShardForward shard(p, options_.num_threads);
+  KvRing ring(comm_, p, plan, stats_);
   const auto poll = [this] { comm_.progress(); };
   shard.pass(cpu::detail::local_keys(p), poll);
   for (size_t e = 0; e < plan.steps.size(); ++e) {
+    if (const uint8_t* block = ring.receive(e)) {
+      shard.pass([&](int64_t b, int64_t h, int hb, int64_t,
+                     cpu::detail::KeySource& src) { return ring.keys(e, block, b, h, hb, src); },
+                 poll);
+    }
+    ring.release(e);
+  }
+  ring.finish();
+  shard.write_output();
+  stats_.bytes_sent = comm_.bytes_sent() - sent_before;
+  stats_.total_ms = ms_since(t_start);
+}
+
+void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
+                                    const TensorView& k, const TensorView& v, const TensorView& out,
+                                    const TensorView& lse, const TensorView& dq,
+                                    const TensorView& dk, const TensorView& dv) {
+  const Clock::time_point t_start = Clock::now();
+  const int rank = comm_.rank(), world = comm_.size();
+  BackwardProblem bp;
+  check_on_all_ranks(comm_, [&] {
+    bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
+                               "cpu", Shard{rank, world});
+  });
+  const Problem& p = bp.fwd;
+  check_same_on_all_ranks(comm_, "the configuration and shapes of RingDilatedAttention",
+                          agreement_values(config_, p));
+  const RingPlan plan = plan_ring(p, rank, world);
+
+  stats_ = RingStats{};
+  const int64_t sent_before = comm_.bytes_sent();
+  cpu::ShardBackward shard(bp, options_.num_threads);
+  KvRing ring(comm_, p, plan, stats_);
+  const auto poll = [this] { comm_.progress(); };
+  shard.local_passes(poll);
+
+  // Step e: the gradients of the received keys go back to their owner (fp32, the block's
+  // layout), and the gradients of this rank's keys come back from the rank it sent them to.
+  // Both are double-buffered; returned gradients are added in step order (deterministic).
+  const int64_t D = p.head_dim, group = p.heads / p.kv_heads;
+  std::vector<float> grads_out[2], grads_in[2];
+  CommRequest grad_sends[2], grad_recvs[2];
+  const int grad_tag = static_cast<int>(plan.spans.size()) * world + world;
+  auto add_returned = [&](size_t e) {
     const RingStep& st = plan.steps[e];
-    if (st.recv_from >= 0) {
-      wait(recvs[e]);
+    if (st.send_to < 0) return;
+    ring.wait(grad_recvs[e % 2]);
+    const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
+    const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+    const std::vector<BlockPiece> pieces = plan.layout(p, st.span, rank);
+    const int64_t seg_start = p.shard_begin / br.segment * br.segment;
+    for (size_t si = 0; si < sb.streams.size(); ++si) {
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const BlockPiece& x = pieces[si * static_cast<size_t>(p.batch) + static_cast<size_t>(b)];
+        for (int64_t t = x.t_begin; t < x.t_end; ++t) {
+          const int64_t row = seg_start + sb.streams[si].offset + t * br.rate - p.shard_begin;
+          float* dk_row = shard.dk_row(b, row, sb.streams[si].kv_head);
+          float* dv_row = shard.dv_row(b, row, sb.streams[si].kv_head);
+          const float* gk = grads_in[e % 2].data() + x.k_offset + (t - x.t_begin) * D;
+          const float* gv = grads_in[e % 2].data() + x.v_offset + (t - x.t_begin) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dk_row[d] += gk[d];
+            dv_row[d] += gv[d];
+          }
+        }
+      }
+    }
+  };
+  for (size_t e = 0; e < plan.steps.size(); ++e) {
+    const RingStep& st = plan.steps[e];
+    ring.wait(grad_sends[e % 2]);  // step e - 2's returned gradients have left
+    if (st.send_to >= 0) {
+      std::vector<float>& in = grads_in[e % 2];
+      in.resize(static_cast<size_t>(plan.block_elements(p, st.span, rank)));
+      grad_recvs[e % 2] =
+          comm_.irecv(in.data(), in.size() * sizeof(float), st.send_to, grad_tag + st.tag);
+    }
+    if (const uint8_t* block = ring.receive(e)) {
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
-      const std::vector<BlockPiece> pieces = plan.layout(p, st.span, st.recv_from);
-      const uint8_t* base = inbox[e % 2].data();
+      std::vector<float>& g = grads_out[e % 2];
+      g.assign(static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)), 0.0f);
+      const int64_t end = p.shard_begin + p.shard_rows;
       shard.pass(
-          [&](int64_t b, int64_t h, int hb, int64_t, cpu::detail::KeySource& src) {
-            if (p.head_branches[hb].branch != sb.branch) return false;
-            const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch + b)];
-            if (x.t_end == x.t_begin) return false;
-            src = {base + esize * static_cast<size_t>(x.k_offset),
-                   base + esize * static_cast<size_t>(x.v_offset),
-                   p.head_dim,
-                   p.head_dim,
-                   x.t_begin,
-                   x.t_end};
-            return true;
+          p.batch * p.kv_heads,
+          [&](int64_t t, std::vector<cpu::detail::BackwardWork>& works) {
+            const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
+            for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+              for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+                cpu::detail::BackwardWork w{
+                    b, h, sb.branch, p.head_branches[hb].offset, 0, 0, 0, {}, nullptr, nullptr, D};
+                if (!ring.keys(e, block, b, h, hb, w.keys)) continue;
+                const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+                w.segment = p.shard_begin / br.segment;
+                const KeptSpan mine = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
+                                                          p.shard_begin, end);
+                w.tq_begin = mine.t_begin;
+                w.tq_end = mine.t_end;
+                const BlockPiece& x = ring.piece(sb.head_stream[h], b);
+                w.dk = g.data() + x.k_offset;
+                w.dv = g.data() + x.v_offset;
+                works.push_back(w);
+              }
+            }
           },
           poll);
+      grad_sends[e % 2] =
+          comm_.isend(g.data(), g.size() * sizeof(float), st.recv_from, grad_tag + st.tag);
+      ++stats_.messages_sent;
     }
-    post(e + 2);
+    ring.release(e);
+    if (e >= 1) add_returned(e - 1);
   }
-  for (CommRequest& req : sends) wait(req);
+  if (!plan.steps.empty()) add_returned(plan.steps.size() - 1);
+  ring.wait(grad_sends[0]);
+  ring.wait(grad_sends[1]);
+  ring.finish();
   shard.write_output();
   stats_.bytes_sent = comm_.bytes_sent() - sent_before;
   stats_.total_ms = ms_since(t_start);

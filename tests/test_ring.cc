@@ -43,36 +43,101 @@ TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
   return v;
 }
 
-// Bytes this rank must send, from SPEC.md's rules written out directly: for each branch
-// whose segment covers several ranks, the kept rows of this rank's shard for every distinct
-// (kv head, offset) of the heads computing the branch, K and V, to every other rank of the
-// segment (with causal, only to later ranks).
-int64_t expected_bytes(const RingCase& c, int rank, int world_size) {
+// Rows of the shard of `rank` that branch i keeps, summed over the distinct (kv head,
+// offset) of the heads computing the branch (SPEC.md's assignment, written out directly).
+int64_t kept_stream_rows(const RingCase& c, int64_t i, int rank) {
   const int64_t G = static_cast<int64_t>(c.s.size()), n0 = rank * c.n_loc;
+  std::set<std::pair<int64_t, int64_t>> streams;  // (kv head, offset)
+  int64_t first = 0;
+  for (int64_t j = 0; j < i; ++j) first += c.H / G + (j < c.H % G ? 1 : 0);
+  for (int64_t h = 0; h < c.H; ++h) {
+    const bool computes =
+        c.mode == Mode::kLongNet || (h >= first && h < first + c.H / G + (i < c.H % G ? 1 : 0));
+    const int64_t o = c.mode == Mode::kLongNet ? h % c.r[i] : i % c.r[i];
+    if (computes) streams.insert({h / (c.H / c.Hkv), o});
+  }
+  int64_t rows = 0;
+  for (auto [hk, o] : streams) {
+    for (int64_t n = n0; n < n0 + c.n_loc; ++n) rows += (n % c.s[i]) % c.r[i] == o;
+  }
+  return rows;
+}
+
+// Bytes this rank must send: for each branch whose segment covers several ranks, its kept
+// K and V rows to every other rank of the segment that needs them (with causal, only later
+// ranks); in backward also the fp32 gradients of every block it received, back to its owner.
+int64_t expected_bytes(const RingCase& c, int rank, int world_size, bool backward) {
+  const int64_t esize = static_cast<int64_t>(dtype_size(c.dtype)), kv = c.B * 2 * c.D;
   int64_t total = 0;
-  for (int64_t i = 0; i < G; ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(c.s.size()); ++i) {
     if (c.s[i] <= c.n_loc) continue;
-    std::set<std::pair<int64_t, int64_t>> streams;  // (kv head, offset)
-    int64_t first = 0;
-    for (int64_t j = 0; j < i; ++j) first += c.H / G + (j < c.H % G ? 1 : 0);
-    for (int64_t h = 0; h < c.H; ++h) {
-      const bool computes =
-          c.mode == Mode::kLongNet || (h >= first && h < first + c.H / G + (i < c.H % G ? 1 : 0));
-      const int64_t o = c.mode == Mode::kLongNet ? h % c.r[i] : i % c.r[i];
-      if (computes) streams.insert({h / (c.H / c.Hkv), o});
-    }
-    int64_t rows = 0;
-    for (auto [hk, o] : streams) {
-      for (int64_t n = n0; n < n0 + c.n_loc; ++n) rows += (n % c.s[i]) % c.r[i] == o;
-    }
-    int receivers = 0;
     for (int q = 0; q < world_size; ++q) {
-      const bool same_segment = q * c.n_loc / c.s[i] == n0 / c.s[i];
-      if (q != rank && same_segment && (!c.causal || q > rank)) ++receivers;
+      const bool same_segment = q * c.n_loc / c.s[i] == rank * c.n_loc / c.s[i];
+      if (q == rank || !same_segment) continue;
+      if (!c.causal || q > rank) total += kept_stream_rows(c, i, rank) * kv * esize;
+      if (backward && (!c.causal || q < rank)) total += kept_stream_rows(c, i, q) * kv * 4;
     }
-    total += receivers * rows * c.B * 2 * c.D * static_cast<int64_t>(dtype_size(c.dtype));
   }
   return total;
+}
+
+// Ring backward: each rank's rows of dq, dk, dv equal the single-device gradients' rows
+// (and the fp64 reference's).
+void check_ring_backward(const RingCase& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& full_out, const Tensor& full_lse, const Tensor& out,
+                         const Tensor& lse, RingDilatedAttention& ring, uint32_t seed) {
+  Communicator& comm = world();
+  const int P = comm.size(), rank = comm.rank();
+  const int64_t N = P * c.n_loc, row0 = rank * c.n_loc;
+  std::mt19937 rng(seed + 1000);
+  Tensor dout(c.dtype, {c.B, N, c.H, c.D}), dq(c.dtype, {c.B, N, c.H, c.D}),
+      dk(c.dtype, {c.B, N, c.Hkv, c.D}), dv(c.dtype, {c.B, N, c.Hkv, c.D}),
+      ring_dq(c.dtype, {c.B, c.n_loc, c.H, c.D}), ring_dk(c.dtype, {c.B, c.n_loc, c.Hkv, c.D}),
+      ring_dv(c.dtype, {c.B, c.n_loc, c.Hkv, c.D});
+  dout.fill_normal(rng);
+  const DilatedConfig& cfg = ring.config();
+  DilatedAttention(cfg).backward(dout.view(), q.view(), k.view(), v.view(), full_out.view(),
+                                 full_lse.view(), dq.view(), dk.view(), dv.view());
+  const ReferenceGrads ref = reference_backward(make_backward_problem(
+      cfg, dout.view(), q.view(), k.view(), v.view(), full_out.view(), full_lse.view(), dq.view(),
+      dk.view(), dv.view(), 1 << 20, "reference"));
+  ring.backward(rows_of(dout, row0, c.n_loc, 1), rows_of(q, row0, c.n_loc, 1),
+                rows_of(k, row0, c.n_loc, 1), rows_of(v, row0, c.n_loc, 1), out.view(), lse.view(),
+                ring_dq.view(), ring_dk.view(), ring_dv.view());
+  EXPECT_EQ(ring.last_stats().bytes_sent, expected_bytes(c, rank, P, true));
+  const struct {
+    const Tensor& mine;
+    const Tensor& single;
+    const std::vector<double>& ref;
+    int64_t heads;
+    const char* name;
+  } grads[] = {{ring_dq, dq, ref.dq, c.H, "dq"},
+               {ring_dk, dk, ref.dk, c.Hkv, "dk"},
+               {ring_dv, dv, ref.dv, c.Hkv, "dv"}};
+  for (const auto& g : grads) {
+    double err = 0.0, single_err = 0.0, max_ref = 0.0;
+    int64_t nonzero = 0, bad = 0;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t n = 0; n < c.n_loc; ++n)
+        for (int64_t h = 0; h < g.heads; ++h)
+          for (int64_t d = 0; d < c.D; ++d) {
+            const double x = g.mine.get(b, n, h, d), y = g.single.get(b, row0 + n, h, d);
+            const double r =
+                g.ref[static_cast<size_t>(((b * N + row0 + n) * g.heads + h) * c.D + d)];
+            if (!std::isfinite(x)) ++bad;
+            nonzero += x != 0.0;
+            err = std::max(err, std::abs(x - r));
+            single_err = std::max(single_err, std::abs(y - r));
+            max_ref = std::max(max_ref, std::abs(r));
+          }
+    EXPECT_EQ(bad, 0) << g.name;
+    EXPECT_GT(nonzero, 0) << g.name;
+    if (c.dtype == DType::kF32) {
+      EXPECT_LE(err, 2e-5 * std::max(1.0, max_ref)) << g.name;
+    } else {
+      EXPECT_LE(err, 1.5 * single_err + 1e-6) << g.name << " single-device error " << single_err;
+    }
+  }
 }
 
 void check_ring_case(const RingCase& c, uint32_t seed) {
@@ -130,7 +195,8 @@ void check_ring_case(const RingCase& c, uint32_t seed) {
     EXPECT_LE(err, 1.5 * single_err + 1e-6) << "single-device error " << single_err;
   }
   EXPECT_LE(lse_err, 2e-5);
-  EXPECT_EQ(ring.last_stats().bytes_sent, expected_bytes(c, rank, P));
+  EXPECT_EQ(ring.last_stats().bytes_sent, expected_bytes(c, rank, P, false));
+  check_ring_backward(c, q, k, v, full_out, full_lse, out, lse, ring, seed);
 }
 
 // Segment lengths that fit P ranks of n_loc rows: inside a rank, across two, across all.

@@ -10,7 +10,7 @@
 
 namespace ringattn {
 
-// What the last forward moved and how long it waited (this rank).
+// What the last forward or backward moved and how long it waited (this rank).
 struct RingStats {
   int64_t bytes_sent = 0;     // payload bytes this rank sent
   int64_t messages_sent = 0;  // point-to-point sends
@@ -35,6 +35,15 @@ class RingDilatedAttention {
   void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const std::optional<TensorView>& lse = std::nullopt);
 
+  // The exact gradient of forward, collective like it. Shapes as in forward (local shards)
+  // and as in DilatedAttention::backward; out and lse are this rank's forward results.
+  // K/V blocks travel as in forward; the gradients of received keys travel back to the
+  // rank that owns them (fp32) and are added there in a fixed order.
+  void backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                const TensorView& v, const TensorView& out, const TensorView& lse,
+                const TensorView& dq, const TensorView& dk, const TensorView& dv);
+
+  // Statistics of the last forward or backward on this rank.
   const RingStats& last_stats() const { return stats_; }
   const DilatedConfig& config() const { return config_; }
 

@@ -272,37 +272,102 @@ void write_grad(DType dtype, const std::vector<float>& acc, void* dst, const Str
 
 }  // namespace
 
-void backward(const BackwardProblem& bp, int num_threads) {
+struct ShardBackward::State {
+  detail::BackwardTiles tiles;
+  std::vector<BackwardThreadScratch> scratch;
+  std::vector<float> dq, dk, dv;  // fp32 [B][shard_rows][heads][D]
+};
+
+ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads) : bp_(bp), s_(new State) {
   const Problem& p = bp.fwd;
-  detail::BackwardTiles tiles{round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
+  s_->tiles = {round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
   for (const Branch& br : p.branches) {
-    tiles.max_kept = std::max(tiles.max_kept, kept_count(br.segment, br.rate, 0));
+    s_->tiles.max_kept = std::max(s_->tiles.max_kept, kept_count(br.segment, br.rate, 0));
   }
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  std::vector<BackwardThreadScratch> scratch;
-  scratch.reserve(static_cast<size_t>(threads));
-  for (int i = 0; i < threads; ++i) scratch.emplace_back(tiles);
-  const int64_t rows = p.shard_rows, D = p.head_dim;
-  std::vector<float> dq(static_cast<size_t>(p.batch * rows * p.heads * D), 0.0f);
-  std::vector<float> dk(static_cast<size_t>(p.batch * rows * p.kv_heads * D), 0.0f);
-  std::vector<float> dv(dk.size(), 0.0f);
+  s_->scratch.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) s_->scratch.emplace_back(s_->tiles);
+  const int64_t rows = p.batch * p.shard_rows * p.head_dim;
+  s_->dq.assign(static_cast<size_t>(rows * p.heads), 0.0f);
+  s_->dk.assign(static_cast<size_t>(rows * p.kv_heads), 0.0f);
+  s_->dv.assign(s_->dk.size(), 0.0f);
+}
 
+ShardBackward::~ShardBackward() = default;
+
+float* ShardBackward::dk_row(int64_t b, int64_t local_row, int64_t kv_head) {
+  const Problem& p = bp_.fwd;
+  return s_->dk.data() + ((b * p.shard_rows + local_row) * p.kv_heads + kv_head) * p.head_dim;
+}
+
+float* ShardBackward::dv_row(int64_t b, int64_t local_row, int64_t kv_head) {
+  return dk_row(b, local_row, kv_head) - s_->dk.data() + s_->dv.data();
+}
+
+void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function<void()>& poll) {
+  const int threads = static_cast<int>(s_->scratch.size());
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<detail::BackwardWork> list;
+    const detail::BackwardScratch& sc =
+        s_->scratch[static_cast<size_t>(omp_get_thread_num())].get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      list.clear();
+      works(t, list);
+      for (const detail::BackwardWork& w : list) {
+        detail::backward_piece(bp_, s_->tiles, w, sc, s_->dq.data());
+      }
+      if (omp_get_thread_num() == 0 && poll) poll();
+    }
+  }
+}
+
+void ShardBackward::local_passes(const std::function<void()>& poll) {
+  const Problem& p = bp_.fwd;
+  const KeySourceFn local = detail::local_keys(p);
+  const int64_t end = p.shard_begin + p.shard_rows;
   // One pass per branch, in order: inside a pass, tasks (batch, kv head, segment) own
   // disjoint rows of dq, dk and dv, so the sums are deterministic without atomics.
   for (int i = 0; i < static_cast<int>(p.branches.size()); ++i) {
-    const int64_t segments = p.seq / p.branches[static_cast<size_t>(i)].segment;
-    const int64_t tasks = p.batch * p.kv_heads * segments;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t seg = t % segments, bh = t / segments;
-      detail::backward_segment(bp, tiles, bh / p.kv_heads, bh % p.kv_heads, i, seg,
-                               scratch[static_cast<size_t>(omp_get_thread_num())].get(), dq.data(),
-                               dk.data(), dv.data());
-    }
+    const int64_t s = p.branches[static_cast<size_t>(i)].segment;
+    const int64_t first = p.shard_begin / s, segments = ceil_div(end, s) - first;
+    pass(
+        p.batch * p.kv_heads * segments,
+        [&](int64_t t, std::vector<detail::BackwardWork>& out) {
+          const int64_t seg = first + t % segments, b = t / segments / p.kv_heads;
+          const int64_t hk = t / segments % p.kv_heads, group = p.heads / p.kv_heads;
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+              if (p.head_branches[hb].branch != i) continue;
+              detail::BackwardWork w{b,       h,       i, p.head_branches[hb].offset, seg, 0, 0, {},
+                                     nullptr, nullptr, 0};
+              if (!local(b, h, hb, seg, w.keys)) continue;
+              w.tq_begin = w.keys.t_begin;  // local queries are the local keys' rows
+              w.tq_end = w.keys.t_end;
+              const int64_t row = seg * s + w.offset + w.keys.t_begin * p.branches[i].rate;
+              w.dk = dk_row(b, row - p.shard_begin, hk);
+              w.dv = dv_row(b, row - p.shard_begin, hk);
+              w.dkv_stride = p.branches[static_cast<size_t>(i)].rate * p.kv_heads * p.head_dim;
+              out.push_back(w);
+            }
+          }
+        },
+        poll);
   }
-  write_grad(p.dtype, dq, bp.dq, bp.dq_st, p.batch, rows, p.heads, D);
-  write_grad(p.dtype, dk, bp.dk, bp.dk_st, p.batch, rows, p.kv_heads, D);
-  write_grad(p.dtype, dv, bp.dv, bp.dv_st, p.batch, rows, p.kv_heads, D);
+}
+
+void ShardBackward::write_output() const {
+  const Problem& p = bp_.fwd;
+  write_grad(p.dtype, s_->dq, bp_.dq, bp_.dq_st, p.batch, p.shard_rows, p.heads, p.head_dim);
+  write_grad(p.dtype, s_->dk, bp_.dk, bp_.dk_st, p.batch, p.shard_rows, p.kv_heads, p.head_dim);
+  write_grad(p.dtype, s_->dv, bp_.dv, bp_.dv_st, p.batch, p.shard_rows, p.kv_heads, p.head_dim);
+}
+
+void backward(const BackwardProblem& bp, int num_threads) {
+  ShardBackward shard(bp, num_threads);
+  shard.local_passes();
+  shard.write_output();
 }
 
 }  // namespace ringattn::cpu

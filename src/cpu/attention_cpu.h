@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "../problem.h"
 
@@ -22,9 +23,36 @@ void backward(const BackwardProblem& bp, int num_threads);
 
 namespace detail {
 struct KeySource;
+struct BackwardWork;
 using KeySourceFn =
     std::function<bool(int64_t b, int64_t h, int hb, int64_t segment, KeySource& source)>;
 }  // namespace detail
+
+// The backward of one shard built from passes (a ring): dq, dk, dv stay in fp32
+// accumulators ([B, shard_rows, heads, D]) between passes.
+class ShardBackward {
+ public:
+  // Fills `works` with the units of task `task`; each task's units run in order on one
+  // thread, and tasks of one pass must not share dq / dk / dv rows.
+  using WorkFn = std::function<void(int64_t task, std::vector<detail::BackwardWork>& works)>;
+
+  ShardBackward(const BackwardProblem& bp, int num_threads);
+  ~ShardBackward();
+  // Every branch's local queries against its local keys (one pass per branch).
+  void local_passes(const std::function<void()>& poll = nullptr);
+  // One pass of `tasks` tasks; `poll` runs on the calling thread between tasks.
+  void pass(int64_t tasks, const WorkFn& works, const std::function<void()>& poll = nullptr);
+  // The fp32 gradient rows of kv head `kv_head` at local row `local_row` of batch b.
+  float* dk_row(int64_t b, int64_t local_row, int64_t kv_head);
+  float* dv_row(int64_t b, int64_t local_row, int64_t kv_head);
+  // Casts the accumulators into bp.dq, bp.dk, bp.dv.
+  void write_output() const;
+
+ private:
+  struct State;
+  const BackwardProblem& bp_;
+  std::unique_ptr<State> s_;
+};
 
 // The forward of one shard built from several passes (a ring): the shard's (O, lse) stay
 // in fp32 accumulators ([B, H, shard_rows, D], O(N / P) memory) between passes.
@@ -130,12 +158,24 @@ struct BackwardScratch {
   float* dq;    // [kQueryRows][padded_dim], dQ of the query block (unscaled)
 };
 
-// Accumulates the gradients of one branch segment: batch b, segment `segment` of branch
-// `branch`, every query head of kv head hk that computes the branch. Adds into fp32
-// accumulators dq [B][N][H][D], dk and dv [B][N][Hkv][D]; each task owns its rows.
-void backward_segment(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b, int64_t hk,
-                      int branch, int64_t segment, const BackwardScratch& scratch, float* dq,
-                      float* dk, float* dv);
+// One unit of backward work: the local queries [tq_begin, tq_end) (kept indices) of batch b,
+// head h, in one segment of one branch, against the keys of `keys` (kept indices
+// [keys.t_begin, keys.t_end), local or received). The gradients of those keys are added,
+// scaled, to fp32 rows dk/dv + (t - keys.t_begin) * dkv_stride.
+struct BackwardWork {
+  int64_t b, h;
+  int branch;
+  int64_t offset, segment;
+  int64_t tq_begin, tq_end;
+  KeySource keys;
+  float* dk;
+  float* dv;
+  int64_t dkv_stride;
+};
+
+// Runs one unit; adds dQ to the fp32 accumulator dq [B][shard_rows][H][D].
+void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
+                    const BackwardScratch& scratch, float* dq);
 
 }  // namespace detail
 }  // namespace ringattn::cpu

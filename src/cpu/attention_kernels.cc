@@ -290,136 +290,127 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
   }
 }
 
-// Gradients of one branch segment (see backward_segment in attention_cpu.h). Per head:
-// the segment's K and V are packed once; query blocks outer (their Q, dO, lse and
-// rowsum(dO * O) packed once), key blocks inner; dQ of a query block, and dK, dV of the
-// whole segment stay in scratch, so every row is written by one task in a fixed order.
-void BackwardSegmentImpl(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b,
-                         int64_t hk, int branch, int64_t seg, const BackwardScratch& sc,
-                         float* dq_acc, float* dk_acc, float* dv_acc) {
+// Gradients of one piece (see backward_piece in attention_cpu.h). The keys are packed
+// once; query blocks outer (their Q, dO, lse and rowsum(dO * O) packed once), key blocks
+// inner; dQ of a query block and dK, dV of all the keys stay in scratch until they are added
+// to their destinations, so every row is written by one task in a fixed order.
+void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
+                       const BackwardScratch& sc, float* dq_acc) {
   const Problem& p = bp.fwd;
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df)), panel = Tiles::kMicroVecs * L;
   const int64_t MR = Tiles::kMicroRows, KB = BackwardTiles::kKeyBlock;
   const int64_t QB = BackwardTiles::kQueryBlock, QR = BackwardTiles::kQueryRows;
   const int64_t D = p.head_dim, dp = tiles.padded_dim, N = p.shard_rows;
-  const Branch br = p.branches[static_cast<size_t>(branch)];
-  const int64_t r = br.rate, group = p.heads / p.kv_heads;
+  const Branch br = p.branches[static_cast<size_t>(w.branch)];
+  const int64_t r = br.rate, h = w.h, b = w.b;
   constexpr float kLog2e = 1.4426950408889634f;
   const float q_mul = p.scale * kLog2e;
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
   const VF zero = hn::Zero(df), iota = hn::Iota(df, 0.0f);
 
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    int64_t o = -1;
-    for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-      if (p.head_branches[hb].branch == branch) o = p.head_branches[hb].offset;
-    }
-    if (o < 0) continue;  // this head does not compute the branch
-    const int64_t m = kept_count(br.segment, r, o);
-    const int64_t row0 = seg * br.segment + o - p.shard_begin;  // local row of kept index 0
-    auto at = [&](const void* base, const Strides3& st, int64_t t, int64_t head) {
-      return static_cast<const char*>(base) +
-             esize * (b * st.b + (row0 + t * r) * st.n + head * st.h);
-    };
-    WithType(p.dtype, at(p.k, p.k_st, 0, hk),
-             [&](auto* k) { PackRows(k, r * p.k_st.n, m, round_up(m, KB), D, dp, 1.0f, sc.k); });
-    WithType(p.dtype, at(p.v, p.v_st, 0, hk),
-             [&](auto* v) { PackRows(v, r * p.v_st.n, m, round_up(m, KB), D, dp, 1.0f, sc.v); });
-    std::memset(sc.dk, 0, sizeof(float) * static_cast<size_t>(round_up(m, KB) * dp));
-    std::memset(sc.dv, 0, sizeof(float) * static_cast<size_t>(round_up(m, KB) * dp));
+  // Keys: kept indices [tk0, tk1), packed row t - tk0.
+  const int64_t tk0 = w.keys.t_begin, tk1 = w.keys.t_end, mk = tk1 - tk0;
+  WithType(p.dtype, w.keys.k,
+           [&](auto* k) { PackRows(k, w.keys.k_stride, mk, round_up(mk, KB), D, dp, 1.0f, sc.k); });
+  WithType(p.dtype, w.keys.v,
+           [&](auto* v) { PackRows(v, w.keys.v_stride, mk, round_up(mk, KB), D, dp, 1.0f, sc.v); });
+  std::memset(sc.dk, 0, sizeof(float) * static_cast<size_t>(round_up(mk, KB) * dp));
+  std::memset(sc.dv, 0, sizeof(float) * static_cast<size_t>(round_up(mk, KB) * dp));
 
-    for (int64_t i0 = 0; i0 < m; i0 += QB) {
-      const int64_t nq = min64(QB, m - i0);
-      WithType(p.dtype, at(p.q, p.q_st, i0, h), [&](auto* q) {
-        PackTransposed(q, r * p.q_st.n, nq, QB, D, D, QB, q_mul, sc.qt);
-        PackRows(q, r * p.q_st.n, nq, QR, D, dp, 1.0f, sc.q);
-      });
-      WithType(p.dtype, at(bp.dout, bp.dout_st, i0, h), [&](auto* dout) {
-        using T = std::remove_cv_t<std::remove_pointer_t<decltype(dout)>>;
-        PackTransposed(dout, r * bp.dout_st.n, nq, QB, D, D, QB, p.out_factor, sc.dot);
-        PackRows(dout, r * bp.dout_st.n, nq, QR, D, dp, p.out_factor, sc.dout);
-        const T* out = reinterpret_cast<const T*>(at(p.out, p.out_st, i0, h));
-        for (int64_t i = 0; i < QB; ++i) {
-          if (i >= nq) {
-            sc.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
-            sc.dr[i] = 0.0f;
-            continue;
-          }
-          const int64_t n = row0 + (i0 + i) * r;
-          const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
-          sc.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
-          float dr = 0.0f;
-          for (int64_t c = 0; c < D; ++c) {
-            dr += to_f32(dout[i * r * bp.dout_st.n + c]) * to_f32(out[i * r * p.out_st.n + c]);
-          }
-          sc.dr[i] = dr;
+  // Queries: kept indices [tq_begin, tq_end) of the local views.
+  const int64_t row0 = w.segment * br.segment + w.offset - p.shard_begin;  // local row of t = 0
+  auto at = [&](const void* base, const Strides3& st, int64_t t) {
+    return static_cast<const char*>(base) + esize * (b * st.b + (row0 + t * r) * st.n + h * st.h);
+  };
+  for (int64_t i0 = w.tq_begin; i0 < w.tq_end; i0 += QB) {
+    const int64_t nq = min64(QB, w.tq_end - i0);
+    // With causal, keys after the block's last query are skipped.
+    const int64_t k_end = p.causal ? min64(tk1, i0 + nq) : tk1;
+    if (k_end <= tk0) continue;
+    WithType(p.dtype, at(p.q, p.q_st, i0), [&](auto* q) {
+      PackTransposed(q, r * p.q_st.n, nq, QB, D, D, QB, q_mul, sc.qt);
+      PackRows(q, r * p.q_st.n, nq, QR, D, dp, 1.0f, sc.q);
+    });
+    WithType(p.dtype, at(bp.dout, bp.dout_st, i0), [&](auto* dout) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(dout)>>;
+      PackTransposed(dout, r * bp.dout_st.n, nq, QB, D, D, QB, p.out_factor, sc.dot);
+      PackRows(dout, r * bp.dout_st.n, nq, QR, D, dp, p.out_factor, sc.dout);
+      const T* out = reinterpret_cast<const T*>(at(p.out, p.out_st, i0));
+      for (int64_t i = 0; i < QB; ++i) {
+        if (i >= nq) {
+          sc.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
+          sc.dr[i] = 0.0f;
+          continue;
         }
-      });
-      std::memset(sc.dq, 0, sizeof(float) * static_cast<size_t>(QR * dp));
+        const int64_t n = row0 + (i0 + i) * r;
+        const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
+        sc.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+        float dr = 0.0f;
+        for (int64_t c = 0; c < D; ++c) {
+          dr += to_f32(dout[i * r * bp.dout_st.n + c]) * to_f32(out[i * r * p.out_st.n + c]);
+        }
+        sc.dr[i] = dr;
+      }
+    });
+    std::memset(sc.dq, 0, sizeof(float) * static_cast<size_t>(QR * dp));
 
-      // With causal, keys after the block's last query are skipped.
-      const int64_t k_end = p.causal ? i0 + nq : m;
-      for (int64_t j0 = 0; j0 < k_end; j0 += KB) {
-        const int64_t nk = min64(KB, k_end - j0);
-        const float* k = sc.k + j0 * dp;
-        const float* v = sc.v + j0 * dp;
-        // S^T = K Q^T and dP^T = V dO^T, [keys][queries].
-        for (int64_t j = 0; j < nk; j += MR) {
-          for (int64_t ip = 0; ip < QB; ip += panel) {
-            MicroTile<Init::kZero>(k + j * dp, dp, 1, sc.qt + ip, QB, D, nullptr,
-                                   sc.p + j * QR + ip, QR);
-            MicroTile<Init::kZero>(v + j * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
-                                   sc.ds + j * QR + ip, QR);
-          }
-        }
-        // P = exp(S - lse) (0 where masked), dS = P * (dP - Dr), vectorised across queries.
-        const bool diagonal = p.causal && j0 + nk - 1 > i0;
-        for (int64_t j = 0; j < round_up(nk, MR); ++j) {
-          const VF key = hn::Set(df, static_cast<float>(j0 + j));
-          for (int64_t i = 0; i < QB; i += L) {
-            float* pj = sc.p + j * QR + i;
-            float* dsj = sc.ds + j * QR + i;
-            VF prob =
-                j < nk ? Exp2(df, hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i))) : zero;
-            if (diagonal) {
-              const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
-              prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);
-            }
-            hn::StoreU(prob, df, pj);
-            hn::StoreU(hn::Mul(prob, hn::Sub(hn::LoadU(df, dsj), hn::LoadU(df, sc.dr + i))), df,
-                       dsj);
-          }
-        }
-        // dV += P^T dO and dK += dS^T Q (rows: keys); dQ += dS K (rows: queries).
-        for (int64_t j = 0; j < nk; j += MR) {
-          for (int64_t c = 0; c < dp; c += panel) {
-            MicroTile<Init::kLoad>(sc.p + j * QR, QR, 1, sc.dout + c, dp, nq, nullptr,
-                                   sc.dv + (j0 + j) * dp + c, dp);
-            MicroTile<Init::kLoad>(sc.ds + j * QR, QR, 1, sc.q + c, dp, nq, nullptr,
-                                   sc.dk + (j0 + j) * dp + c, dp);
-          }
-        }
-        for (int64_t i = 0; i < nq; i += MR) {
-          for (int64_t c = 0; c < dp; c += panel) {
-            MicroTile<Init::kLoad>(sc.ds + i, 1, QR, k + c, dp, nk, nullptr, sc.dq + i * dp + c,
-                                   dp);
-          }
+    for (int64_t j0 = tk0; j0 < k_end; j0 += KB) {
+      const int64_t nk = min64(KB, k_end - j0);
+      const float* k = sc.k + (j0 - tk0) * dp;
+      const float* v = sc.v + (j0 - tk0) * dp;
+      // S^T = K Q^T and dP^T = V dO^T, [keys][queries].
+      for (int64_t j = 0; j < nk; j += MR) {
+        for (int64_t ip = 0; ip < QB; ip += panel) {
+          MicroTile<Init::kZero>(k + j * dp, dp, 1, sc.qt + ip, QB, D, nullptr, sc.p + j * QR + ip,
+                                 QR);
+          MicroTile<Init::kZero>(v + j * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
+                                 sc.ds + j * QR + ip, QR);
         }
       }
-      for (int64_t i = 0; i < nq; ++i) {
-        float* dq_row = dq_acc + ((b * N + row0 + (i0 + i) * r) * p.heads + h) * D;
-        for (int64_t c = 0; c < D; ++c) dq_row[c] += p.scale * sc.dq[i * dp + c];
+      // P = exp(S - lse) (0 where masked), dS = P * (dP - Dr), vectorised across queries.
+      const bool diagonal = p.causal && j0 + nk - 1 > i0;
+      for (int64_t j = 0; j < round_up(nk, MR); ++j) {
+        const VF key = hn::Set(df, static_cast<float>(j0 + j));
+        for (int64_t i = 0; i < QB; i += L) {
+          float* pj = sc.p + j * QR + i;
+          float* dsj = sc.ds + j * QR + i;
+          VF prob =
+              j < nk ? Exp2(df, hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i))) : zero;
+          if (diagonal) {
+            const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
+            prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);
+          }
+          hn::StoreU(prob, df, pj);
+          hn::StoreU(hn::Mul(prob, hn::Sub(hn::LoadU(df, dsj), hn::LoadU(df, sc.dr + i))), df, dsj);
+        }
+      }
+      // dV += P^T dO and dK += dS^T Q (rows: keys); dQ += dS K (rows: queries).
+      for (int64_t j = 0; j < nk; j += MR) {
+        for (int64_t c = 0; c < dp; c += panel) {
+          MicroTile<Init::kLoad>(sc.p + j * QR, QR, 1, sc.dout + c, dp, nq, nullptr,
+                                 sc.dv + (j0 - tk0 + j) * dp + c, dp);
+          MicroTile<Init::kLoad>(sc.ds + j * QR, QR, 1, sc.q + c, dp, nq, nullptr,
+                                 sc.dk + (j0 - tk0 + j) * dp + c, dp);
+        }
+      }
+      for (int64_t i = 0; i < nq; i += MR) {
+        for (int64_t c = 0; c < dp; c += panel) {
+          MicroTile<Init::kLoad>(sc.ds + i, 1, QR, k + c, dp, nk, nullptr, sc.dq + i * dp + c, dp);
+        }
       }
     }
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t n = row0 + j * r;
-      float* dk_row = dk_acc + ((b * N + n) * p.kv_heads + hk) * D;
-      float* dv_row = dv_acc + ((b * N + n) * p.kv_heads + hk) * D;
-      for (int64_t c = 0; c < D; ++c) {
-        dk_row[c] += p.scale * sc.dk[j * dp + c];
-        dv_row[c] += sc.dv[j * dp + c];
-      }
+    for (int64_t i = 0; i < nq; ++i) {
+      float* dq_row = dq_acc + ((b * N + row0 + (i0 + i) * r) * p.heads + h) * D;
+      for (int64_t c = 0; c < D; ++c) dq_row[c] += p.scale * sc.dq[i * dp + c];
+    }
+  }
+  for (int64_t j = 0; j < mk; ++j) {
+    float* dk_row = w.dk + j * w.dkv_stride;
+    float* dv_row = w.dv + j * w.dkv_stride;
+    for (int64_t c = 0; c < D; ++c) {
+      dk_row[c] += p.scale * sc.dk[j * dp + c];
+      dv_row[c] += sc.dv[j * dp + c];
     }
   }
 }
@@ -438,12 +429,11 @@ namespace detail {
 
 HWY_EXPORT(ForwardBlockImpl);
 HWY_EXPORT(TargetNameImpl);
-HWY_EXPORT(BackwardSegmentImpl);
+HWY_EXPORT(BackwardPieceImpl);
 
-void backward_segment(const BackwardProblem& bp, const BackwardTiles& tiles, int64_t b, int64_t hk,
-                      int branch, int64_t segment, const BackwardScratch& scratch, float* dq,
-                      float* dk, float* dv) {
-  HWY_DYNAMIC_DISPATCH(BackwardSegmentImpl)(bp, tiles, b, hk, branch, segment, scratch, dq, dk, dv);
+void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
+                    const BackwardScratch& scratch, float* dq) {
+  HWY_DYNAMIC_DISPATCH(BackwardPieceImpl)(bp, tiles, w, scratch, dq);
 }
 
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
