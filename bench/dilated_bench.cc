@@ -1,8 +1,6 @@
 #include "dilated_bench.h"
 
-#include <cmath>
-#include <cstddef>
-#include <random>
+#include "tensors.h"
 
 #include "src/cpu/attention_cpu.h"
 #include "src/problem.h"
@@ -21,7 +19,8 @@ DilatedConfig DilatedShape::config() const {
 }
 
 const std::vector<std::string>& preset_names() {
-  static const std::vector<std::string> names = {"small", "medium", "large", "dense"};
+  static const std::vector<std::string> names = {"small", "medium",     "large",
+                                                 "dense", "dense-ring", "1m"};
   return names;
 }
 
@@ -43,6 +42,14 @@ DilatedShape preset(const std::string& name) {
     s.segments = {2048};
     s.dilations = {1};
     s.causal = false;
+  } else if (name == "dense-ring") {
+    s.seq = 16384;
+    s.segments = {16384};
+    s.dilations = {1};
+  } else if (name == "1m") {
+    s.seq = 1048576;
+    s.segments = {2048, 8192, 32768, 131072};
+    s.dilations = {1, 2, 4, 8};
   } else if (name != "small" && name != "custom") {
     throw Error(ErrorCode::kInvalidArgument, "unknown configuration \"" + name + "\"");
   }
@@ -79,81 +86,6 @@ double forward_flops(const DilatedShape& s) {
 
 namespace {
 
-constexpr std::mt19937::result_type kInputSeed = 20241201;  // the same inputs in every run
-
-// The views of one row: q [B, N, H, D], k and v [B, N, Hkv, D], out [B, N, H, D] in the
-// row's dtype, lse [B, H, N] fp32; all contiguous.
-struct Views {
-  TensorView q, k, v, out, lse;
-};
-
-Views make_views(const DilatedShape& s, void* q, void* k, void* v, void* out, float* lse) {
-  const int64_t b = s.batch, n = s.seq, h = s.heads, hkv = s.kv_heads, d = s.head_dim;
-  return {TensorView::contiguous(q, s.dtype, {b, n, h, d}),
-          TensorView::contiguous(k, s.dtype, {b, n, hkv, d}),
-          TensorView::contiguous(v, s.dtype, {b, n, hkv, d}),
-          TensorView::contiguous(out, s.dtype, {b, n, h, d}),
-          TensorView::contiguous(lse, DType::kF32, {b, h, n})};
-}
-
-// Owns the storage of one row's tensors.
-class Tensors {
- public:
-  explicit Tensors(const DilatedShape& s)
-      : q_(bytes_of(s.dtype, s.batch * s.seq * s.heads * s.head_dim)),
-        k_(bytes_of(s.dtype, s.batch * s.seq * s.kv_heads * s.head_dim)),
-        v_(k_.size()),
-        out_(q_.size()),
-        lse_(static_cast<size_t>(s.batch * s.heads * s.seq)),
-        views_(make_views(s, q_.data(), k_.data(), v_.data(), out_.data(), lse_.data())) {
-    std::mt19937 rng(kInputSeed);
-    for (const TensorView& t : {views_.q, views_.k, views_.v}) fill_normal(t, rng);
-  }
-
-  Tensors(const Tensors&) = delete;  // the views point into this object's buffers
-  Tensors& operator=(const Tensors&) = delete;
-
-  const Views& views() const { return views_; }
-  size_t bytes() const {
-    return q_.size() + k_.size() + v_.size() + out_.size() + lse_.size() * sizeof(float);
-  }
-
- private:
-  static size_t bytes_of(DType dtype, int64_t elements) {
-    return static_cast<size_t>(elements) * dtype_size(dtype);
-  }
-  static void fill_normal(const TensorView& t, std::mt19937& rng) {
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (int64_t i = 0; i < t.numel(); ++i) store_f32(t.data, t.dtype, i, normal(rng));
-  }
-
-  std::vector<std::byte> q_, k_, v_, out_;
-  std::vector<float> lse_;
-  Views views_;
-};
-
-// |x - ref| <= abs + rel * |ref| for out; lse: 1e-4 + 1e-5 * |ref| and -inf must match.
-struct Tolerance {
-  double abs, rel;
-};
-
-Tolerance out_tolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return {1e-5, 1e-5};
-    case DType::kBF16:
-      return {1e-2, 1e-2};
-    case DType::kF16:
-      return {2e-3, 2e-3};
-  }
-  return {0.0, 0.0};
-}
-
-bool within(double x, double ref, Tolerance tol) {
-  if (std::isinf(ref)) return x == ref;
-  return std::abs(x - ref) <= tol.abs + tol.rel * std::abs(ref);  // false for NaN
-}
-
 // Elements of batch 0 of out and lse outside the tolerance of the fp64 reference. Only
 // batch 0: the reference is single-threaded fp64 loops. A view of batch 0 is the same
 // pointer and strides with shape[0] = 1.
@@ -165,14 +97,16 @@ int64_t count_wrong(const DilatedShape& s, const Views& views) {
   const Problem p = make_problem(s.config(), batch0(views.q), batch0(views.k), batch0(views.v),
                                  batch0(views.out), batch0(views.lse), s.head_dim, "reference");
   const ReferenceResult ref = reference_forward(p);
-  const Tolerance out_tol = out_tolerance(s.dtype), lse_tol{1e-4, 1e-5};
+  const Tolerance out_tol = out_tolerance(s.dtype);
   int64_t wrong = 0;
   for (size_t i = 0; i < ref.out.size(); ++i) {
     const float x = load_f32(views.out.data, s.dtype, static_cast<int64_t>(i));
     wrong += within(x, ref.out[i], out_tol) ? 0 : 1;
   }
   const float* lse = static_cast<const float*>(views.lse.data);
-  for (size_t i = 0; i < ref.lse.size(); ++i) wrong += within(lse[i], ref.lse[i], lse_tol) ? 0 : 1;
+  for (size_t i = 0; i < ref.lse.size(); ++i) {
+    wrong += within(lse[i], ref.lse[i], kLseTolerance) ? 0 : 1;
+  }
   return wrong;
 }
 
@@ -183,18 +117,13 @@ void validate(const DilatedShape& s, Backend backend) {
   // placeholder.
   float placeholder = 0.0f;
   const Views v =
-      make_views(s, &placeholder, &placeholder, &placeholder, &placeholder, &placeholder);
+      make_views(s, s.seq, &placeholder, &placeholder, &placeholder, &placeholder, &placeholder);
   make_problem(s.config(), v.q, v.k, v.v, v.out, v.lse, cpu::kMaxHeadDim, backend_name(backend));
 }
 
-Record run_dilated(const DilatedShape& s, const RunOptions& options) {
-  const DilatedAttention attention(s.config(), {options.backend, options.threads});
-  const PeakMemory memory;
-  const Tensors tensors(s);
-  const Views& v = tensors.views();
-
+Record describe(const DilatedShape& s, const RunOptions& options, const char* impl) {
   Record r;
-  r.impl = "dilated";
+  r.impl = impl;
   r.config = s.name;
   r.backend = backend_name(options.backend);
   r.dtype = dtype_name(s.dtype);
@@ -208,13 +137,27 @@ Record run_dilated(const DilatedShape& s, const RunOptions& options) {
   r.segments = s.segments;
   r.dilations = s.dilations;
   r.threads = resolved_threads(options.threads);
-  r.timing = time_calls([&] { attention.forward(v.q, v.k, v.v, v.out, v.lse); }, options.warmup,
-                        options.iters);
-  r.peak_mb = memory.peak_mb();
-  r.io_mb = static_cast<double>(tensors.bytes()) / (1024.0 * 1024.0);
+  return r;
+}
+
+void set_rates(Record& r, const DilatedShape& s) {
   const double seconds = r.timing.mean_ms * 1e-3;
   r.tokens_per_s = static_cast<double>(s.batch * s.seq) / seconds;
   r.gflops = forward_flops(s) / seconds * 1e-9;
+}
+
+Record run_dilated(const DilatedShape& s, const RunOptions& options) {
+  const DilatedAttention attention(s.config(), {options.backend, options.threads});
+  const PeakMemory memory;
+  const Tensors tensors(s, {0, s.seq}, options.threads);
+  const Views& v = tensors.views();
+
+  Record r = describe(s, options, "dilated");
+  r.timing = time_calls([&] { attention.forward(v.q, v.k, v.v, v.out, v.lse); }, options.warmup,
+                        options.iters);
+  r.peak_mb = memory.peak_mb();
+  r.io_mb = static_cast<double>(tensors.bytes()) / kMiB;
+  set_rates(r, s);
   if (options.check) r.wrong = count_wrong(s, v);
   return r;
 }

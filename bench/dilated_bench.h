@@ -24,8 +24,11 @@ struct DilatedShape {
   DilatedConfig config() const;
 };
 
-// "small", "medium", "large" (the seed's, BENCHMARKS.md) and "dense" (one dense segment:
-// B=1, N=8192, s=2048, r=1, not causal; the dense-segment kernel target).
+// "small", "medium", "large" (the seed's, BENCHMARKS.md); "dense" (one dense segment:
+// B=1, N=8192, s=2048, r=1, not causal; the dense-segment kernel target); "dense-ring" (one
+// causal branch over the whole sequence, B=1, N=s=16384, r=1: every rank needs every
+// earlier rank's keys); "1m" (B=1, N=1048576, s=2048,8192,32768,131072, r=1,2,4,8, causal:
+// the long-sequence ring target, 2 GiB of q, k, v and out per tensor in fp32).
 const std::vector<std::string>& preset_names();
 DilatedShape preset(const std::string& name);
 
@@ -45,9 +48,14 @@ struct RunOptions {
 // Throws ringattn::Error.
 void validate(const DilatedShape& shape, Backend backend);
 
-// Allocates the row's tensors (q, k, v: N(0,1) samples from a fixed seed, rounded to the
-// dtype), times the forward and, with `check`, compares batch 0 of out and lse with the fp64
-// reference outside the timed loop.
+// A record with the row's description (impl, config, shape, backend, threads per rank)
+// filled in; the caller adds the measurements, then set_rates().
+Record describe(const DilatedShape& shape, const RunOptions& options, const char* impl);
+// tokens/s and GFLOP/s of the whole problem, from r.timing.mean_ms.
+void set_rates(Record& r, const DilatedShape& shape);
+
+// Allocates the row's tensors (tensors.h), times the forward and, with `check`, compares
+// batch 0 of out and lse with the fp64 reference outside the timed loop.
 Record run_dilated(const DilatedShape& shape, const RunOptions& options);
 
 }  // namespace ringattn::bench

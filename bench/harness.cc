@@ -34,14 +34,23 @@ int resolved_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
 }
 
-Timing time_calls(const std::function<void()>& fn, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn();
-  std::vector<double> ms(static_cast<size_t>(iters));
-  for (double& t : ms) {
+Timing time_calls(const std::function<void()>& fn, int warmup, int iters, Communicator* ranks) {
+  for (int i = 0; i < warmup; ++i) {
+    if (ranks) ranks->barrier();
+    fn();
+  }
+  std::vector<int64_t> ns(static_cast<size_t>(iters));
+  for (int64_t& t : ns) {
+    if (ranks) ranks->barrier();
     const auto t0 = std::chrono::steady_clock::now();
     fn();
-    t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    t = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+            .count();
   }
+  if (ranks) ranks->allreduce_max(ns.data(), ns.size());
+  std::vector<double> ms(ns.size());
+  std::transform(ns.begin(), ns.end(), ms.begin(),
+                 [](int64_t t) { return 1e-6 * static_cast<double>(t); });
   const double n = static_cast<double>(ms.size());
   Timing t;
   t.mean_ms = std::accumulate(ms.begin(), ms.end(), 0.0) / n;
@@ -94,11 +103,14 @@ void print_header(const RunInfo& run) {
   std::printf("# host %s, date %s\n", host.data(), date.data());
 }
 
-void print_ceiling(const Ceiling& c, int threads) {
-  std::printf("# ceiling (a) sgemm %d^3, %s, %d threads: %.1f GFLOP/s\n", kSgemmSize,
-              c.blas.c_str(), threads, c.sgemm_gflops);
-  std::printf("# ceiling (b) peak FMA, %s (%d lanes x %d chains), %d threads: %.1f GFLOP/s\n",
-              c.fma_isa.c_str(), c.fma_lanes, kFmaChains, threads, c.fma_gflops);
+void print_ceiling(const Ceiling& c, const RunInfo& run) {
+  const std::string team = run.ranks > 1
+                               ? format("%d ranks x %d threads, summed", run.ranks, run.threads)
+                               : format("%d threads", run.threads);
+  std::printf("# ceiling (a) sgemm %d^3, %s, %s: %.1f GFLOP/s\n", kSgemmSize, c.blas.c_str(),
+              team.c_str(), c.sgemm_gflops);
+  std::printf("# ceiling (b) peak FMA, %s (%d lanes x %d chains), %s: %.1f GFLOP/s\n",
+              c.fma_isa.c_str(), c.fma_lanes, kFmaChains, team.c_str(), c.fma_gflops);
   std::printf("# ceiling_gflops %.1f (the higher of the two; %%ceil is against it)\n#\n",
               c.gflops());
 }
@@ -110,11 +122,12 @@ struct Column {
   int width;
 };
 
-constexpr std::array<Column, 19> kColumns = {{
-    {"impl", 11},  {"config", 7},  {"dtype", 5},      {"mode", 7},    {"causal", 6},
-    {"B", 3},      {"N", 6},       {"H", 4},          {"D", 4},       {"mean_ms", 10},
-    {"std_ms", 9}, {"min_ms", 10}, {"median_ms", 10}, {"peak_mb", 9}, {"io_mb", 9},
-    {"tok/s", 11}, {"GFLOP/s", 9}, {"%ceil", 6},      {"wrong", 8},
+constexpr std::array<Column, 22> kColumns = {{
+    {"impl", 11},    {"config", 10}, {"dtype", 5},   {"mode", 7},       {"causal", 6},
+    {"B", 3},        {"N", 7},       {"H", 4},       {"D", 4},          {"P", 3},
+    {"mean_ms", 10}, {"std_ms", 9},  {"min_ms", 10}, {"median_ms", 10}, {"peak_mb", 9},
+    {"io_mb", 9},    {"tok/s", 11},  {"GFLOP/s", 9}, {"%ceil", 6},      {"sent_mb", 9},
+    {"wait_ms", 9},  {"wrong", 8},
 }};
 
 // One table line: `prefix`, then each cell right-aligned in its column.
@@ -137,12 +150,27 @@ void print_table_header() {
 
 void print_table_row(const Record& r, const Ceiling& ceiling) {
   const Timing& t = r.timing;
-  print_line(" ", {r.impl, r.config, r.dtype, r.mode, r.causal ? "1" : "0", std::to_string(r.batch),
-                   std::to_string(r.seq), std::to_string(r.heads), std::to_string(r.head_dim),
-                   format("%.3f", t.mean_ms), format("%.3f", t.std_ms), format("%.3f", t.min_ms),
-                   format("%.3f", t.median_ms), format("%.1f", r.peak_mb), format("%.1f", r.io_mb),
-                   format("%.0f", r.tokens_per_s), format("%.1f", r.gflops),
+  print_line(" ", {r.impl,
+                   r.config,
+                   r.dtype,
+                   r.mode,
+                   r.causal ? "1" : "0",
+                   std::to_string(r.batch),
+                   std::to_string(r.seq),
+                   std::to_string(r.heads),
+                   std::to_string(r.head_dim),
+                   std::to_string(r.ranks),
+                   format("%.3f", t.mean_ms),
+                   format("%.3f", t.std_ms),
+                   format("%.3f", t.min_ms),
+                   format("%.3f", t.median_ms),
+                   format("%.1f", r.peak_mb),
+                   format("%.1f", r.io_mb),
+                   format("%.0f", r.tokens_per_s),
+                   format("%.1f", r.gflops),
                    format("%.1f", 100.0 * r.gflops / ceiling.gflops()),
+                   format("%.2f", static_cast<double>(r.bytes_sent) / kMiB),
+                   format("%.3f", r.comm_wait_ms),
                    r.wrong ? std::to_string(*r.wrong) : "-"});
 }
 
@@ -177,6 +205,9 @@ nlohmann::ordered_json to_json(const Record& r, const Ceiling& ceiling) {
       {"sgemm_gflops", ceiling.sgemm_gflops},
       {"fma_peak_gflops", ceiling.fma_gflops},
       {"bytes_sent", r.bytes_sent},
+      {"messages_sent", r.messages_sent},
+      {"bytes_sent_total", r.bytes_sent_total},
+      {"comm_wait_ms", r.comm_wait_ms},
       {"wrong", r.wrong ? nlohmann::ordered_json(*r.wrong) : nlohmann::ordered_json(nullptr)},
   };
 }

@@ -11,8 +11,11 @@
 #include <nlohmann/json.hpp>
 
 #include "ceiling.h"
+#include "ringattn/comm.h"
 
 namespace ringattn::bench {
+
+inline constexpr double kMiB = 1024.0 * 1024.0;
 
 // printf into a std::string.
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -26,7 +29,10 @@ struct Timing {
 
 // Calls `fn` `warmup` times untimed, then `iters` (>= 1) times with std::chrono::steady_clock
 // around each call; std is the sample standard deviation (0 for one iteration).
-Timing time_calls(const std::function<void()>& fn, int warmup, int iters);
+// With `ranks` (a collective `fn`, called on every rank): a barrier before each call, and
+// an iteration's time is the longest over the ranks (the statistics agree on every rank).
+Timing time_calls(const std::function<void()>& fn, int warmup, int iters,
+                  Communicator* ranks = nullptr);
 
 // Peak resident memory of the process since construction, above the resident size at
 // construction. Construct it just before allocating a row's tensors.
@@ -48,10 +54,15 @@ struct Record {
   bool causal = false, backward = false;
   int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
   std::vector<int64_t> segments, dilations;
-  int ranks = 1, threads = 0;
-  Timing timing;
-  double peak_mb = 0, io_mb = 0, tokens_per_s = 0, gflops = 0;
-  int64_t bytes_sent = 0;
+  int ranks = 1, threads = 0;           // threads per rank
+  Timing timing;                        // of the whole job: per iteration the slowest rank
+  double peak_mb = 0, io_mb = 0;        // per rank: the largest over the ranks
+  double tokens_per_s = 0, gflops = 0;  // of the whole problem
+  // Per forward (all 0 for a single process): payload bytes and messages one rank sent (the
+  // most over the ranks), bytes all ranks sent, and the time a rank waited for transfers
+  // (not hidden behind compute; mean over the timed iterations, the most over the ranks).
+  int64_t bytes_sent = 0, messages_sent = 0, bytes_sent_total = 0;
+  double comm_wait_ms = 0;
   std::optional<int64_t> wrong;  // elements outside tolerance; empty without --check
 };
 
@@ -63,7 +74,8 @@ struct RunInfo {
 };
 
 void print_header(const RunInfo& run);
-void print_ceiling(const Ceiling& ceiling, int threads);
+// The ceiling of the whole job (`run.ranks` ranks of `run.threads` threads).
+void print_ceiling(const Ceiling& ceiling, const RunInfo& run);
 void print_table_header();
 void print_table_row(const Record& r, const Ceiling& ceiling);
 nlohmann::ordered_json to_json(const Record& r, const Ceiling& ceiling);

@@ -1,20 +1,35 @@
 // ringattn_bench: measures the ringattn implementations on the seed's configurations
 // (BENCHMARKS.md), nccl-tests style: a #-prefixed header, the machine's ceiling, one table
 // row per measured configuration, optional JSON.
-// Exit status: 0 done, 1 a --check found wrong elements, 2 bad flags or a library error.
+// Run directly, or under mpirun for --impl ring (builds with MPI initialise it in every
+// run; one process is a world of one rank). Only rank 0 prints to stdout or writes JSON.
+// Exit status, the same on every rank: 0 done, 1 a --check found wrong elements, 2 bad
+// flags or a library error.
 
 #include <CLI/CLI.hpp>
+#ifdef RINGATTN_HAVE_MPI
+#include <mpi.h>
+#endif
 
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 
 #include "dilated_bench.h"
 #include "harness.h"
+#include "ring_bench.h"
+#include "ringattn/ringattn.h"
+#ifdef RINGATTN_HAVE_MPI
+#include "ringattn/comm_mpi.h"
+#endif
+
+#include "src/agreement.h"
 
 namespace ringattn::bench {
 namespace {
@@ -67,13 +82,18 @@ class CommandLine {
   CommandLine();
 
   // Parses argv; returns the exit status when the program should stop here (--help, a bad
-  // flag).
-  std::optional<int> parse(int argc, char** argv);
+  // flag). Only with `print` does it print help or the error.
+  std::optional<int> parse(int argc, char** argv, bool print);
 
-  // The rows to measure, each checked by the library before anything is measured. Throws
-  // on an implementation or pass that is not built, or on an invalid row.
-  std::vector<DilatedShape> rows() const;
+  // The implementations to measure on `ranks` ranks: dilated runs in one process, so
+  // --impl all on several ranks means ring alone. Throws on one that is not built.
+  std::vector<std::string> impls(int ranks) const;
 
+  // The rows to measure, each checked by the library before anything is measured (and for
+  // `impls` on `ranks` ranks). Throws on a pass that is not built, or on an invalid row.
+  std::vector<DilatedShape> rows(const std::vector<std::string>& impls, int ranks) const;
+
+  const std::string& impl() const { return impl_; }
   const RunOptions& options() const { return options_; }
   const std::string& json_path() const { return json_path_; }
 
@@ -106,6 +126,7 @@ class CommandLine {
   DilatedShape given_;
   std::vector<ShapeFlag> shape_flags_;
   CLI::Option *config_flag_, *kv_heads_flag_, *segments_flag_, *dilations_flag_;
+  CLI::Option *warmup_flag_, *iters_flag_;
 };
 
 CommandLine::CommandLine() {
@@ -114,10 +135,12 @@ CommandLine::CommandLine() {
       ->capture_default_str();
   config_flag_ =
       app_.add_option("--config", config_,
-                      "small, medium, large: the seed's; dense: one dense segment; all: small, "
-                      "medium and large (the default, unless shape flags without --config ask "
-                      "for one \"custom\" row, which starts from small's values)")
-          ->check(CLI::IsMember({"small", "medium", "large", "dense", "all"}));
+                      "small, medium, large: the seed's; dense: one dense segment; dense-ring: "
+                      "one causal branch over N = 16384; 1m: 1,048,576 tokens (--warmup 0 "
+                      "--iters 1 unless given); all: small, medium and large (the default, "
+                      "unless shape flags without --config ask for one \"custom\" row, which "
+                      "starts from small's values)")
+          ->check(CLI::IsMember({"small", "medium", "large", "dense", "dense-ring", "1m", "all"}));
 
   add_shape_flag("--batch", &DilatedShape::batch, "batch size B")->check(at_least(1));
   add_shape_flag("--seq", &DilatedShape::seq, "sequence length N")->check(at_least(1));
@@ -146,28 +169,34 @@ CommandLine::CommandLine() {
       ->check(CLI::IsMember({"0", "1"}));
   app_.add_option("--backend", options_.backend, "default cpu")
       ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
-  app_.add_option("--threads", options_.threads, "CPU threads; 0 = OpenMP's default")
+  app_.add_option("--threads", options_.threads, "CPU threads (per rank); 0 = OpenMP's default")
       ->check(at_least(0))
       ->capture_default_str();
-  app_.add_option("--warmup", options_.warmup, "untimed iterations per row")
-      ->check(at_least(0))
-      ->capture_default_str();
-  app_.add_option("--iters", options_.iters, "timed iterations per row")
-      ->check(at_least(1))
-      ->capture_default_str();
+  warmup_flag_ = app_.add_option("--warmup", options_.warmup, "untimed iterations per row")
+                     ->check(at_least(0))
+                     ->capture_default_str();
+  iters_flag_ = app_.add_option("--iters", options_.iters, "timed iterations per row")
+                    ->check(at_least(1))
+                    ->capture_default_str();
   app_.add_flag("--check", options_.check,
-                "compare batch 0 of each row with the fp64 reference (outside the timed "
-                "loop); exit 1 if any element is outside tolerance");
+                "outside the timed loop, compare batch 0 of each dilated row with the fp64 "
+                "reference, and each rank's rows of a ring row with DilatedAttention over "
+                "the whole sequence (when that fits 512 MiB); exit 1 if any element is "
+                "outside tolerance");
   app_.add_option("--json", json_path_, "write one JSON record per row to this file");
 }
 
-std::optional<int> CommandLine::parse(int argc, char** argv) {
+std::optional<int> CommandLine::parse(int argc, char** argv, bool print) {
   try {
     app_.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    if (e.get_exit_code() == 0) return app_.exit(e);  // --help
-    std::fprintf(stderr, "error: %s\nRun with --help for the options.\n", e.what());
+    if (e.get_exit_code() == 0) return print ? app_.exit(e) : 0;  // --help
+    if (print) std::fprintf(stderr, "error: %s\nRun with --help for the options.\n", e.what());
     return kExitError;
+  }
+  if (config_ == "1m") {  // one forward takes minutes
+    if (warmup_flag_->count() == 0) options_.warmup = 0;
+    if (iters_flag_->count() == 0) options_.iters = 1;
   }
   return std::nullopt;
 }
@@ -189,10 +218,25 @@ DilatedShape CommandLine::row(const std::string& name) const {
   return row;
 }
 
-std::vector<DilatedShape> CommandLine::rows() const {
-  if (impl_ != "dilated" && impl_ != "all") {
-    throw std::invalid_argument("--impl " + impl_ + " is not built yet; available: dilated");
+std::vector<std::string> CommandLine::impls(int ranks) const {
+  if (impl_ == "all") {
+    return ranks > 1 ? std::vector<std::string>{"ring"}
+                     : std::vector<std::string>{"dilated", "ring"};
   }
+  if (impl_ != "dilated" && impl_ != "ring") {
+    throw std::invalid_argument("--impl " + impl_ + " is not built yet; available: dilated, ring");
+  }
+  if (impl_ == "dilated" && ranks > 1) {
+    throw std::invalid_argument(format(
+        "--impl dilated runs in one process, not on %d ranks; run it without mpirun (or with "
+        "-np 1), or measure --impl ring",
+        ranks));
+  }
+  return {impl_};
+}
+
+std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impls,
+                                            int ranks) const {
   if (backward_) {
     throw std::invalid_argument(
         "--backward 1: the backward pass is not implemented yet; available: --backward 0");
@@ -206,38 +250,72 @@ std::vector<DilatedShape> CommandLine::rows() const {
     names = {"custom"};
   }
   std::vector<DilatedShape> rows;
-  for (const std::string& name : names) rows.push_back(row(name));
+  for (const std::string& name : names) {
+    rows.push_back(row(name));
+    if (std::find(impls.begin(), impls.end(), "ring") != impls.end()) {
+      validate_ring(rows.back(), options_, ranks);
+    }
+  }
   return rows;
 }
 
-int run(int argc, char** argv) {
+// The ceiling of the whole job: every rank measures its own threads at once, summed.
+Ceiling measure_job_ceiling(Communicator& world, int threads) {
+  Ceiling ceiling = measure_ceiling(threads);
+  world.allreduce_sum(&ceiling.sgemm_gflops, 1);
+  world.allreduce_sum(&ceiling.fma_gflops, 1);
+  return ceiling;
+}
+
+int run(int argc, char** argv, Communicator& world) {
+  const bool lead = world.rank() == 0;  // prints and writes the JSON
   CommandLine cli;
-  if (const std::optional<int> status = cli.parse(argc, argv)) return *status;
-  const std::vector<DilatedShape> rows = cli.rows();
+  if (const std::optional<int> status = cli.parse(argc, argv, lead)) return *status;
+  const std::vector<std::string> impls = cli.impls(world.size());
+  const std::vector<DilatedShape> rows = cli.rows(impls, world.size());
   const RunOptions& options = cli.options();
   std::ofstream json_file;
-  if (!cli.json_path().empty()) {
+  check_on_all_ranks(world, [&] {
+    if (!lead || cli.json_path().empty()) return;
     json_file.open(cli.json_path());
-    if (!json_file) throw std::runtime_error("cannot write --json file " + cli.json_path());
-  }
+    if (!json_file) {
+      throw Error(ErrorCode::kInvalidArgument, "cannot write --json file " + cli.json_path());
+    }
+  });
 
   const int threads = resolved_threads(options.threads);
-  print_header({backend_name(options.backend), threads, 1});
-  std::fprintf(stderr, "# measuring the ceiling (sgemm %d^3, peak FMA loop)\n", kSgemmSize);
-  const Ceiling ceiling = measure_ceiling(threads);
-  print_ceiling(ceiling, threads);
-  print_table_header();
+  const RunInfo run_info{backend_name(options.backend), threads, world.size()};
+  if (lead) {
+    print_header(run_info);
+    if (cli.impl() == "all" && world.size() > 1) {
+      std::printf("# --impl all on %d ranks: ring rows only (dilated runs in one process)\n",
+                  world.size());
+    }
+    std::fprintf(stderr, "# measuring the ceiling (sgemm %d^3, peak FMA loop)\n", kSgemmSize);
+  }
+  const Ceiling ceiling = measure_job_ceiling(world, threads);
+  if (lead) {
+    print_ceiling(ceiling, run_info);
+    print_table_header();
+  }
 
   nlohmann::ordered_json records = nlohmann::ordered_json::array();
   bool any_wrong = false;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const DilatedShape& row = rows[i];
-    std::fprintf(stderr, "# running dilated %s %s (%zu of %zu)\n", row.name.c_str(),
-                 dtype_name(row.dtype), i + 1, rows.size());
-    const Record record = run_dilated(row, options);
-    print_table_row(record, ceiling);
-    records.push_back(to_json(record, ceiling));
-    any_wrong = any_wrong || record.wrong.value_or(0) > 0;
+  const size_t total = rows.size() * impls.size();
+  size_t done = 0;
+  for (const DilatedShape& row : rows) {
+    for (const std::string& impl : impls) {
+      if (lead) {
+        std::fprintf(stderr, "# running %s %s %s on %d rank(s) (%zu of %zu)\n", impl.c_str(),
+                     row.name.c_str(), dtype_name(row.dtype), impl == "ring" ? world.size() : 1,
+                     ++done, total);
+      }
+      const Record record =
+          impl == "ring" ? run_ring(row, options, world) : run_dilated(row, options);
+      if (lead) print_table_row(record, ceiling);
+      records.push_back(to_json(record, ceiling));
+      any_wrong = any_wrong || record.wrong.value_or(0) > 0;
+    }
   }
   if (json_file.is_open()) {
     json_file << records.dump(2) << "\n";
@@ -246,14 +324,55 @@ int run(int argc, char** argv) {
   return any_wrong ? kExitWrong : 0;
 }
 
+std::unique_ptr<Communicator> make_world() {
+#ifdef RINGATTN_HAVE_MPI
+  return make_mpi_communicator(MPI_COMM_WORLD);
+#else
+  return make_self_communicator();
+#endif
+}
+
+// Ends every rank of the job with `status` (an error on this rank alone: the others may be
+// waiting for it in a collective).
+[[noreturn]] void abort_job(int status) {
+#ifdef RINGATTN_HAVE_MPI
+  MPI_Abort(MPI_COMM_WORLD, status);
+#endif
+  std::exit(status);
+}
+
+// run() on the world communicator; an exception is exit status 2. Flag errors and the
+// library's errors are raised on every rank alike: rank 0 reports them and every rank
+// returns. Any other error may be this rank's alone: it is reported with the rank and ends
+// the job.
+int run_world(int argc, char** argv) {
+  std::unique_ptr<Communicator> world;
+  try {
+    world = make_world();
+    return run(argc, argv, *world);
+  } catch (const std::exception& e) {
+    const bool on_every_rank = dynamic_cast<const Error*>(&e) != nullptr ||
+                               dynamic_cast<const std::invalid_argument*>(&e) != nullptr;
+    if (!world || world->size() == 1 || on_every_rank) {
+      if (!world || world->rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
+      return kExitError;
+    }
+    std::fprintf(stderr, "error on rank %d: %s\n", world->rank(), e.what());
+    abort_job(kExitError);
+  }
+}
+
 }  // namespace
 }  // namespace ringattn::bench
 
 int main(int argc, char** argv) {
-  try {
-    return ringattn::bench::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return ringattn::bench::kExitError;
-  }
+#ifdef RINGATTN_HAVE_MPI
+  int provided = 0;  // make_mpi_communicator checks it
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+#endif
+  const int status = ringattn::bench::run_world(argc, argv);
+#ifdef RINGATTN_HAVE_MPI
+  MPI_Finalize();
+#endif
+  return status;
 }

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake pkg-config clang-format libhwy-dev libopenblas-dev libgtest-dev
-          libcli11-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin)
+          libcli11-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
