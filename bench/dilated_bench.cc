@@ -110,6 +110,30 @@ int64_t count_wrong(const DilatedShape& s, const Views& views) {
   return wrong;
 }
 
+// Elements of batch 0 of dq, dk and dv outside the tolerance of the fp64 reference backward.
+int64_t count_wrong_grads(const DilatedShape& s, const Views& views, const Gradients& g) {
+  const auto batch0 = [](TensorView t) {
+    t.shape[0] = 1;
+    return t;
+  };
+  const BackwardProblem bp =
+      make_backward_problem(s.config(), batch0(g.dout), batch0(views.q), batch0(views.k),
+                            batch0(views.v), batch0(views.out), batch0(views.lse), batch0(g.dq),
+                            batch0(g.dk), batch0(g.dv), s.head_dim, "reference");
+  const ReferenceGrads ref = reference_backward(bp);
+  const Tolerance tol = grad_tolerance(s.dtype);
+  int64_t wrong = 0;
+  const std::pair<const std::vector<double>&, const TensorView&> pairs[] = {
+      {ref.dq, g.dq}, {ref.dk, g.dk}, {ref.dv, g.dv}};
+  for (const auto& [values, view] : pairs) {
+    for (size_t i = 0; i < values.size(); ++i) {
+      const float x = load_f32(view.data, s.dtype, static_cast<int64_t>(i));
+      wrong += within(x, values[i], tol) ? 0 : 1;
+    }
+  }
+  return wrong;
+}
+
 }  // namespace
 
 void validate(const DilatedShape& s, Backend backend) {
@@ -137,13 +161,14 @@ Record describe(const DilatedShape& s, const RunOptions& options, const char* im
   r.segments = s.segments;
   r.dilations = s.dilations;
   r.threads = resolved_threads(options.threads);
+  r.backward = options.backward;
   return r;
 }
 
 void set_rates(Record& r, const DilatedShape& s) {
   const double seconds = r.timing.mean_ms * 1e-3;
   r.tokens_per_s = static_cast<double>(s.batch * s.seq) / seconds;
-  r.gflops = forward_flops(s) / seconds * 1e-9;
+  r.gflops = (r.backward ? 2.5 : 1.0) * forward_flops(s) / seconds * 1e-9;
 }
 
 Record run_dilated(const DilatedShape& s, const RunOptions& options) {
@@ -151,14 +176,23 @@ Record run_dilated(const DilatedShape& s, const RunOptions& options) {
   const PeakMemory memory;
   const Tensors tensors(s, {0, s.seq}, options.threads);
   const Views& v = tensors.views();
+  std::optional<Gradients> g;
+  if (options.backward) g.emplace(s, RowRange{0, s.seq}, options.threads);
 
   Record r = describe(s, options, "dilated");
-  r.timing = time_calls([&] { attention.forward(v.q, v.k, v.v, v.out, v.lse); }, options.warmup,
-                        options.iters);
+  if (g) {
+    attention.forward(v.q, v.k, v.v, v.out, v.lse);
+    r.timing = time_calls(
+        [&] { attention.backward(g->dout, v.q, v.k, v.v, v.out, v.lse, g->dq, g->dk, g->dv); },
+        options.warmup, options.iters);
+  } else {
+    r.timing = time_calls([&] { attention.forward(v.q, v.k, v.v, v.out, v.lse); }, options.warmup,
+                          options.iters);
+  }
   r.peak_mb = memory.peak_mb();
-  r.io_mb = static_cast<double>(tensors.bytes()) / kMiB;
+  r.io_mb = static_cast<double>(tensors.bytes() + (g ? g->bytes() : 0)) / kMiB;
   set_rates(r, s);
-  if (options.check) r.wrong = count_wrong(s, v);
+  if (options.check) r.wrong = g ? count_wrong_grads(s, v, *g) : count_wrong(s, v);
   return r;
 }
 

@@ -41,6 +41,7 @@ struct RunOptions {
   int threads = 0;  // --threads: 0 = OpenMP's default
   int warmup = 3, iters = 10;
   bool check = false;
+  bool backward = false;  // --backward 1: time the backward (SPEC.md: 2.5x forward's FLOPs)
 };
 
 // Runs the library's own checks of the row (configuration, shapes, dtype, head dim) without
@@ -51,11 +52,13 @@ void validate(const DilatedShape& shape, Backend backend);
 // A record with the row's description (impl, config, shape, backend, threads per rank)
 // filled in; the caller adds the measurements, then set_rates().
 Record describe(const DilatedShape& shape, const RunOptions& options, const char* impl);
-// tokens/s and GFLOP/s of the whole problem, from r.timing.mean_ms.
+// tokens/s and GFLOP/s of the whole problem (forward or backward count), from
+// r.timing.mean_ms.
 void set_rates(Record& r, const DilatedShape& shape);
 
-// Allocates the row's tensors (tensors.h), times the forward and, with `check`, compares
-// batch 0 of out and lse with the fp64 reference outside the timed loop.
+// Allocates the row's tensors (tensors.h), times the forward (or, with options.backward, one
+// untimed forward then the backward) and, with `check`, compares batch 0 of out and lse (or
+// dq, dk, dv) with the fp64 reference outside the timed loop.
 Record run_dilated(const DilatedShape& shape, const RunOptions& options);
 
 }  // namespace ringattn::bench

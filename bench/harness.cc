@@ -122,12 +122,12 @@ struct Column {
   int width;
 };
 
-constexpr std::array<Column, 22> kColumns = {{
-    {"impl", 11},    {"config", 10}, {"dtype", 5},   {"mode", 7},       {"causal", 6},
-    {"B", 3},        {"N", 7},       {"H", 4},       {"D", 4},          {"P", 3},
-    {"mean_ms", 10}, {"std_ms", 9},  {"min_ms", 10}, {"median_ms", 10}, {"peak_mb", 9},
-    {"io_mb", 9},    {"tok/s", 11},  {"GFLOP/s", 9}, {"%ceil", 6},      {"sent_mb", 9},
-    {"wait_ms", 9},  {"wrong", 8},
+constexpr std::array<Column, 23> kColumns = {{
+    {"impl", 11},   {"pass", 4},     {"config", 10}, {"dtype", 5},   {"mode", 7},
+    {"causal", 6},  {"B", 3},        {"N", 7},       {"H", 4},       {"D", 4},
+    {"P", 3},       {"mean_ms", 10}, {"std_ms", 9},  {"min_ms", 10}, {"median_ms", 10},
+    {"peak_mb", 9}, {"io_mb", 9},    {"tok/s", 11},  {"GFLOP/s", 9}, {"%ceil", 6},
+    {"sent_mb", 9}, {"wait_ms", 9},  {"wrong", 8},
 }};
 
 // One table line: `prefix`, then each cell right-aligned in its column.
@@ -151,6 +151,7 @@ void print_table_header() {
 void print_table_row(const Record& r, const Ceiling& ceiling) {
   const Timing& t = r.timing;
   print_line(" ", {r.impl,
+                   r.backward ? "bwd" : "fwd",
                    r.config,
                    r.dtype,
                    r.mode,

@@ -121,7 +121,6 @@ class CommandLine {
       "in the same run (BENCHMARKS.md)."};
   std::string impl_ = "all", config_ = "all", json_path_;
   DType dtype_ = DType::kF32;
-  bool backward_ = false;
   RunOptions options_;
   DilatedShape given_;
   std::vector<ShapeFlag> shape_flags_;
@@ -165,7 +164,8 @@ CommandLine::CommandLine() {
 
   app_.add_option("--dtype", dtype_, "type of q, k, v and out (default fp32)")
       ->transform(one_of({DType::kF32, DType::kBF16, DType::kF16}, dtype_name));
-  app_.add_option("--backward", backward_, "measure the backward pass too (default 0)")
+  app_.add_option("--backward", options_.backward,
+                  "1: time the backward (after one untimed forward) instead of the forward")
       ->check(CLI::IsMember({"0", "1"}));
   app_.add_option("--backend", options_.backend, "default cpu")
       ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
@@ -237,10 +237,6 @@ std::vector<std::string> CommandLine::impls(int ranks) const {
 
 std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impls,
                                             int ranks) const {
-  if (backward_) {
-    throw std::invalid_argument(
-        "--backward 1: the backward pass is not implemented yet; available: --backward 0");
-  }
   std::vector<std::string> names = {"small", "medium", "large"};
   const bool any_shape_flag = std::any_of(shape_flags_.begin(), shape_flags_.end(),
                                           [](const ShapeFlag& f) { return f.option->count() > 0; });

@@ -76,6 +76,19 @@ Tensors::Tensors(const DilatedShape& s, RowRange rows, int threads)
   }
 }
 
+Gradients::Gradients(const DilatedShape& s, RowRange rows, int threads)
+    : dout_(bytes_of(s.dtype, s.batch * rows.count * s.heads * s.head_dim)),
+      dq_(dout_.size()),
+      dk_(bytes_of(s.dtype, s.batch * rows.count * s.kv_heads * s.head_dim)),
+      dv_(dk_.size()) {
+  const int64_t b = s.batch, n = rows.count, h = s.heads, hkv = s.kv_heads, d = s.head_dim;
+  dout = TensorView::contiguous(dout_.data(), s.dtype, {b, n, h, d});
+  dq = TensorView::contiguous(dq_.data(), s.dtype, {b, n, h, d});
+  dk = TensorView::contiguous(dk_.data(), s.dtype, {b, n, hkv, d});
+  dv = TensorView::contiguous(dv_.data(), s.dtype, {b, n, hkv, d});
+  fill_normal(dout, 3, s.seq, rows, threads);
+}
+
 size_t Tensors::bytes() const {
   return q_.size() + k_.size() + v_.size() + out_.size() + lse_.size() * sizeof(float);
 }
@@ -96,6 +109,11 @@ Tolerance out_tolerance(DType dtype) {
       return {2e-3, 2e-3};
   }
   return {0.0, 0.0};
+}
+
+Tolerance grad_tolerance(DType dtype) {
+  const Tolerance out = out_tolerance(dtype);
+  return {10.0 * out.abs, 10.0 * out.rel};
 }
 
 bool within(double x, double ref, Tolerance tol) {

@@ -53,6 +53,21 @@ class Tensors {
   Views views_;
 };
 
+// The backward's extra tensors for the same rows: dout (filled like q, k and v) and the
+// gradients dq [B, n, H, D], dk and dv [B, n, Hkv, D] (zeroed), in the row's dtype.
+class Gradients {
+ public:
+  Gradients(const DilatedShape& s, RowRange rows, int threads);
+  Gradients(const Gradients&) = delete;
+  Gradients& operator=(const Gradients&) = delete;
+
+  TensorView dout, dq, dk, dv;
+  size_t bytes() const { return dout_.size() + dq_.size() + dk_.size() + dv_.size(); }
+
+ private:
+  std::vector<std::byte> dout_, dq_, dk_, dv_;
+};
+
 // |x - ref| <= abs + rel * |ref|; an infinite ref must match exactly.
 struct Tolerance {
   double abs, rel;
@@ -60,6 +75,8 @@ struct Tolerance {
 
 // For out in `dtype`; lse (fp32) uses kLseTolerance.
 Tolerance out_tolerance(DType dtype);
+// For dq, dk, dv in `dtype` (sums over many keys or queries: looser than out's).
+Tolerance grad_tolerance(DType dtype);
 inline constexpr Tolerance kLseTolerance{1e-4, 1e-5};
 
 bool within(double x, double ref, Tolerance tol);
