@@ -41,6 +41,14 @@ std::vector<int64_t> agreement_values(const DilatedConfig& c, const Problem& p) 
   return v;
 }
 
+// Checks that every rank has the same configuration and shapes (an error on all ranks if
+// not), then plans this rank's transfers.
+RingPlan agree_and_plan(Communicator& comm, const DilatedConfig& config, const Problem& p) {
+  check_same_on_all_ranks(comm, "the configuration and shapes of RingDilatedAttention",
+                          agreement_values(config, p));
+  return plan_ring(p, comm.rank(), comm.size());
+}
+
 // Copies this rank's kept K/V rows of span `s` into its packed block (layout of RingPlan).
 void pack_block(const Problem& p, const RingPlan& plan, int s, std::vector<uint8_t>& block) {
   const SpanningBranch& sb = plan.spans[static_cast<size_t>(s)];
@@ -181,9 +189,7 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
   check_on_all_ranks(comm_, [&] {
     p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, "cpu", Shard{rank, world});
   });
-  check_same_on_all_ranks(comm_, "the configuration and shapes of RingDilatedAttention",
-                          agreement_values(config_, p));
-  const RingPlan plan = plan_ring(p, rank, world);
+  const RingPlan plan = agree_and_plan(comm_, config_, p);
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();
@@ -217,9 +223,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
                                "cpu", Shard{rank, world});
   });
   const Problem& p = bp.fwd;
-  check_same_on_all_ranks(comm_, "the configuration and shapes of RingDilatedAttention",
-                          agreement_values(config_, p));
-  const RingPlan plan = plan_ring(p, rank, world);
+  const RingPlan plan = agree_and_plan(comm_, config_, p);
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();

@@ -12,26 +12,6 @@
 namespace ringattn::test {
 namespace {
 
-struct Case {
-  int64_t B, N, H, Hkv, D;
-  std::vector<int64_t> s, r;
-  Mode mode;
-  bool causal;
-  DType dtype = DType::kF32;
-  bool strided = false;
-};
-
-std::string describe(const Case& c) {
-  std::ostringstream os;
-  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " s=[";
-  for (size_t i = 0; i < c.s.size(); ++i) os << (i ? "," : "") << c.s[i];
-  os << "] r=[";
-  for (size_t i = 0; i < c.r.size(); ++i) os << (i ? "," : "") << c.r[i];
-  os << "] " << mode_name(c.mode) << (c.causal ? " causal " : " full ") << dtype_name(c.dtype)
-     << (c.strided ? " strided" : "");
-  return os.str();
-}
-
 struct Inputs {
   Tensor q, k, v, dout, out, lse, dq, dk, dv;
   DilatedConfig cfg;

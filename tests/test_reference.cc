@@ -12,13 +12,6 @@
 namespace ringattn::test {
 namespace {
 
-struct Case {
-  int64_t B, N, H, Hkv, D;
-  std::vector<int64_t> s, r;
-  Mode mode;
-  bool causal;
-};
-
 ReferenceResult run_reference(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,
                               const Tensor& v, Tensor& out) {
   return reference_forward(make_problem(cfg, q.view(), k.view(), v.view(), out.view(), std::nullopt,

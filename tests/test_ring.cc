@@ -239,6 +239,31 @@ TEST(Ring, DenseRingAttention) {
   }
 }
 
+TEST(Ring, BitwiseDeterministicForAGivenRankCount) {
+  Communicator& comm = world();
+  const int P = comm.size();
+  const int64_t n_loc = 64;
+  const DilatedConfig cfg{{32, P * n_loc}, {1, 2}, Mode::kLongNet, true, std::nullopt};
+  std::mt19937 rng(50 + static_cast<uint32_t>(comm.rank()));
+  Tensor q(DType::kF32, {1, n_loc, 4, 32}), k(DType::kF32, {1, n_loc, 2, 32}),
+      v(DType::kF32, {1, n_loc, 2, 32}), dout(DType::kF32, {1, n_loc, 4, 32});
+  for (Tensor* t : {&q, &k, &v, &dout}) t->fill_normal(rng);
+  std::vector<std::vector<uint8_t>> runs[2];
+  for (auto& run : runs) {
+    Tensor out(DType::kF32, {1, n_loc, 4, 32}), lse(DType::kF32, {1, 4, n_loc}),
+        dq(DType::kF32, {1, n_loc, 4, 32}), dk(DType::kF32, {1, n_loc, 2, 32}),
+        dv(DType::kF32, {1, n_loc, 2, 32});
+    RingDilatedAttention ring(cfg, comm);
+    ring.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    ring.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                  dk.view(), dv.view());
+    for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) run.push_back(t->bytes());
+    EXPECT_GT(compare_bnhd(dk, std::vector<double>(static_cast<size_t>(dk.view().numel()))).nonzero,
+              0);
+  }
+  EXPECT_EQ(runs[0], runs[1]);
+}
+
 void expect_error_everywhere(const std::function<void()>& fn, ErrorCode code, const char* word) {
   bool thrown = false;
   try {

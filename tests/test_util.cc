@@ -1,10 +1,22 @@
 #include "test_util.h"
 
 #include <cmath>
+#include <sstream>
 
 #include "src/tensor_access.h"
 
 namespace ringattn::test {
+
+std::string describe(const Case& c) {
+  std::ostringstream os;
+  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " s=[";
+  for (size_t i = 0; i < c.s.size(); ++i) os << (i ? "," : "") << c.s[i];
+  os << "] r=[";
+  for (size_t i = 0; i < c.r.size(); ++i) os << (i ? "," : "") << c.r[i];
+  os << "] " << mode_name(c.mode) << (c.causal ? " causal " : " full ") << dtype_name(c.dtype)
+     << (c.strided ? " strided" : "");
+  return os.str();
+}
 
 Tensor::Tensor(DType dtype, std::vector<int64_t> shape, bool layout_bnh, int64_t pad) {
   const int64_t s0 = shape[0], s1 = shape[1], s2 = shape[2], s3 = shape.size() > 3 ? shape[3] : 1;

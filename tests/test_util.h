@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "ringattn/ringattn.h"
@@ -33,6 +34,21 @@ class Tensor {
   std::vector<uint8_t> data_;
   TensorView view_;
 };
+
+// One dilated-attention test configuration.
+struct Case {
+  int64_t B, N, H, Hkv, D;
+  std::vector<int64_t> s, r;  // segment lengths, dilation rates
+  Mode mode;
+  bool causal;
+  DType dtype = DType::kF32;
+  bool strided = false;  // heads-outer layouts with padding between rows
+
+  DilatedConfig config() const { return {s, r, mode, causal, std::nullopt}; }
+};
+
+// "B=1 N=256 ... s=[64,128] r=[1,2] groups causal fp32", for SCOPED_TRACE.
+std::string describe(const Case& c);
 
 struct Stats {
   double max_abs_err = 0.0;  // max |x - ref|
