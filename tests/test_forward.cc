@@ -108,26 +108,10 @@ TEST(CpuForward, LongSegmentsSpanManyTiles) {
 
 TEST(CpuForward, RandomisedConfigurations) {
   std::mt19937 rng(40);
-  const int64_t dims[] = {16, 64, 80, 128};
   const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kF16};
   for (int trial = 0; trial < 24; ++trial) {
-    Case c;
-    c.B = 1 + rng() % 2;
-    const int64_t g = 1 + rng() % 3;
-    c.Hkv = 1 + rng() % 2;
-    c.H = c.Hkv * (1 + rng() % 3);
-    if (c.H < g) c.H = c.Hkv * g;
-    c.D = dims[rng() % 4];
-    int64_t base = 16 << (rng() % 3);  // 16, 32, 64
-    for (int64_t i = 0; i < g; ++i) {
-      c.s.push_back(base << i);
-      c.r.push_back(1 + rng() % std::min<int64_t>(5, base << i));  // 1..5: not always dividing s
-    }
-    c.N = c.s.back() * (1 + rng() % 2);
-    c.mode = rng() % 2 ? Mode::kLongNet : Mode::kGroups;
-    c.causal = rng() % 2;
+    Case c = random_case(rng, {16, 64, 80, 128});
     c.dtype = dtypes[trial % 3];
-    c.strided = rng() % 2;
     check_case(c, 100 + trial);
   }
 }

@@ -18,6 +18,26 @@ std::string describe(const Case& c) {
   return os.str();
 }
 
+Case random_case(std::mt19937& rng, const std::vector<int64_t>& dims) {
+  Case c{};
+  c.B = 1 + rng() % 2;
+  const int64_t g = 1 + rng() % 3;
+  c.Hkv = 1 + rng() % 2;
+  c.H = c.Hkv * (1 + rng() % 3);
+  if (c.H < g) c.H = c.Hkv * g;
+  c.D = dims[rng() % dims.size()];
+  const int64_t base = 16 << (rng() % 3);
+  for (int64_t i = 0; i < g; ++i) {
+    c.s.push_back(base << i);
+    c.r.push_back(1 + rng() % std::min<int64_t>(5, base << i));
+  }
+  c.N = c.s.back() * (1 + rng() % 2);
+  c.mode = rng() % 2 ? Mode::kLongNet : Mode::kGroups;
+  c.causal = rng() % 2;
+  c.strided = rng() % 2;
+  return c;
+}
+
 Tensor::Tensor(DType dtype, std::vector<int64_t> shape, bool layout_bnh, int64_t pad) {
   const int64_t s0 = shape[0], s1 = shape[1], s2 = shape[2], s3 = shape.size() > 3 ? shape[3] : 1;
   const int64_t row = s3 + pad;  // elements per innermost row, padding included

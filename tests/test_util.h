@@ -50,6 +50,11 @@ struct Case {
 // "B=1 N=256 ... s=[64,128] r=[1,2] groups causal fp32", for SCOPED_TRACE.
 std::string describe(const Case& c);
 
+// A random configuration: B 1-2, 1-3 branches of doubling segments (16, 32 or 64 first),
+// rates 1-5 (not always dividing s), GQA, either mode, causal or not, maybe strided; D
+// drawn from `dims`; fp32.
+Case random_case(std::mt19937& rng, const std::vector<int64_t>& dims);
+
 struct Stats {
   double max_abs_err = 0.0;  // max |x - ref|
   double max_ref = 0.0;      // max |ref|
