@@ -167,6 +167,52 @@ class KvRing {
   std::vector<BlockPiece> layout_;  // of the block last received
 };
 
+// Tags of the four kinds of message of a step: K/V blocks, their gradients, balanced
+// queries and the partial results that answer them.
+struct Tags {
+  int stride;
+  int kv(const RingStep& st) const { return st.tag; }
+  int grads(const RingStep& st) const { return stride + st.tag; }
+  int queries(const RingStep& st) const { return 2 * stride + st.tag; }
+  int partial(const RingStep& st) const { return 3 * stride + st.tag; }
+};
+
+Tags tags_of(const RingPlan& plan) {
+  return {static_cast<int>(plan.spans.size() + 1) * plan.world};
+}
+
+// Appends rows [split, end) of heads [h0, h1) of a [B, N_loc, heads, D] view (element size
+// `esize`) to `buf` as [B][rows][h1 - h0][D].
+void pack_half(const void* base, const Strides3& st, const Problem& p, int64_t split_local,
+               int64_t h0, int64_t h1, size_t esize, std::vector<uint8_t>& buf) {
+  const size_t row_bytes = esize * static_cast<size_t>(p.head_dim);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t n = split_local; n < p.shard_rows; ++n) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const auto* src = static_cast<const uint8_t*>(base) +
+                          esize * static_cast<size_t>(b * st.b + n * st.n + h * st.h);
+        buf.insert(buf.end(), src, src + row_bytes);
+      }
+    }
+  }
+}
+
+// The problem of another rank's balanced queries, held in `queries` ([B][rows][heads of the
+// span][D], after `lead` slack elements so that head h sits at h * D): the rows
+// [split, split + rows) of the sequence, computed here against this rank's own keys.
+Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* queries,
+                        int64_t split, int64_t rows) {
+  Problem f = p;
+  const int64_t heads = sb.head_end - sb.head_begin;
+  f.q = queries;
+  f.q_st = {rows * heads * p.head_dim, heads * p.head_dim, p.head_dim};
+  f.shard_begin = split;
+  f.shard_rows = rows;
+  f.out = nullptr;
+  f.lse = nullptr;
+  return f;
+}
+
 }  // namespace
 
 RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& comm,
@@ -193,18 +239,79 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();
-  cpu::ShardForward shard(p, options_.num_threads);
+  const size_t esize = dtype_size(p.dtype);
+  const Tags tags = tags_of(plan);
+  cpu::ShardForward shard(p, options_.num_threads, plan.split);
   KvRing ring(comm_, p, plan, stats_);
   const auto poll = [this] { comm_.progress(); };
-  shard.pass(cpu::detail::local_keys(p), poll);
+  const cpu::detail::KeySourceFn local = cpu::detail::local_keys(p);
+
+  // Balanced spans: this rank's second-half queries go to every rank whose keys it gets.
+  const int64_t half = plan.half_rows(p);
+  std::vector<std::vector<uint8_t>> my_queries(plan.spans.size());
+  std::vector<CommRequest> sends;
+  for (const RingStep& st : plan.steps) {
+    const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
+    if (!sb.balanced || st.recv_from < 0) continue;
+    std::vector<uint8_t>& mine = my_queries[static_cast<size_t>(st.span)];
+    if (mine.empty()) {
+      pack_half(p.q, p.q_st, p, plan.split - p.shard_begin, sb.head_begin, sb.head_end, esize,
+                mine);
+    }
+    sends.push_back(comm_.isend(mine.data(), mine.size(), st.recv_from, tags.queries(st)));
+    ++stats_.messages_sent;
+  }
+  shard.pass(local, poll);
+
+  std::vector<uint8_t> queries;
+  std::vector<float> partial_out[2], partial_in;
+  CommRequest partial_sends[2];
   for (size_t e = 0; e < plan.steps.size(); ++e) {
+    const RingStep& st = plan.steps[e];
+    const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
+    const int64_t heads = sb.head_end - sb.head_begin;
+    const size_t partial_size = static_cast<size_t>(p.batch * heads * half * (p.head_dim + 1));
+    if (sb.balanced && st.send_to >= 0) {
+      // The later rank's second-half queries against this rank's keys.
+      queries.resize(
+          static_cast<size_t>(sb.head_begin * p.head_dim + plan.query_elements(p, st.span)) *
+          esize);
+      CommRequest req = comm_.irecv(queries.data() + sb.head_begin * p.head_dim * esize,
+                                    queries.size() - sb.head_begin * p.head_dim * esize, st.send_to,
+                                    tags.queries(st));
+      ring.wait(req);
+      const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
+      const Problem f = foreign_queries(p, sb, queries.data(), split, half);
+      cpu::ShardForward foreign(f, options_.num_threads);
+      foreign.pass(
+          [&](int64_t b, int64_t h, int hb, int64_t seg, cpu::detail::KeySource& src) {
+            return p.head_branches[hb].branch == sb.branch && local(b, h, hb, seg, src);
+          },
+          poll);
+      std::vector<float>& out_buf = partial_out[e % 2];
+      ring.wait(partial_sends[e % 2]);  // the send that used this buffer two steps ago
+      out_buf.resize(partial_size);
+      foreign.export_rows(sb.head_begin, sb.head_end, out_buf.data());
+      partial_sends[e % 2] =
+          comm_.isend(out_buf.data(), out_buf.size() * sizeof(float), st.send_to, tags.partial(st));
+      ++stats_.messages_sent;
+    }
     if (const uint8_t* block = ring.receive(e)) {
       shard.pass([&](int64_t b, int64_t h, int hb, int64_t,
                      cpu::detail::KeySource& src) { return ring.keys(e, block, b, h, hb, src); },
-                 poll);
+                 poll, sb.balanced ? plan.split : INT64_MAX);
+      if (sb.balanced) {
+        partial_in.resize(partial_size);
+        CommRequest req = comm_.irecv(partial_in.data(), partial_size * sizeof(float), st.recv_from,
+                                      tags.partial(st));
+        ring.wait(req);
+        shard.merge_rows(sb.head_begin, sb.head_end, plan.split, half, partial_in.data());
+      }
     }
     ring.release(e);
   }
+  for (CommRequest& req : sends) ring.wait(req);
+  for (CommRequest& req : partial_sends) ring.wait(req);
   ring.finish();
   shard.write_output();
   stats_.bytes_sent = comm_.bytes_sent() - sent_before;
@@ -238,7 +345,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   const int64_t D = p.head_dim, group = p.heads / p.kv_heads;
   std::vector<float> grads_out[2], grads_in[2];
   CommRequest grad_sends[2], grad_recvs[2];
-  const int grad_tag = static_cast<int>(plan.spans.size()) * world + world;
+  const Tags tags = tags_of(plan);
   auto add_returned = [&](size_t e) {
     const RingStep& st = plan.steps[e];
     if (st.send_to < 0) return;
@@ -271,7 +378,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       std::vector<float>& in = grads_in[e % 2];
       in.resize(static_cast<size_t>(plan.block_elements(p, st.span, rank)));
       grad_recvs[e % 2] =
-          comm_.irecv(in.data(), in.size() * sizeof(float), st.send_to, grad_tag + st.tag);
+          comm_.irecv(in.data(), in.size() * sizeof(float), st.send_to, tags.grads(st));
     }
     if (const uint8_t* block = ring.receive(e)) {
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
@@ -302,7 +409,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
           },
           poll);
       grad_sends[e % 2] =
-          comm_.isend(g.data(), g.size() * sizeof(float), st.recv_from, grad_tag + st.tag);
+          comm_.isend(g.data(), g.size() * sizeof(float), st.recv_from, tags.grads(st));
       ++stats_.messages_sent;
     }
     ring.release(e);

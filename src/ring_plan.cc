@@ -11,6 +11,7 @@ RingPlan plan_ring(const Problem& p, int rank, int world) {
   RingPlan plan;
   plan.rank = rank;
   plan.world = world;
+  plan.split = p.shard_begin + p.shard_rows / 2;
   const int64_t n_loc = p.shard_rows;
   for (size_t i = 0; i < p.branches.size(); ++i) {
     const int64_t s = p.branches[i].segment;
@@ -40,6 +41,16 @@ RingPlan plan_ring(const Problem& p, int rank, int world) {
       }
     }
     if (sb.streams.empty()) continue;  // no head computes this branch
+    sb.head_begin = p.heads;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      if (sb.head_stream[h] < 0) continue;
+      sb.head_begin = std::min(sb.head_begin, h);
+      sb.head_end = h + 1;
+    }
+    // Groups mode keeps a branch's heads contiguous; longnet uses all of them.
+    bool contiguous = true;
+    for (int64_t h = sb.head_begin; h < sb.head_end; ++h) contiguous &= sb.head_stream[h] >= 0;
+    sb.balanced = p.causal && p.branches[i].rate == 1 && contiguous && n_loc >= 2;
     plan.spans.push_back(std::move(sb));
   }
 
@@ -78,6 +89,11 @@ std::vector<BlockPiece> RingPlan::layout(const Problem& p, int s, int sender) co
     }
   }
   return pieces;
+}
+
+int64_t RingPlan::query_elements(const Problem& p, int s) const {
+  const SpanningBranch& sb = spans[static_cast<size_t>(s)];
+  return p.batch * half_rows(p) * (sb.head_end - sb.head_begin) * p.head_dim;
 }
 
 int64_t RingPlan::block_elements(const Problem& p, int s, int sender) const {

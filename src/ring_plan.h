@@ -20,6 +20,12 @@ struct SpanningBranch {
   int64_t group;                    // ranks per segment, s / N_loc
   std::vector<RingStream> streams;  // distinct (kv head, offset) of the heads computing it
   std::vector<int> head_stream;     // [H]: stream of head h, or -1 if h skips this branch
+  int64_t head_begin = 0, head_end = 0;  // the heads computing it, [head_begin, head_end)
+  // Causal, rate 1: the later rank of each pair would do all of the block of its queries
+  // and the earlier rank's keys. Instead, the queries of its second half (rows from
+  // `split`) travel to the key owner, which computes them against its own keys and sends
+  // the partial result back; every rank then does the same work.
+  bool balanced = false;
 };
 
 // Where the rows of one stream and batch lie in a packed block: K rows then V rows, each
@@ -40,6 +46,7 @@ struct RingStep {
 
 struct RingPlan {
   int rank = 0, world = 1;
+  int64_t split = 0;  // the first global row of this rank's second half (balanced spans)
   std::vector<SpanningBranch> spans;
   std::vector<RingStep> steps;
 
@@ -47,6 +54,10 @@ struct RingPlan {
   std::vector<BlockPiece> layout(const Problem& p, int s, int sender) const;
   // Elements of that block (for K and V together).
   int64_t block_elements(const Problem& p, int s, int sender) const;
+  // Rows of a rank's second half, and elements of its queries there for span `s`
+  // ([B][rows][heads of s][D]).
+  int64_t half_rows(const Problem& p) const { return p.shard_rows - p.shard_rows / 2; }
+  int64_t query_elements(const Problem& p, int s) const;
 };
 
 // Checks that every branch fits the shards (throws the same Error on every rank, since all

@@ -7,6 +7,7 @@
 
 #include <hwy/aligned_allocator.h>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -102,7 +103,8 @@ void write_block(const Problem& p, const Task& t, const float* acc_o, int64_t ld
 }
 
 // Tasks over (batch, head, row block of the shard) and the tile geometry they need.
-std::vector<Task> make_tasks(const Problem& p, Tiles& tiles) {
+// Blocks never straddle `split` (a global row; none when outside the shard).
+std::vector<Task> make_tasks(const Problem& p, Tiles& tiles, int64_t split = -1) {
   std::vector<Task> tasks;
   tiles = Tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
   const int64_t end = p.shard_begin + p.shard_rows;
@@ -110,8 +112,11 @@ std::vector<Task> make_tasks(const Problem& p, Tiles& tiles) {
     for (int64_t h = 0; h < p.heads; ++h) {
       const int64_t rows = head_row_block(p, h);
       tiles.row_block = std::max(tiles.row_block, rows);
-      for (int64_t n0 = p.shard_begin; n0 < end; n0 += rows) {
-        tasks.push_back({b, h, n0, std::min(end, n0 + rows)});
+      for (int64_t n0 = p.shard_begin; n0 < end;) {
+        int64_t n1 = std::min(end, n0 + rows);
+        if (n0 < split && split < n1) n1 = split;
+        tasks.push_back({b, h, n0, n1});
+        n0 = n1;
       }
     }
   }
@@ -185,8 +190,9 @@ struct ShardForward::State {
   std::vector<float> acc_l;                  // [B][H][shard_rows]
 };
 
-ShardForward::ShardForward(const Problem& p, int num_threads) : p_(p), s_(new State) {
-  s_->tasks = make_tasks(p, s_->tiles);
+ShardForward::ShardForward(const Problem& p, int num_threads, int64_t split)
+    : p_(p), s_(new State) {
+  s_->tasks = make_tasks(p, s_->tiles, split);
   s_->scratch = make_scratch(s_->tiles, num_threads);
   const int64_t rows = p.batch * p.heads * p.shard_rows;
   s_->acc_o = hwy::AllocateAligned<float>(static_cast<size_t>(rows * s_->tiles.padded_dim));
@@ -200,14 +206,56 @@ int64_t ShardForward::row_index(int64_t b, int64_t h, int64_t n) const {
   return (b * p_.heads + h) * p_.shard_rows + (n - p_.shard_begin);
 }
 
-void ShardForward::pass(const KeySourceFn& sources, const std::function<void()>& poll) {
+void ShardForward::pass(const KeySourceFn& sources, const std::function<void()>& poll,
+                        int64_t row_end) {
   const int64_t dp = s_->tiles.padded_dim;
   run_tasks(s_->tasks, s_->scratch, poll, [&](const Task& t, const Scratch& sc) {
+    if (t.n1 > row_end) return;
     Scratch mine = sc;
     mine.acc_o = s_->acc_o.get() + row_index(t.b, t.h, t.n0) * dp;
     mine.acc_l = s_->acc_l.data() + row_index(t.b, t.h, t.n0);
     detail::forward_block(p_, s_->tiles, t.b, t.h, t.n0, t.n1, sources, mine);
   });
+}
+
+void ShardForward::export_rows(int64_t h0, int64_t h1, float* dst) const {
+  const Problem& p = p_;
+  const int64_t rows = p.shard_rows, D = p.head_dim, dp = s_->tiles.padded_dim;
+  float* lse = dst + p.batch * (h1 - h0) * rows * D;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t at = (b * (h1 - h0) + h - h0) * rows;
+      for (int64_t n = 0; n < rows; ++n) {
+        const float* src = s_->acc_o.get() + row_index(b, h, p.shard_begin + n) * dp;
+        std::copy_n(src, D, dst + (at + n) * D);
+        lse[at + n] = s_->acc_l[static_cast<size_t>(row_index(b, h, p.shard_begin + n))];
+      }
+    }
+  }
+}
+
+void ShardForward::merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows,
+                              const float* src) {
+  const Problem& p = p_;
+  const int64_t D = p.head_dim, dp = s_->tiles.padded_dim;
+  const float* lse = src + p.batch * (h1 - h0) * rows * D;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t at = (b * (h1 - h0) + h - h0) * rows;
+      for (int64_t n = 0; n < rows; ++n) {
+        const float l_b = lse[at + n];
+        if (l_b == kNegInf) continue;
+        const int64_t i = row_index(b, h, row0 + n);
+        float& l_a = s_->acc_l[static_cast<size_t>(i)];
+        const float m = std::max(l_a, l_b);
+        const float w_a = std::exp(l_a - m), w_b = std::exp(l_b - m), sum = w_a + w_b;
+        float* o = s_->acc_o.get() + i * dp;
+        const float* o_b = src + (at + n) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = (w_a * o[d] + w_b * o_b[d]) / sum;
+        l_a = m + std::log(sum);
+      }
+    }
+  }
 }
 
 void ShardForward::write_output() const {

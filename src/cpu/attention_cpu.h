@@ -58,12 +58,19 @@ class ShardBackward {
 // in fp32 accumulators ([B, H, shard_rows, D], O(N / P) memory) between passes.
 class ShardForward {
  public:
-  ShardForward(const Problem& p, int num_threads);
+  // Row blocks never straddle the global row `split` (so a pass can stop there).
+  ShardForward(const Problem& p, int num_threads, int64_t split = -1);
   ~ShardForward();
-  // Every local query piece attends to the keys `sources` names; results are merged into
-  // the accumulators in a fixed order. `poll` runs on the calling thread between tasks
-  // (to progress communication while the other threads compute).
-  void pass(const detail::KeySourceFn& sources, const std::function<void()>& poll = nullptr);
+  // Every local query piece of the rows before `row_end` (global) attends to the keys
+  // `sources` names; results are merged into the accumulators in a fixed order. `poll`
+  // runs on the calling thread between tasks (to progress communication meanwhile).
+  void pass(const detail::KeySourceFn& sources, const std::function<void()>& poll = nullptr,
+            int64_t row_end = INT64_MAX);
+  // The (O, lse) of heads [h0, h1) for all the shard's rows, as [B][h1 - h0][rows][D] O
+  // followed by [B][h1 - h0][rows] lse (fp32): a partial result for another rank.
+  void export_rows(int64_t h0, int64_t h1, float* dst) const;
+  // Merges such a partial, for `rows` rows from global row `row0`, into the accumulators.
+  void merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
   // Casts the accumulators into p.out (times the output factor) and p.lse.
   void write_output() const;
 
