@@ -17,9 +17,9 @@ struct RingStream {
 // A branch whose segments cover several ranks (s > N_loc).
 struct SpanningBranch {
   int branch;
-  int64_t group;                    // ranks per segment, s / N_loc
-  std::vector<RingStream> streams;  // distinct (kv head, offset) of the heads computing it
-  std::vector<int> head_stream;     // [H]: stream of head h, or -1 if h skips this branch
+  int64_t group;                         // ranks per segment, s / N_loc
+  std::vector<RingStream> streams;       // distinct (kv head, offset) of the heads computing it
+  std::vector<int> head_stream;          // [H]: stream of head h, or -1 if h skips this branch
   int64_t head_begin = 0, head_end = 0;  // the heads computing it, [head_begin, head_end)
   // Causal, rate 1: the later rank of each pair would do all of the block of its queries
   // and the earlier rank's keys. Instead, the queries of its second half (rows from
