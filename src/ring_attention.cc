@@ -337,15 +337,53 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   cpu::ShardBackward shard(bp, options_.num_threads);
   KvRing ring(comm_, p, plan, stats_);
   const auto poll = [this] { comm_.progress(); };
+  const cpu::detail::KeySourceFn local = cpu::detail::local_keys(p);
+  const size_t esize = dtype_size(p.dtype);
+  const int64_t half = plan.half_rows(p), D = p.head_dim, group = p.heads / p.kv_heads;
+  const Tags tags = tags_of(plan);
+
+  // Balanced spans: this rank's second-half q, dout, out and lse go to every rank whose keys
+  // it gets (the order of the four messages is the receiver's order).
+  struct Half {
+    std::vector<uint8_t> q, dout, out;
+    std::vector<float> lse;
+  };
+  std::vector<Half> mine(plan.spans.size());
+  std::vector<CommRequest> sends;
+  for (const RingStep& st : plan.steps) {
+    const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
+    if (!sb.balanced || st.recv_from < 0) continue;
+    Half& m = mine[static_cast<size_t>(st.span)];
+    const int64_t split_local = plan.split - p.shard_begin;
+    if (m.q.empty()) {
+      pack_half(p.q, p.q_st, p, split_local, sb.head_begin, sb.head_end, esize, m.q);
+      pack_half(bp.dout, bp.dout_st, p, split_local, sb.head_begin, sb.head_end, esize, m.dout);
+      pack_half(p.out, p.out_st, p, split_local, sb.head_begin, sb.head_end, esize, m.out);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        for (int64_t h = sb.head_begin; h < sb.head_end; ++h) {
+          for (int64_t n = split_local; n < p.shard_rows; ++n) {
+            m.lse.push_back(p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h]);
+          }
+        }
+      }
+    }
+    for (const std::vector<uint8_t>* part : {&m.q, &m.dout, &m.out}) {
+      sends.push_back(comm_.isend(part->data(), part->size(), st.recv_from, tags.queries(st)));
+    }
+    sends.push_back(
+        comm_.isend(m.lse.data(), m.lse.size() * sizeof(float), st.recv_from, tags.queries(st)));
+    stats_.messages_sent += 4;
+  }
+  std::vector<uint8_t> in_q, in_dout, in_out;
+  std::vector<float> in_lse, dq_out[2], dq_in;
+  CommRequest dq_sends[2];
   shard.local_passes(poll);
 
   // Step e: the gradients of the received keys go back to their owner (fp32, the block's
   // layout), and the gradients of this rank's keys come back from the rank it sent them to.
   // Both are double-buffered; returned gradients are added in step order (deterministic).
-  const int64_t D = p.head_dim, group = p.heads / p.kv_heads;
   std::vector<float> grads_out[2], grads_in[2];
   CommRequest grad_sends[2], grad_recvs[2];
-  const Tags tags = tags_of(plan);
   auto add_returned = [&](size_t e) {
     const RingStep& st = plan.steps[e];
     if (st.send_to < 0) return;
@@ -373,6 +411,69 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   };
   for (size_t e = 0; e < plan.steps.size(); ++e) {
     const RingStep& st = plan.steps[e];
+    const SpanningBranch& span = plan.spans[static_cast<size_t>(st.span)];
+    if (span.balanced && st.send_to >= 0) {
+      // The later rank's second-half queries against this rank's keys: dq goes back, the
+      // gradients of this rank's keys stay here.
+      const int64_t lead = span.head_begin * D, elements = plan.query_elements(p, st.span);
+      const int64_t lse_lead = span.head_begin * half;
+      const size_t bytes = static_cast<size_t>(elements) * esize;
+      for (std::vector<uint8_t>* buf : {&in_q, &in_dout, &in_out}) {
+        buf->resize(static_cast<size_t>(lead) * esize + bytes);
+      }
+      in_lse.resize(
+          static_cast<size_t>(lse_lead + p.batch * (span.head_end - span.head_begin) * half));
+      CommRequest reqs[4] = {
+          comm_.irecv(in_q.data() + lead * esize, bytes, st.send_to, tags.queries(st)),
+          comm_.irecv(in_dout.data() + lead * esize, bytes, st.send_to, tags.queries(st)),
+          comm_.irecv(in_out.data() + lead * esize, bytes, st.send_to, tags.queries(st)),
+          comm_.irecv(in_lse.data() + lse_lead, (in_lse.size() - lse_lead) * sizeof(float),
+                      st.send_to, tags.queries(st))};
+      for (CommRequest& req : reqs) ring.wait(req);
+      const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
+      const int64_t heads = span.head_end - span.head_begin;
+      BackwardProblem f = bp;
+      f.fwd = foreign_queries(p, span, in_q.data(), split, half);
+      f.fwd.out = in_out.data();
+      f.fwd.out_st = f.fwd.q_st;
+      f.fwd.lse = in_lse.data();
+      f.fwd.lse_st = {heads * half, 1, half};
+      f.dout = in_dout.data();
+      f.dout_st = f.fwd.q_st;
+      cpu::ShardBackward foreign(f, options_.num_threads);
+      const Branch br = p.branches[static_cast<size_t>(span.branch)];
+      const int64_t seg = split / br.segment;
+      foreign.pass(
+          p.batch * p.kv_heads,
+          [&](int64_t t, std::vector<cpu::detail::BackwardWork>& works) {
+            const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
+            for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+              for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+                if (p.head_branches[hb].branch != span.branch) continue;
+                cpu::detail::BackwardWork w{
+                    b,  h,       span.branch, p.head_branches[hb].offset, seg, 0, 0,
+                    {}, nullptr, nullptr,     br.rate * p.kv_heads * D};
+                if (!local(b, h, hb, seg, w.keys)) continue;
+                const KeptSpan theirs =
+                    kept_span_in_window(seg, br.segment, br.rate, w.offset, split, split + half);
+                w.tq_begin = theirs.t_begin;
+                w.tq_end = theirs.t_end;
+                const int64_t row = seg * br.segment + w.offset + w.keys.t_begin * br.rate;
+                w.dk = shard.dk_row(b, row - p.shard_begin, hk);
+                w.dv = shard.dv_row(b, row - p.shard_begin, hk);
+                works.push_back(w);
+              }
+            }
+          },
+          poll);
+      std::vector<float>& dq_buf = dq_out[e % 2];
+      ring.wait(dq_sends[e % 2]);  // the send that used this buffer two steps ago
+      dq_buf.resize(static_cast<size_t>(elements));
+      foreign.export_dq(span.head_begin, span.head_end, dq_buf.data());
+      dq_sends[e % 2] =
+          comm_.isend(dq_buf.data(), dq_buf.size() * sizeof(float), st.send_to, tags.partial(st));
+      ++stats_.messages_sent;
+    }
     ring.wait(grad_sends[e % 2]);  // step e - 2's returned gradients have left
     if (st.send_to >= 0) {
       std::vector<float>& in = grads_in[e % 2];
@@ -384,7 +485,8 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
       std::vector<float>& g = grads_out[e % 2];
       g.assign(static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)), 0.0f);
-      const int64_t end = p.shard_begin + p.shard_rows;
+      // Balanced spans: only the first half's queries here (the key owner does the rest).
+      const int64_t own_end = sb.balanced ? plan.split : p.shard_begin + p.shard_rows;
       shard.pass(
           p.batch * p.kv_heads,
           [&](int64_t t, std::vector<cpu::detail::BackwardWork>& works) {
@@ -396,10 +498,10 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
                 if (!ring.keys(e, block, b, h, hb, w.keys)) continue;
                 const Branch br = p.branches[static_cast<size_t>(sb.branch)];
                 w.segment = p.shard_begin / br.segment;
-                const KeptSpan mine = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
-                                                          p.shard_begin, end);
-                w.tq_begin = mine.t_begin;
-                w.tq_end = mine.t_end;
+                const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
+                                                         p.shard_begin, own_end);
+                w.tq_begin = own.t_begin;
+                w.tq_end = own.t_end;
                 const BlockPiece& x = ring.piece(sb.head_stream[h], b);
                 w.dk = g.data() + x.k_offset;
                 w.dv = g.data() + x.v_offset;
@@ -411,13 +513,22 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       grad_sends[e % 2] =
           comm_.isend(g.data(), g.size() * sizeof(float), st.recv_from, tags.grads(st));
       ++stats_.messages_sent;
+      if (sb.balanced) {
+        dq_in.resize(static_cast<size_t>(plan.query_elements(p, st.span)));
+        CommRequest req =
+            comm_.irecv(dq_in.data(), dq_in.size() * sizeof(float), st.recv_from, tags.partial(st));
+        ring.wait(req);
+        shard.add_dq(sb.head_begin, sb.head_end, plan.split, half, dq_in.data());
+      }
     }
     ring.release(e);
     if (e >= 1) add_returned(e - 1);
   }
   if (!plan.steps.empty()) add_returned(plan.steps.size() - 1);
-  ring.wait(grad_sends[0]);
-  ring.wait(grad_sends[1]);
+  for (CommRequest* req : {&grad_sends[0], &grad_sends[1], &dq_sends[0], &dq_sends[1]}) {
+    ring.wait(*req);
+  }
+  for (CommRequest& req : sends) ring.wait(req);
   ring.finish();
   shard.write_output();
   stats_.bytes_sent = comm_.bytes_sent() - sent_before;

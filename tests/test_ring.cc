@@ -66,16 +66,16 @@ int64_t kept_stream_rows(const RingCase& c, int64_t i, int rank) {
 // Bytes this rank must send: for each branch whose segment covers several ranks, its kept
 // K and V rows to every other rank of the segment that needs them (with causal, only later
 // ranks); in backward also the fp32 gradients of every block it received, back to its owner.
-// Causal rate-1 branches are balanced in forward: the later rank of each pair sends the
-// queries of its second half (the heads computing the branch) to the earlier one, which
-// answers with fp32 (O, lse) for them.
+// Causal rate-1 branches are balanced: the later rank of each pair sends the queries of its
+// second half (the heads computing the branch; in backward also dout, out and fp32 lse) to
+// the earlier one, which answers with fp32 (O, lse) (in backward: dq) for them.
 int64_t expected_bytes(const RingCase& c, int rank, int world_size, bool backward) {
   const int64_t esize = static_cast<int64_t>(dtype_size(c.dtype)), kv = c.B * 2 * c.D;
   const int64_t G = static_cast<int64_t>(c.s.size()), half = c.n_loc - c.n_loc / 2;
   int64_t total = 0;
   for (int64_t i = 0; i < G; ++i) {
     if (c.s[i] <= c.n_loc) continue;
-    const bool balanced = !backward && c.causal && c.r[i] == 1;
+    const bool balanced = c.causal && c.r[i] == 1;
     const int64_t heads =
         c.mode == Mode::kLongNet ? c.H : c.H / G + (i < c.H % G ? 1 : 0);  // computing i
     for (int q = 0; q < world_size; ++q) {
@@ -83,8 +83,10 @@ int64_t expected_bytes(const RingCase& c, int rank, int world_size, bool backwar
       if (q == rank || !same_segment) continue;
       if (!c.causal || q > rank) total += kept_stream_rows(c, i, rank) * kv * esize;
       if (backward && (!c.causal || q < rank)) total += kept_stream_rows(c, i, q) * kv * 4;
-      if (balanced && q < rank) total += c.B * half * heads * c.D * esize;
-      if (balanced && q > rank) total += c.B * heads * half * (c.D + 1) * 4;
+      const int64_t rows = c.B * half * heads;  // balanced (row, head) pairs
+      if (balanced && q < rank)
+        total += backward ? rows * (3 * c.D * esize + 4) : rows * c.D * esize;
+      if (balanced && q > rank) total += backward ? rows * c.D * 4 : rows * (c.D + 1) * 4;
     }
   }
   return total;

@@ -352,6 +352,34 @@ float* ShardBackward::dv_row(int64_t b, int64_t local_row, int64_t kv_head) {
   return dk_row(b, local_row, kv_head) - s_->dk.data() + s_->dv.data();
 }
 
+void ShardBackward::export_dq(int64_t h0, int64_t h1, float* dst) const {
+  const Problem& p = bp_.fwd;
+  const int64_t rows = p.shard_rows, D = p.head_dim;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t n = 0; n < rows; ++n) {
+        std::copy_n(s_->dq.data() + ((b * rows + n) * p.heads + h) * D, D,
+                    dst + ((b * (h1 - h0) + h - h0) * rows + n) * D);
+      }
+    }
+  }
+}
+
+void ShardBackward::add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src) {
+  const Problem& p = bp_.fwd;
+  const int64_t D = p.head_dim;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t n = 0; n < rows; ++n) {
+        float* dq =
+            s_->dq.data() + ((b * p.shard_rows + row0 - p.shard_begin + n) * p.heads + h) * D;
+        const float* x = src + ((b * (h1 - h0) + h - h0) * rows + n) * D;
+        for (int64_t d = 0; d < D; ++d) dq[d] += x[d];
+      }
+    }
+  }
+}
+
 void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function<void()>& poll) {
   const int threads = static_cast<int>(s_->scratch.size());
 #pragma omp parallel num_threads(threads)

@@ -45,6 +45,10 @@ class ShardBackward {
   // The fp32 gradient rows of kv head `kv_head` at local row `local_row` of batch b.
   float* dk_row(int64_t b, int64_t local_row, int64_t kv_head);
   float* dv_row(int64_t b, int64_t local_row, int64_t kv_head);
+  // dq of heads [h0, h1) for all the shard's rows as [B][h1 - h0][rows][D] (fp32): a partial
+  // result for another rank; add_dq adds one for `rows` rows from global row `row0`.
+  void export_dq(int64_t h0, int64_t h1, float* dst) const;
+  void add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
   // Casts the accumulators into bp.dq, bp.dk, bp.dv.
   void write_output() const;
 
