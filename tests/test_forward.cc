@@ -163,5 +163,19 @@ TEST(CpuForward, CustomScale) {
   EXPECT_LE(compare_bnhd(run.out, ref.out).max_abs_err, 1e-5);
 }
 
+// World size 1 through the self communicator (no MPI): the ring is the single-device layer.
+TEST(CpuForward, RingOnOneProcessEqualsDilatedAttention) {
+  const Case c{2, 256, 4, 2, 64, {64, 256}, {1, 2}, Mode::kLongNet, true};
+  Inputs a = make_run(c, 90), b = make_run(c, 90);
+  run_cpu(a);
+  const std::unique_ptr<Communicator> self = make_self_communicator();
+  RingDilatedAttention ring(b.cfg, *self);
+  ring.forward(b.q.view(), b.k.view(), b.v.view(), b.out.view(), b.lse.view());
+  const Stats s = compare_bnhd(b.out, to_double(a.out));
+  EXPECT_EQ(s.max_abs_err, 0.0);
+  EXPECT_GT(s.nonzero, 0);
+  EXPECT_EQ(ring.last_stats().bytes_sent, 0);
+}
+
 }  // namespace
 }  // namespace ringattn::test
