@@ -110,6 +110,7 @@ void accumulate(Stats& s, double x, double ref) {
   ++s.count;
   if (x != 0.0) ++s.nonzero;
   if (ref != 0.0) ++s.ref_nonzero;
+  if (x == 0.0 && std::abs(ref) > kClearlyNonZero) ++s.missing;
   if (std::isfinite(ref)) {
     s.max_ref = std::max(s.max_ref, std::abs(ref));
     if (!std::isfinite(x)) {

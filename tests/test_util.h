@@ -55,12 +55,17 @@ std::string describe(const Case& c);
 // drawn from `dims`; fp32.
 Case random_case(std::mt19937& rng, const std::vector<int64_t>& dims);
 
+inline constexpr double kClearlyNonZero = 1e-6;
+
 struct Stats {
   double max_abs_err = 0.0;  // max |x - ref|
   double max_ref = 0.0;      // max |ref|
   int64_t nonfinite = 0;     // NaN or inf in x where ref is finite
   int64_t nonzero = 0;       // entries of x that are not zero
   int64_t ref_nonzero = 0;   // entries of ref that are not zero
+  // Entries where x is exactly 0 but |ref| > kClearlyNonZero: a kernel that skipped work.
+  // (Values that cancel to ~1e-17 in the reference may legitimately come out as 0.)
+  int64_t missing = 0;
   int64_t count = 0;
 };
 
