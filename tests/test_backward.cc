@@ -124,7 +124,8 @@ TEST(Backward, CpuMatchesReference) {
   check_case({1, 256, 3, 3, 64, {64, 128, 256}, {1, 2, 4}, Mode::kGroups, true}, 10);
   check_case({2, 256, 4, 2, 64, {64, 256}, {1, 4}, Mode::kLongNet, true}, 11);
   check_case({1, 192, 2, 1, 128, {96, 192}, {1, 3}, Mode::kLongNet, false}, 12);
-  check_case({1, 200, 2, 2, 80, {200}, {1}, Mode::kGroups, true}, 13);  // dense, partial blocks
+  check_case({1, 200, 2, 2, 80, {200}, {1}, Mode::kGroups, true}, 13);    // dense, partial blocks
+  check_case({1, 2048, 1, 1, 16, {2048}, {1}, Mode::kGroups, true}, 14);  // many blocks
 }
 
 TEST(Backward, HeadDimsDtypesAndStrides) {

@@ -104,6 +104,9 @@ TEST(CpuForward, LongSegmentsSpanManyTiles) {
   check_case({1, 1024, 2, 1, 32, {1024}, {1}, Mode::kGroups, true}, 30);
   check_case({1, 1024, 2, 2, 32, {512, 1024}, {1, 3}, Mode::kLongNet, false}, 31);
   check_case({1, 2048, 1, 1, 16, {2048}, {7}, Mode::kGroups, true}, 32);
+  // Several row blocks (1024 kept rows per task) inside one segment, and across segments.
+  check_case({1, 4096, 1, 1, 16, {4096}, {1}, Mode::kGroups, true}, 33);
+  check_case({1, 4096, 2, 1, 16, {1024, 4096}, {1, 2}, Mode::kLongNet, false}, 34);
 }
 
 TEST(CpuForward, RandomisedConfigurations) {

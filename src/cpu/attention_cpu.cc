@@ -26,7 +26,7 @@ using detail::Tiles;
 // Sequence rows per task for head h: enough that its sparsest branch still keeps
 // kKeptRows query rows, so each packed key/value tile serves many queries.
 int64_t head_row_block(const Problem& p, int64_t h) {
-  constexpr int64_t kKeptRows = 256;
+  constexpr int64_t kKeptRows = 1024;
   int64_t max_rate = 1;
   for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
     max_rate = std::max(max_rate, p.branches[p.head_branches[hb].branch].rate);
