@@ -51,6 +51,13 @@ struct Problem {
   Strides3 lse_st{};  // b, n, h element strides of lse [B, H, N]
 
   int64_t kv_head(int64_t h) const { return h / (heads / kv_heads); }
+  // The index into head_branches of head h's entry for `branch`, or -1 if h skips it.
+  int head_branch(int64_t h, int branch) const {
+    for (int hb = head_begin[h]; hb < head_begin[h + 1]; ++hb) {
+      if (head_branches[hb].branch == branch) return hb;
+    }
+    return -1;
+  }
 };
 
 // Assigns branches to heads as SPEC.md says for `mode`.

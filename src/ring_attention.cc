@@ -198,7 +198,7 @@ void pack_half(const void* base, const Strides3& st, const Problem& p, int64_t s
 }
 
 // The problem of another rank's balanced queries, held in `queries` ([B][rows][heads of the
-// span][D], after `lead` slack elements so that head h sits at h * D): the rows
+// span][D], after head_begin * D slack elements so that head h sits at h * D): the rows
 // [split, split + rows) of the sequence, computed here against this rank's own keys.
 Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* queries,
                         int64_t split, int64_t rows) {
@@ -337,7 +337,6 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   cpu::ShardBackward shard(bp, options_.num_threads);
   KvRing ring(comm_, p, plan, stats_);
   const auto poll = [this] { comm_.progress(); };
-  const cpu::detail::KeySourceFn local = cpu::detail::local_keys(p);
   const size_t esize = dtype_size(p.dtype);
   const int64_t half = plan.half_rows(p), D = p.head_dim, group = p.heads / p.kv_heads;
   const Tags tags = tags_of(plan);
@@ -448,21 +447,14 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
           [&](int64_t t, std::vector<cpu::detail::BackwardWork>& works) {
             const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-              for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-                if (p.head_branches[hb].branch != span.branch) continue;
-                cpu::detail::BackwardWork w{
-                    b,  h,       span.branch, p.head_branches[hb].offset, seg, 0, 0,
-                    {}, nullptr, nullptr,     br.rate * p.kv_heads * D};
-                if (!local(b, h, hb, seg, w.keys)) continue;
-                const KeptSpan theirs =
-                    kept_span_in_window(seg, br.segment, br.rate, w.offset, split, split + half);
-                w.tq_begin = theirs.t_begin;
-                w.tq_end = theirs.t_end;
-                const int64_t row = seg * br.segment + w.offset + w.keys.t_begin * br.rate;
-                w.dk = shard.dk_row(b, row - p.shard_begin, hk);
-                w.dv = shard.dv_row(b, row - p.shard_begin, hk);
-                works.push_back(w);
-              }
+              cpu::detail::BackwardWork w;
+              const int hb = p.head_branch(h, span.branch);
+              if (hb < 0 || !shard.local_key_work(b, h, hb, seg, w)) continue;
+              const KeptSpan theirs =
+                  kept_span_in_window(seg, br.segment, br.rate, w.offset, split, split + half);
+              w.tq_begin = theirs.t_begin;
+              w.tq_end = theirs.t_end;
+              works.push_back(w);
             }
           },
           poll);
@@ -491,22 +483,21 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
           p.batch * p.kv_heads,
           [&](int64_t t, std::vector<cpu::detail::BackwardWork>& works) {
             const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
+            const Branch br = p.branches[static_cast<size_t>(sb.branch)];
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-              for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-                cpu::detail::BackwardWork w{
-                    b, h, sb.branch, p.head_branches[hb].offset, 0, 0, 0, {}, nullptr, nullptr, D};
-                if (!ring.keys(e, block, b, h, hb, w.keys)) continue;
-                const Branch br = p.branches[static_cast<size_t>(sb.branch)];
-                w.segment = p.shard_begin / br.segment;
-                const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
-                                                         p.shard_begin, own_end);
-                w.tq_begin = own.t_begin;
-                w.tq_end = own.t_end;
-                const BlockPiece& x = ring.piece(sb.head_stream[h], b);
-                w.dk = g.data() + x.k_offset;
-                w.dv = g.data() + x.v_offset;
-                works.push_back(w);
-              }
+              const int hb = p.head_branch(h, sb.branch);
+              cpu::detail::BackwardWork w{
+                  b, h, sb.branch, 0, p.shard_begin / br.segment, 0, 0, {}, nullptr, nullptr, D};
+              if (hb < 0 || !ring.keys(e, block, b, h, hb, w.keys)) continue;
+              w.offset = p.head_branches[hb].offset;
+              const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
+                                                       p.shard_begin, own_end);
+              w.tq_begin = own.t_begin;
+              w.tq_end = own.t_end;
+              const BlockPiece& x = ring.piece(sb.head_stream[h], b);
+              w.dk = g.data() + x.k_offset;
+              w.dv = g.data() + x.v_offset;
+              works.push_back(w);
             }
           },
           poll);

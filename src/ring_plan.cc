@@ -30,8 +30,8 @@ RingPlan plan_ring(const Problem& p, int rank, int world) {
     sb.group = s / n_loc;
     sb.head_stream.assign(static_cast<size_t>(p.heads), -1);
     for (int64_t h = 0; h < p.heads; ++h) {
-      for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-        if (p.head_branches[hb].branch != sb.branch) continue;
+      const int hb = p.head_branch(h, sb.branch);
+      if (hb >= 0) {
         const RingStream st{p.kv_head(h), p.head_branches[hb].offset};
         auto it = std::find_if(sb.streams.begin(), sb.streams.end(), [&](const RingStream& x) {
           return x.kv_head == st.kv_head && x.offset == st.offset;

@@ -15,9 +15,12 @@
 #include "ringattn/comm_mpi.h"
 #include "ringattn/error.h"
 #include "tests/mpi_main.h"
+#include "tests/test_util.h"
 
 namespace ringattn {
 namespace {
+
+using test::error_of;
 
 using test::world;
 
@@ -35,17 +38,6 @@ size_t mismatches(const std::vector<uint8_t>& got, int src, int dst) {
   size_t bad = 0;
   for (size_t i = 0; i < got.size(); ++i) bad += got[i] != byte_at(src, dst, i);
   return bad;
-}
-
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "no ringattn::Error thrown";
-  return Error(ErrorCode::kInternal, "none");
 }
 
 TEST(MpiComm, Identity) {

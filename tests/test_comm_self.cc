@@ -11,26 +11,17 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "tests/test_util.h"
 
 namespace ringattn {
 namespace {
+
+using test::error_of;
 
 std::vector<uint8_t> pattern(size_t n, int seed) {
   std::vector<uint8_t> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>((seed * 31 + i * 7) % 251 + 1);
   return v;
-}
-
-// Runs `fn` and returns the Error it throws (fails the test if it throws none).
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "no ringattn::Error thrown";
-  return Error(ErrorCode::kInternal, "none");
 }
 
 TEST(SelfComm, Identity) {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "ringattn/ringattn.h"
 
 namespace ringattn::test {
@@ -54,6 +56,18 @@ std::string describe(const Case& c);
 // rates 1-5 (not always dividing s), GQA, either mode, causal or not, maybe strided; D
 // drawn from `dims`; fp32.
 Case random_case(std::mt19937& rng, const std::vector<int64_t>& dims);
+
+// Runs `fn` and returns the ringattn::Error it throws (fails the test if it throws none).
+template <typename Fn>
+Error error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "no ringattn::Error thrown";
+  return Error(ErrorCode::kInternal, "none");
+}
 
 inline constexpr double kClearlyNonZero = 1e-6;
 

@@ -326,7 +326,8 @@ struct ShardBackward::State {
   std::vector<float> dq, dk, dv;  // fp32 [B][shard_rows][heads][D]
 };
 
-ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads) : bp_(bp), s_(new State) {
+ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads)
+    : bp_(bp), local_(detail::local_keys(bp.fwd)), s_(new State) {
   const Problem& p = bp.fwd;
   s_->tiles = {round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
   for (const Branch& br : p.branches) {
@@ -399,10 +400,32 @@ void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function
   }
 }
 
+bool ShardBackward::local_key_work(int64_t b, int64_t h, int hb, int64_t segment,
+                                   detail::BackwardWork& w) const {
+  const Problem& p = bp_.fwd;
+  const HeadBranch& x = p.head_branches[static_cast<size_t>(hb)];
+  const Branch br = p.branches[static_cast<size_t>(x.branch)];
+  w = {b,
+       h,
+       x.branch,
+       x.offset,
+       segment,
+       0,
+       0,
+       {},
+       nullptr,
+       nullptr,
+       br.rate * p.kv_heads * p.head_dim};
+  if (!local_(b, h, hb, segment, w.keys)) return false;
+  const int64_t row = segment * br.segment + x.offset + w.keys.t_begin * br.rate - p.shard_begin;
+  w.dk = const_cast<ShardBackward*>(this)->dk_row(b, row, p.kv_head(h));
+  w.dv = const_cast<ShardBackward*>(this)->dv_row(b, row, p.kv_head(h));
+  return true;
+}
+
 void ShardBackward::local_passes(const std::function<void()>& poll) {
   const Problem& p = bp_.fwd;
-  const KeySourceFn local = detail::local_keys(p);
-  const int64_t end = p.shard_begin + p.shard_rows;
+  const int64_t end = p.shard_begin + p.shard_rows, group = p.heads / p.kv_heads;
   // One pass per branch, in order: inside a pass, tasks (batch, kv head, segment) own
   // disjoint rows of dq, dk and dv, so the sums are deterministic without atomics.
   for (int i = 0; i < static_cast<int>(p.branches.size()); ++i) {
@@ -412,21 +435,14 @@ void ShardBackward::local_passes(const std::function<void()>& poll) {
         p.batch * p.kv_heads * segments,
         [&](int64_t t, std::vector<detail::BackwardWork>& out) {
           const int64_t seg = first + t % segments, b = t / segments / p.kv_heads;
-          const int64_t hk = t / segments % p.kv_heads, group = p.heads / p.kv_heads;
+          const int64_t hk = t / segments % p.kv_heads;
           for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-              if (p.head_branches[hb].branch != i) continue;
-              detail::BackwardWork w{b,       h,       i, p.head_branches[hb].offset, seg, 0, 0, {},
-                                     nullptr, nullptr, 0};
-              if (!local(b, h, hb, seg, w.keys)) continue;
-              w.tq_begin = w.keys.t_begin;  // local queries are the local keys' rows
-              w.tq_end = w.keys.t_end;
-              const int64_t row = seg * s + w.offset + w.keys.t_begin * p.branches[i].rate;
-              w.dk = dk_row(b, row - p.shard_begin, hk);
-              w.dv = dv_row(b, row - p.shard_begin, hk);
-              w.dkv_stride = p.branches[static_cast<size_t>(i)].rate * p.kv_heads * p.head_dim;
-              out.push_back(w);
-            }
+            detail::BackwardWork w;
+            const int hb = p.head_branch(h, i);
+            if (hb < 0 || !local_key_work(b, h, hb, seg, w)) continue;
+            w.tq_begin = w.keys.t_begin;  // local queries are the local keys' rows
+            w.tq_end = w.keys.t_end;
+            out.push_back(w);
           }
         },
         poll);

@@ -42,6 +42,10 @@ class ShardBackward {
   void local_passes(const std::function<void()>& poll = nullptr);
   // One pass of `tasks` tasks; `poll` runs on the calling thread between tasks.
   void pass(int64_t tasks, const WorkFn& works, const std::function<void()>& poll = nullptr);
+  // Fills the key side of `w` for head h's entry hb in segment `segment`: this shard's keys
+  // of that segment, their gradients added to this shard's accumulators. False if the
+  // shard holds none of them. The caller sets the queries (w.tq_begin, w.tq_end).
+  bool local_key_work(int64_t b, int64_t h, int hb, int64_t segment, detail::BackwardWork& w) const;
   // The fp32 gradient rows of kv head `kv_head` at local row `local_row` of batch b.
   float* dk_row(int64_t b, int64_t local_row, int64_t kv_head);
   float* dv_row(int64_t b, int64_t local_row, int64_t kv_head);
@@ -55,6 +59,7 @@ class ShardBackward {
  private:
   struct State;
   const BackwardProblem& bp_;
+  detail::KeySourceFn local_;  // this shard's own keys
   std::unique_ptr<State> s_;
 };
 
