@@ -200,6 +200,9 @@ class MpiCommunicator final : public Communicator {
     req.reset();
   }
 
+  void allreduce_sum(float* data, size_t n) override {
+    allreduce("allreduce_sum", data, n, MPI_FLOAT, MPI_SUM);
+  }
   void allreduce_sum(int64_t* data, size_t n) override {
     allreduce("allreduce_sum", data, n, MPI_INT64_T, MPI_SUM);
   }

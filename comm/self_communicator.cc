@@ -105,6 +105,7 @@ class SelfCommunicator final : public Communicator {
     req.reset();
   }
 
+  void allreduce_sum(float* data, size_t n) override { check_array("allreduce_sum", data, n); }
   void allreduce_sum(int64_t* data, size_t n) override { check_array("allreduce_sum", data, n); }
   void allreduce_sum(double* data, size_t n) override { check_array("allreduce_sum", data, n); }
   void allreduce_max(int64_t* data, size_t n) override { check_array("allreduce_max", data, n); }

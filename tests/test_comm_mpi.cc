@@ -197,6 +197,11 @@ TEST(MpiComm, Collectives) {
   EXPECT_DOUBLE_EQ(fsum[0], 0.25 * static_cast<double>(p * (p - 1)));
   EXPECT_DOUBLE_EQ(fsum[1], static_cast<double>(p));
 
+  std::vector<float> f32 = {0.25f * static_cast<float>(r + 1), -2.0f};
+  comm.allreduce_sum(f32.data(), f32.size());
+  EXPECT_FLOAT_EQ(f32[0], 0.125f * static_cast<float>(p * (p + 1)));
+  EXPECT_FLOAT_EQ(f32[1], -2.0f * static_cast<float>(p));
+
   std::vector<int64_t> mx = {r, -r, big * r};
   comm.allreduce_max(mx.data(), mx.size());
   EXPECT_EQ(mx, (std::vector<int64_t>{p - 1, 0, big * (p - 1)}));

@@ -175,6 +175,9 @@ TEST(SelfComm, CollectivesAreIdentities) {
   std::vector<double> f64 = {0.5, -1.25};
   comm->allreduce_sum(f64.data(), f64.size());
   EXPECT_EQ(f64, (std::vector<double>{0.5, -1.25}));
+  std::vector<float> f32 = {0.5f, -1.25f};
+  comm->allreduce_sum(f32.data(), f32.size());
+  EXPECT_EQ(f32, (std::vector<float>{0.5f, -1.25f}));
   comm->allreduce_sum(static_cast<int64_t*>(nullptr), 0);
 
   const int64_t mine[2] = {7, 8};
@@ -232,6 +235,7 @@ class FakeComm final : public Communicator {
   CommRequest isend(const void*, size_t, int, int) override { return {}; }
   CommRequest irecv(void*, size_t, int, int) override { return {}; }
   void wait(CommRequest&) override {}
+  void allreduce_sum(float*, size_t) override {}
   void allreduce_sum(int64_t*, size_t) override {}
   void allreduce_sum(double*, size_t) override {}
   void allreduce_max(int64_t*, size_t) override {}

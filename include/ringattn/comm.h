@@ -102,9 +102,10 @@ class Communicator {
   // The largest tag this communicator accepts (at least 32767).
   virtual int max_tag() const = 0;
 
-  // Blocking collectives on small host arrays (n elements, n <= INT_MAX), called in the
-  // same order with the same n on every rank. `data` is read and overwritten with the
-  // elementwise result.
+  // Blocking collectives on host arrays (n elements, n <= INT_MAX), called in the same order
+  // with the same n on every rank. `data` is read and overwritten with the elementwise
+  // result. The float sum is what weight-gradient reductions use.
+  virtual void allreduce_sum(float* data, size_t n) = 0;
   virtual void allreduce_sum(int64_t* data, size_t n) = 0;
   virtual void allreduce_sum(double* data, size_t n) = 0;
   virtual void allreduce_max(int64_t* data, size_t n) = 0;
