@@ -53,8 +53,8 @@ inline std::vector<char> token_mask(const BlockSparseConfig& cfg, int64_t N, int
 }
 
 struct SparseOracle {
-  std::vector<double> out, lse;     // [B, N, H, D], [B, H, N]
-  std::vector<double> dq, dk, dv;   // filled by with_grads
+  std::vector<double> out, lse;    // [B, N, H, D], [B, H, N]
+  std::vector<double> dq, dk, dv;  // filled by with_grads
 };
 
 // Forward (and, with `dout`, backward) of masked attention in fp64 for q [B, N, H, D] and

@@ -203,15 +203,25 @@ TEST(BlockSparse, BadPatternsGiveClearErrors) {
     return BlockPattern::block_list(16, std::move(row_ptr), std::move(cols));
   };
   // 64 rows = 4 blocks.
-  expect_mentions(message_of([&] { list({0, 2, 2, 2, 2}, {1, 0}).layout(64); }),
+  expect_mentions(message_of([&] {
+                    list({0, 2, 2, 2, 2}, {1, 0}).layout(64);
+                  }),
                   {"query block 0", "key block 0", "out of order", "sorted"});
-  expect_mentions(message_of([&] { list({0, 1, 3, 3, 3}, {0, 2, 2}).layout(64); }),
+  expect_mentions(message_of([&] {
+                    list({0, 1, 3, 3, 3}, {0, 2, 2}).layout(64);
+                  }),
                   {"query block 1", "key block 2", "duplicate"});
-  expect_mentions(message_of([&] { list({0, 1, 1, 1, 2}, {0, 4}).layout(64); }),
+  expect_mentions(message_of([&] {
+                    list({0, 1, 1, 1, 2}, {0, 4}).layout(64);
+                  }),
                   {"query block 3", "key block 4", "outside [0, 4)"});
-  expect_mentions(message_of([&] { list({0, 1, 2}, {0, 1}).layout(64); }),
+  expect_mentions(message_of([&] {
+                    list({0, 1, 2}, {0, 1}).layout(64);
+                  }),
                   {"row_ptr has 3 entries", "5 are needed"});
-  expect_mentions(message_of([&] { list({0, 1, 1, 1, 3}, {0, 1}).layout(64); }),
+  expect_mentions(message_of([&] {
+                    list({0, 1, 1, 1, 3}, {0, 1}).layout(64);
+                  }),
                   {"row_ptr[4] = 3", "cols has 2"});
   expect_mentions(message_of([&] { BlockPattern::local_window(16, 0).layout(72); }),
                   {"N = 72", "block_size = 16", "N = 80"});
@@ -222,23 +232,21 @@ TEST(BlockSparse, BadPatternsGiveClearErrors) {
                   {"global_blocks = -2"});
 
   auto comm = make_self_communicator();
+  expect_mentions(
+      message_of([&] {
+        BlockSparseRingDilatedAttention(
+            {{BlockPattern::local_window(16, 0), BlockPattern::local_window(32, 0)}, false, {}},
+            *comm);
+      }),
+      {"patterns[1].block_size = 32", "same block size"});
   expect_mentions(message_of([&] {
-                    BlockSparseRingDilatedAttention({{BlockPattern::local_window(16, 0),
-                                                      BlockPattern::local_window(32, 0)},
-                                                     false,
-                                                     {}},
-                                                    *comm);
+                    BlockSparseRingDilatedAttention({{}, false, {}}, *comm);
                   }),
-                  {"patterns[1].block_size = 32", "same block size"});
-  expect_mentions(message_of([&] { BlockSparseRingDilatedAttention({{}, false, {}}, *comm); }),
                   {"patterns is empty"});
   // Errors that need the shapes come from forward and backward, before any compute.
   SparseInputs in(DType::kF32, 1, 64, 3, 1, 8, 70);
-  BlockSparseRingDilatedAttention two({{BlockPattern::local_window(16, 0),
-                                        BlockPattern::local_window(16, 16)},
-                                       false,
-                                       {}},
-                                      *comm);
+  BlockSparseRingDilatedAttention two(
+      {{BlockPattern::local_window(16, 0), BlockPattern::local_window(16, 16)}, false, {}}, *comm);
   expect_mentions(message_of([&] { in.forward(two); }), {"2 patterns", "H = 3"});
   BlockSparseRingDilatedAttention bad_list(one(list({0, 1, 1, 1, 2}, {0, 4}), false), *comm);
   expect_mentions(message_of([&] { in.backward(bad_list); }), {"query block 3", "key block 4"});
