@@ -47,8 +47,7 @@ int64_t needed_blocks(const RingSparseCase& c, int P, int dst, int src) {
   const int64_t bs = c.cfg.patterns[0].block_size, nbl = c.n_loc / bs, nb = P * nbl;
   std::set<std::pair<int64_t, int64_t>> needed;
   for (int64_t h = 0; h < c.H; ++h) {
-    const BlockPattern& x =
-        c.cfg.patterns[c.cfg.patterns.size() == 1 ? 0 : static_cast<size_t>(h)];
+    const BlockPattern& x = c.cfg.patterns[c.cfg.patterns.size() == 1 ? 0 : static_cast<size_t>(h)];
     for (int64_t qb = dst * nbl; qb < (dst + 1) * nbl; ++qb) {
       for (int64_t kb = src * nbl; kb < (src + 1) * nbl; ++kb) {
         if (pattern_lists(x, nb, qb, kb) && (!c.cfg.causal || kb <= qb)) {
@@ -129,8 +128,8 @@ void check_ring_case(const RingSparseCase& c, uint32_t seed) {
     const Tensor& mine;
     const Tensor& single;
     const char* name;
-  } results[] = {{out, full.out, "out"}, {dq, full.dq, "dq"}, {dk, full.dk, "dk"},
-                 {dv, full.dv, "dv"}};
+  } results[] = {
+      {out, full.out, "out"}, {dq, full.dq, "dq"}, {dk, full.dk, "dk"}, {dv, full.dv, "dv"}};
   for (const auto& r : results) {
     const RowsError e = rows_error(r.mine, r.single, row0);
     EXPECT_EQ(e.bad, 0) << r.name;
@@ -181,12 +180,11 @@ TEST(BlockSparseRing, EveryKindMatchesOneProcess) {
 TEST(BlockSparseRing, PerHeadPatternsDenseAndBf16) {
   const int P = world().size();
   const int64_t bs = 32, n_loc = 64;
-  const BlockSparseConfig per_head{{BlockPattern::local_window(bs, 0),
-                                    BlockPattern::dilated(bs, {2}),
-                                    BlockPattern::global_local(bs, 1, 0),
-                                    BlockPattern::local_window(bs, P * n_loc)},
-                                   true,
-                                   {}};
+  const BlockSparseConfig per_head{
+      {BlockPattern::local_window(bs, 0), BlockPattern::dilated(bs, {2}),
+       BlockPattern::global_local(bs, 1, 0), BlockPattern::local_window(bs, P * n_loc)},
+      true,
+      {}};
   check_ring_case({1, n_loc, 4, 2, 64, per_head}, 20);
   check_ring_case({1, n_loc, 2, 1, 64, one(BlockPattern::local_window(bs, P * n_loc), false)}, 21);
   check_ring_case({1, n_loc, 4, 4, 64, per_head, DType::kBF16}, 22);
