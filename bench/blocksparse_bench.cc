@@ -90,8 +90,8 @@ int64_t count_wrong_sampled(const DilatedShape& s, const BlockSparseConfig& cfg,
         const double ref = keys.empty() ? 0.0 : acc[static_cast<size_t>(d)] / sum;
         wrong += within(load_f32(v.out.data, s.dtype, (n * H + h) * D + d), ref, tol) ? 0 : 1;
       }
-      const double lse = keys.empty() ? -std::numeric_limits<double>::infinity()
-                                      : mx + std::log(sum);
+      const double lse =
+          keys.empty() ? -std::numeric_limits<double>::infinity() : mx + std::log(sum);
       wrong += within(static_cast<const float*>(v.lse.data)[h * N + n], lse, kLseTolerance) ? 0 : 1;
     }
   }
@@ -126,9 +126,8 @@ std::vector<SparseRow> run_blocksparse(const DilatedShape& shape, const RunOptio
   dense.segments = {shape.seq};
   dense.dilations = {1};
   std::vector<SparseRow> rows;
-  rows.push_back({comm.size() == 1 ? run_dilated(dense, options) : run_ring(dense, options, comm),
-                  "",
-                  {}});
+  rows.push_back(
+      {comm.size() == 1 ? run_dilated(dense, options) : run_ring(dense, options, comm), "", {}});
   rows.back().record.config = "dense";
   const Timing dense_time = rows.back().record.timing;
 
@@ -157,15 +156,15 @@ std::vector<SparseRow> run_blocksparse(const DilatedShape& shape, const RunOptio
     r.mode = "sparse";
     r.segments.clear();
     r.dilations.clear();
-    r.gflops = (r.backward ? 2.5 : 1.0) * sparse_flops(shape, cfg) / (r.timing.mean_ms * 1e-3) *
-               1e-9;
+    r.gflops =
+        (r.backward ? 2.5 : 1.0) * sparse_flops(shape, cfg) / (r.timing.mean_ms * 1e-3) * 1e-9;
     const double ratio = r.timing.mean_ms / dense_time.mean_ms;
     const double min_ratio = r.timing.min_ms / dense_time.min_ms;
-    std::string note =
-        format("# blocksparse %s: local_window %lld block(s) each side of bs %lld, density "
-               "%.4f: %.3fx the dense time (mean; min %.3fx)%s",
-               r.config.c_str(), static_cast<long long>(w), static_cast<long long>(bs), density,
-               ratio, min_ratio, check_note.c_str());
+    std::string note = format(
+        "# blocksparse %s: local_window %lld block(s) each side of bs %lld, density "
+        "%.4f: %.3fx the dense time (mean; min %.3fx)%s",
+        r.config.c_str(), static_cast<long long>(w), static_cast<long long>(bs), density, ratio,
+        min_ratio, check_note.c_str());
     nlohmann::ordered_json extra = {{"density", density},
                                     {"block_size", bs},
                                     {"window_blocks", w},

@@ -15,14 +15,14 @@
 namespace ringattn::bench {
 
 struct SparseOptions {
-  int64_t block_size = 128;                               // --block-size
+  int64_t block_size = 128;                                     // --block-size
   std::vector<double> densities = {0.05, 0.1, 0.25, 0.5, 1.0};  // --densities (targets)
 };
 
 // One measured row, what to print under it and what to add to its JSON record.
 struct SparseRow {
   Record record;
-  std::string note;             // a "# ..." line, or empty
+  std::string note;              // a "# ..." line, or empty
   nlohmann::ordered_json extra;  // density, window, block size, ratio to the dense time
 };
 

@@ -6,6 +6,8 @@
 // row over the pass's keys, and the passes are merged (SPEC.md merge) into fp32
 // accumulators, which is exactly one softmax over all listed keys.
 
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -181,40 +183,63 @@ DilatedConfig dense_config(const BlockSparseConfig& c, const TensorView& q, int 
   return d;
 }
 
-// Where the K/V rows of key blocks from one rank lie: the local views, or a message.
+// This rank's K and V rows as [B][Hkv][N_loc][D] (the inputs' dtype): the kernels read each
+// key row once per query block, and contiguous rows stream from memory several times faster
+// than rows strided by the heads of a [B, N, Hkv, D] view.
+struct LocalKv {
+  std::vector<uint8_t> k, v;
+
+  LocalKv(const Problem& p, int num_threads) {
+    const size_t esize = dtype_size(p.dtype), row_bytes = esize * static_cast<size_t>(p.head_dim);
+    const int64_t rows = p.batch * p.kv_heads * p.shard_rows;
+    k.resize(static_cast<size_t>(rows) * row_bytes);
+    v.resize(k.size());
+#pragma omp parallel for num_threads(num_threads > 0 ? num_threads : omp_get_max_threads())
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = i % p.shard_rows, hk = i / p.shard_rows % p.kv_heads;
+      const int64_t b = i / p.shard_rows / p.kv_heads;
+      std::memcpy(k.data() + static_cast<size_t>(i) * row_bytes,
+                  static_cast<const uint8_t*>(p.k) +
+                      esize * static_cast<size_t>(b * p.k_st.b + n * p.k_st.n + hk * p.k_st.h),
+                  row_bytes);
+      std::memcpy(v.data() + static_cast<size_t>(i) * row_bytes,
+                  static_cast<const uint8_t*>(p.v) +
+                      esize * static_cast<size_t>(b * p.v_st.b + n * p.v_st.n + hk * p.v_st.h),
+                  row_bytes);
+    }
+  }
+};
+
+// Where the K/V rows of key blocks from one rank lie: this rank's LocalKv (set = null), or a
+// message (K part, then V part).
 struct KeyBlocks {
   const Problem& p;
   const Plan& plan;
-  const BlockSet* set = nullptr;  // null: the local views
-  const uint8_t* msg = nullptr;
+  const BlockSet* set;
+  const uint8_t* k;
+  const uint8_t* v;
 
-  // Elements from the start of the K (or V) part of the message to block kb of (b, hk).
-  int64_t msg_offset(int64_t b, int64_t hk, int64_t kb) const {
+  KeyBlocks(const Problem& problem, const Plan& pl, const LocalKv& local)
+      : p(problem), plan(pl), set(nullptr), k(local.k.data()), v(local.v.data()) {}
+  KeyBlocks(const Problem& problem, const Plan& pl, const BlockSet& blocks, const uint8_t* msg)
+      : p(problem), plan(pl), set(&blocks), k(msg), v(nullptr) {
+    if (msg) v = msg + dtype_size(p.dtype) * static_cast<size_t>(part_elements());
+  }
+
+  // Elements from the start of the K (or V) part to the first row of block kb of (b, hk).
+  int64_t offset(int64_t b, int64_t hk, int64_t kb) const {
+    if (set == nullptr) {
+      return ((b * p.kv_heads + hk) * p.shard_rows + kb * plan.bs - p.shard_begin) * p.head_dim;
+    }
     return (b * set->slots() + set->slot(hk, kb)) * plan.bs * p.head_dim;
   }
+  // Elements of the K part of a message.
   int64_t part_elements() const { return p.batch * set->slots() * plan.bs * p.head_dim; }
 
   // Keys of blocks [kb0, kb0 + count) of kv head hk in batch b.
   KeySource source(int64_t b, int64_t hk, int64_t kb0, int64_t count) const {
-    const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
-    KeySource s;
-    s.t_begin = kb0 * plan.bs;
-    s.t_end = (kb0 + count) * plan.bs;
-    if (set == nullptr) {
-      const int64_t row = s.t_begin - p.shard_begin;
-      s.k = static_cast<const uint8_t*>(p.k) +
-            esize * (b * p.k_st.b + row * p.k_st.n + hk * p.k_st.h);
-      s.v = static_cast<const uint8_t*>(p.v) +
-            esize * (b * p.v_st.b + row * p.v_st.n + hk * p.v_st.h);
-      s.k_stride = p.k_st.n;
-      s.v_stride = p.v_st.n;
-    } else {
-      const int64_t at = msg_offset(b, hk, kb0);
-      s.k = msg + esize * at;
-      s.v = msg + esize * (part_elements() + at);
-      s.k_stride = s.v_stride = p.head_dim;
-    }
-    return s;
+    const size_t at = dtype_size(p.dtype) * static_cast<size_t>(offset(b, hk, kb0));
+    return {k + at, v + at, p.head_dim, p.head_dim, kb0 * plan.bs, (kb0 + count) * plan.bs};
   }
 };
 
@@ -222,13 +247,13 @@ struct KeyBlocks {
 void pack_blocks(const Problem& p, const Plan& plan, const BlockSet& set,
                  std::vector<uint8_t>& msg) {
   const size_t esize = dtype_size(p.dtype), row_bytes = esize * static_cast<size_t>(p.head_dim);
-  const KeyBlocks into{p, plan, &set, nullptr};
+  const KeyBlocks into(p, plan, set, nullptr);
   msg.resize(2 * static_cast<size_t>(into.part_elements()) * esize);
   const size_t v_part = static_cast<size_t>(into.part_elements()) * esize;
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t hk = 0; hk < static_cast<int64_t>(set.blocks.size()); ++hk) {
       for (int64_t kb : set.blocks[static_cast<size_t>(hk)]) {
-        const size_t at = static_cast<size_t>(into.msg_offset(b, hk, kb)) * esize;
+        const size_t at = static_cast<size_t>(into.offset(b, hk, kb)) * esize;
         for (int64_t r = 0; r < plan.bs; ++r) {
           const int64_t row = kb * plan.bs + r - p.shard_begin;
           const size_t dst = at + static_cast<size_t>(r) * row_bytes;
@@ -285,7 +310,7 @@ class BlockRing {
     const Plan::Step& st = plan_.steps[e];
     if (st.recv.slots() > 0) {
       std::vector<uint8_t>& buf = inbox_[e % 2];
-      buf.resize(2 * static_cast<size_t>(KeyBlocks{p_, plan_, &st.recv, nullptr}.part_elements()) *
+      buf.resize(2 * static_cast<size_t>(KeyBlocks(p_, plan_, st.recv, nullptr).part_elements()) *
                  dtype_size(p_.dtype));
       recvs_[e % 2] = comm_.irecv(buf.data(), buf.size(), st.recv_from, st.tag);
     }
@@ -355,7 +380,7 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
                 w.dv = shard.dv_row(b, row, hk);
                 w.dkv_stride = p.kv_heads * D;
               } else {
-                w.dk = grads + keys.msg_offset(b, hk, kb0);
+                w.dk = grads + keys.offset(b, hk, kb0);
                 w.dv = w.dk + keys.part_elements();
               }
               works.push_back(w);
@@ -412,11 +437,14 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
   const auto poll = [this] { comm_.progress(); };
   cpu::ShardForward shard(p, options_.num_threads);
   BlockRing ring(comm_, p, plan, stats_);
-  forward_pass(shard, p, plan, rank, KeyBlocks{p, plan}, poll);
+  {
+    const LocalKv local(p, options_.num_threads);
+    forward_pass(shard, p, plan, rank, KeyBlocks(p, plan, local), poll);
+  }
   for (size_t e = 0; e < plan.steps.size(); ++e) {
     const Plan::Step& st = plan.steps[e];
     if (const uint8_t* msg = ring.receive(e)) {
-      forward_pass(shard, p, plan, st.recv_from, KeyBlocks{p, plan, &st.recv, msg}, poll);
+      forward_pass(shard, p, plan, st.recv_from, KeyBlocks(p, plan, st.recv, msg), poll);
     }
     ring.release(e);
   }
@@ -455,16 +483,20 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
   for (size_t e = 0; e < steps; ++e) {
     const Plan::Step& st = plan.steps[e];
     if (st.send.slots() == 0) continue;
-    grads_in[e].resize(2 * static_cast<size_t>(KeyBlocks{p, plan, &st.send}.part_elements()));
+    grads_in[e].resize(2 *
+                       static_cast<size_t>(KeyBlocks(p, plan, st.send, nullptr).part_elements()));
     grad_recvs[e] = comm_.irecv(grads_in[e].data(), grads_in[e].size() * sizeof(float), st.send_to,
                                 world + st.tag);
   }
   BlockRing ring(comm_, p, plan, stats_);
-  backward_pass(shard, p, plan, rank, KeyBlocks{p, plan}, nullptr, poll);
+  {
+    const LocalKv local(p, options_.num_threads);
+    backward_pass(shard, p, plan, rank, KeyBlocks(p, plan, local), nullptr, poll);
+  }
   for (size_t e = 0; e < steps; ++e) {
     const Plan::Step& st = plan.steps[e];
     if (const uint8_t* msg = ring.receive(e)) {
-      const KeyBlocks keys{p, plan, &st.recv, msg};
+      const KeyBlocks keys(p, plan, st.recv, msg);
       grads_out[e].assign(2 * static_cast<size_t>(keys.part_elements()), 0.0f);
       backward_pass(shard, p, plan, st.recv_from, keys, grads_out[e].data(), poll);
       grad_sends[e] = comm_.isend(grads_out[e].data(), grads_out[e].size() * sizeof(float),
@@ -477,11 +509,11 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
     const Plan::Step& st = plan.steps[e];
     if (st.send.slots() == 0) continue;
     ring.wait(grad_recvs[e]);
-    const KeyBlocks from{p, plan, &st.send};
+    const KeyBlocks from(p, plan, st.send, nullptr);
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
         for (int64_t kb : st.send.blocks[static_cast<size_t>(hk)]) {
-          const float* gk = grads_in[e].data() + from.msg_offset(b, hk, kb);
+          const float* gk = grads_in[e].data() + from.offset(b, hk, kb);
           const float* gv = gk + from.part_elements();
           for (int64_t r = 0; r < plan.bs; ++r) {
             float* dk_row = shard.dk_row(b, kb * plan.bs + r - p.shard_begin, hk);
