@@ -1,5 +1,6 @@
 #include "blocksparse_bench.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>

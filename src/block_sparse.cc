@@ -19,7 +19,6 @@
 #include "check.h"
 #include "cpu/attention_cpu.h"
 #include "dtype.h"
-#include "index_math.h"
 #include "problem.h"
 #include "ringattn/block_sparse.h"
 
@@ -391,6 +390,16 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
       poll);
 }
 
+// Validates on every rank together, agrees on the configuration, and plans.
+Plan agree_and_plan(Communicator& comm, const BlockSparseConfig& config, const Problem& p) {
+  check_same_on_all_ranks(comm,
+                          "the patterns, shapes and options of BlockSparseRingDilatedAttention",
+                          agreement_values(config, p));
+  Plan plan;
+  check_on_all_ranks(comm, [&] { plan = make_plan(config, p, comm.rank(), comm.size()); });
+  return plan;
+}
+
 }  // namespace
 
 BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConfig config,
@@ -405,20 +414,6 @@ BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConf
     }
   });
 }
-
-namespace {
-
-// Validates on every rank together, agrees on the configuration, and plans.
-Plan agree_and_plan(Communicator& comm, const BlockSparseConfig& config, const Problem& p) {
-  check_same_on_all_ranks(comm,
-                          "the patterns, shapes and options of BlockSparseRingDilatedAttention",
-                          agreement_values(config, p));
-  Plan plan;
-  check_on_all_ranks(comm, [&] { plan = make_plan(config, p, comm.rank(), comm.size()); });
-  return plan;
-}
-
-}  // namespace
 
 void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorView& k,
                                               const TensorView& v, const TensorView& out,
