@@ -96,6 +96,7 @@ BlockPattern BlockPattern::block_list(int64_t block_size, std::vector<int64_t> r
 
 BlockLayout BlockPattern::layout(int64_t seq) const {
   check_block_size(block_size);
+  require(seq >= 1, "the sequence length N = ", seq, "; it must be >= 1");
   require(seq % block_size == 0, "the sequence length N = ", seq,
           " is not a multiple of block_size = ", block_size,
           "; pad the sequence to N = ", round_up(seq, block_size),
