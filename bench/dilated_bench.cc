@@ -19,8 +19,8 @@ DilatedConfig DilatedShape::config() const {
 }
 
 const std::vector<std::string>& preset_names() {
-  static const std::vector<std::string> names = {"small", "medium",     "large",
-                                                 "dense", "dense-ring", "1m"};
+  static const std::vector<std::string> names = {"small",      "medium", "large", "dense",
+                                                 "dense-ring", "1m",     "sparse"};
   return names;
 }
 
@@ -46,6 +46,11 @@ DilatedShape preset(const std::string& name) {
     s.seq = 16384;
     s.segments = {16384};
     s.dilations = {1};
+  } else if (name == "sparse") {
+    s.seq = 16384;
+    s.segments = {16384};
+    s.dilations = {1};
+    s.causal = false;
   } else if (name == "1m") {
     s.seq = 1048576;
     s.segments = {2048, 8192, 32768, 131072};

@@ -28,7 +28,8 @@ struct DilatedShape {
 // B=1, N=8192, s=2048, r=1, not causal; the dense-segment kernel target); "dense-ring" (one
 // causal branch over the whole sequence, B=1, N=s=16384, r=1: every rank needs every
 // earlier rank's keys); "1m" (B=1, N=1048576, s=2048,8192,32768,131072, r=1,2,4,8, causal:
-// the long-sequence ring target, 2 GiB of q, k, v and out per tensor in fp32).
+// the long-sequence ring target, 2 GiB of q, k, v and out per tensor in fp32); "sparse" (B=1,
+// N=16384, one branch s=N, r=1, not causal: the --impl blocksparse shape and its dense row).
 const std::vector<std::string>& preset_names();
 DilatedShape preset(const std::string& name);
 

@@ -21,6 +21,7 @@
 #include <optional>
 #include <stdexcept>
 
+#include "blocksparse_bench.h"
 #include "dilated_bench.h"
 #include "harness.h"
 #include "ring_bench.h"
@@ -96,6 +97,7 @@ class CommandLine {
   const std::string& impl() const { return impl_; }
   const RunOptions& options() const { return options_; }
   const std::string& json_path() const { return json_path_; }
+  const SparseOptions& sparse() const { return sparse_; }
 
  private:
   // A flag that sets a field of the rows: with --config it overrides the preset's field,
@@ -122,6 +124,7 @@ class CommandLine {
   std::string impl_ = "all", config_ = "all", json_path_;
   DType dtype_ = DType::kF32;
   RunOptions options_;
+  SparseOptions sparse_;
   DilatedShape given_;
   std::vector<ShapeFlag> shape_flags_;
   CLI::Option *config_flag_, *kv_heads_flag_, *segments_flag_, *dilations_flag_;
@@ -136,10 +139,12 @@ CommandLine::CommandLine() {
       app_.add_option("--config", config_,
                       "small, medium, large: the seed's; dense: one dense segment; dense-ring: "
                       "one causal branch over N = 16384; 1m: 1,048,576 tokens (--warmup 0 "
-                      "--iters 1 unless given); all: small, medium and large (the default, "
+                      "--iters 1 unless given); sparse: B=1, N=16384, not causal (the --impl "
+                      "blocksparse default); all: small, medium and large (the default, "
                       "unless shape flags without --config ask for one \"custom\" row, which "
                       "starts from small's values)")
-          ->check(CLI::IsMember({"small", "medium", "large", "dense", "dense-ring", "1m", "all"}));
+          ->check(CLI::IsMember(
+              {"small", "medium", "large", "dense", "dense-ring", "1m", "sparse", "all"}));
 
   add_shape_flag("--batch", &DilatedShape::batch, "batch size B")->check(at_least(1));
   add_shape_flag("--seq", &DilatedShape::seq, "sequence length N")->check(at_least(1));
@@ -183,6 +188,12 @@ CommandLine::CommandLine() {
                 "reference, and each rank's rows of a ring row with DilatedAttention over "
                 "the whole sequence (when that fits 512 MiB); exit 1 if any element is "
                 "outside tolerance");
+  app_.add_option("--block-size", sparse_.block_size, "--impl blocksparse: rows per block")
+      ->check(at_least(1))
+      ->capture_default_str();
+  app_.add_option("--densities", sparse_.densities,
+                  "--impl blocksparse: target densities (local_window patterns), e.g. 0.1,0.5")
+      ->delimiter(',');
   app_.add_option("--json", json_path_, "write one JSON record per row to this file");
 }
 
@@ -207,6 +218,10 @@ DilatedShape CommandLine::row(const std::string& name) const {
     if (flag.option->count() > 0) flag.apply(row);
   }
   if (kv_heads_flag_->count() == 0) row.kv_heads = row.heads;
+  if (name == "sparse") {  // block-sparse rows: the dense comparison is one branch s = N
+    row.segments = {row.seq};
+    row.dilations = {1};
+  }
   row.dtype = dtype_;
   if (row.segments.size() != row.dilations.size()) {
     throw std::invalid_argument(
@@ -223,8 +238,9 @@ std::vector<std::string> CommandLine::impls(int ranks) const {
     return ranks > 1 ? std::vector<std::string>{"ring"}
                      : std::vector<std::string>{"dilated", "ring"};
   }
-  if (impl_ != "dilated" && impl_ != "ring") {
-    throw std::invalid_argument("--impl " + impl_ + " is not built yet; available: dilated, ring");
+  if (impl_ != "dilated" && impl_ != "ring" && impl_ != "blocksparse") {
+    throw std::invalid_argument("--impl " + impl_ +
+                                " is not built yet; available: dilated, ring, blocksparse");
   }
   if (impl_ == "dilated" && ranks > 1) {
     throw std::invalid_argument(format(
@@ -242,6 +258,8 @@ std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impl
                                           [](const ShapeFlag& f) { return f.option->count() > 0; });
   if (config_flag_->count() > 0 && config_ != "all") {
     names = {config_};
+  } else if (impl_ == "blocksparse") {
+    names = {"sparse"};
   } else if (config_flag_->count() == 0 && any_shape_flag) {
     names = {"custom"};
   }
@@ -251,6 +269,7 @@ std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impl
     if (std::find(impls.begin(), impls.end(), "ring") != impls.end()) {
       validate_ring(rows.back(), options_, ranks);
     }
+    if (impl_ == "blocksparse") validate_blocksparse(rows.back(), options_, sparse_, ranks);
   }
   return rows;
 }
@@ -303,14 +322,23 @@ int run(int argc, char** argv, Communicator& world) {
     for (const std::string& impl : impls) {
       if (lead) {
         std::fprintf(stderr, "# running %s %s %s on %d rank(s) (%zu of %zu)\n", impl.c_str(),
-                     row.name.c_str(), dtype_name(row.dtype), impl == "ring" ? world.size() : 1,
+                     row.name.c_str(), dtype_name(row.dtype), impl == "dilated" ? 1 : world.size(),
                      ++done, total);
       }
-      const Record record =
-          impl == "ring" ? run_ring(row, options, world) : run_dilated(row, options);
-      if (lead) print_table_row(record, ceiling);
-      records.push_back(to_json(record, ceiling));
-      any_wrong = any_wrong || record.wrong.value_or(0) > 0;
+      std::vector<SparseRow> measured;
+      if (impl == "blocksparse") {
+        measured = run_blocksparse(row, options, cli.sparse(), world);
+      } else {
+        measured.push_back(
+            {impl == "ring" ? run_ring(row, options, world) : run_dilated(row, options), "", {}});
+      }
+      for (const SparseRow& m : measured) {
+        if (lead) print_table_row(m.record, ceiling);
+        if (lead && !m.note.empty()) std::printf("%s\n", m.note.c_str());
+        records.push_back(to_json(m.record, ceiling));
+        if (!m.extra.is_null()) records.back().update(m.extra);
+        any_wrong = any_wrong || m.record.wrong.value_or(0) > 0;
+      }
     }
   }
   if (json_file.is_open()) {

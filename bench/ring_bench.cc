@@ -68,8 +68,8 @@ void validate_ring(const DilatedShape& s, const RunOptions& options, int ranks) 
   }
 }
 
-Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
-  RingDilatedAttention attention(s.config(), comm, {options.backend, options.threads});
+Record time_sharded(const DilatedShape& s, const RunOptions& options, Communicator& comm,
+                    const char* impl, const ShardedCalls& calls) {
   const int64_t rows = s.seq / comm.size();
   const PeakMemory memory;
   const Tensors tensors(s, {comm.rank() * rows, rows}, options.threads);
@@ -78,21 +78,21 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
   std::optional<Gradients> g;
   if (options.backward) {
     g.emplace(s, RowRange{comm.rank() * rows, rows}, options.threads);
-    attention.forward(v.q, v.k, v.v, v.out, v.lse);
+    calls.forward(v);
   }
 
   std::vector<RingStats> stats;  // one per call, warm-up calls first
   stats.reserve(static_cast<size_t>(options.warmup + options.iters));
-  Record r = describe(s, options, "ring");
+  Record r = describe(s, options, impl);
   r.ranks = comm.size();
   r.timing = time_calls(
       [&] {
         if (g) {
-          attention.backward(g->dout, v.q, v.k, v.v, v.out, v.lse, g->dq, g->dk, g->dv);
+          calls.backward(v, *g);
         } else {
-          attention.forward(v.q, v.k, v.v, v.out, v.lse);
+          calls.forward(v);
         }
-        stats.push_back(attention.last_stats());
+        stats.push_back(calls.stats());
       },
       options.warmup, options.iters, &comm);
 
@@ -115,23 +115,39 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
   r.comm_wait_ms = static_cast<double>(most[3]) * 1e-6;
   r.bytes_sent_total = bytes_total;
   set_rates(r, s);
-  if (options.check && g && comm.rank() == 0) {
-    std::printf(
-        "# ring %s: --check covers the forward; the ring backward is checked by the "
-        "tests (tests/test_ring.cc)\n",
-        s.name.c_str());
-  } else if (options.check) {
+  if (options.check && calls.check) r.wrong = calls.check(tensors, g ? &*g : nullptr);
+  return r;
+}
+
+Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
+  RingDilatedAttention attention(s.config(), comm, {options.backend, options.threads});
+  ShardedCalls calls;
+  calls.forward = [&](const Views& v) { attention.forward(v.q, v.k, v.v, v.out, v.lse); };
+  calls.backward = [&](const Views& v, const Gradients& g) {
+    attention.backward(g.dout, v.q, v.k, v.v, v.out, v.lse, g.dq, g.dk, g.dv);
+  };
+  calls.stats = [&] { return attention.last_stats(); };
+  calls.check = [&](const Tensors& tensors, const Gradients* g) -> std::optional<int64_t> {
+    if (g) {
+      if (comm.rank() == 0) {
+        std::printf(
+            "# ring %s: --check covers the forward; the ring backward is checked by the "
+            "tests (tests/test_ring.cc)\n",
+            s.name.c_str());
+      }
+      return std::nullopt;
+    }
     const size_t full = Tensors::full_bytes(s);
-    if (full <= kRingCheckMaxBytes) {
-      r.wrong = count_wrong(s, options, tensors, comm);
-    } else if (comm.rank() == 0) {
+    if (full <= kRingCheckMaxBytes) return count_wrong(s, options, tensors, comm);
+    if (comm.rank() == 0) {
       std::printf(
           "# ring %s: --check skipped: the whole-sequence tensors (%.0f MiB) exceed %zu "
           "MiB\n",
           s.name.c_str(), static_cast<double>(full) / kMiB, kRingCheckMaxBytes >> 20);
     }
-  }
-  return r;
+    return std::nullopt;
+  };
+  return time_sharded(s, options, comm, "ring", calls);
 }
 
 }  // namespace ringattn::bench

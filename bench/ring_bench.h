@@ -3,9 +3,13 @@
 // allocating only its shard of the sequence (N / P rows), so that per-rank memory falls as
 // 1 / P.
 
+#include <functional>
+#include <optional>
+
 #include "dilated_bench.h"
 #include "harness.h"
 #include "ringattn/ring_attention.h"
+#include "tensors.h"
 
 namespace ringattn::bench {
 
@@ -26,5 +30,21 @@ void validate_ring(const DilatedShape& shape, const RunOptions& options, int ran
 // kRingCheckMaxBytes (otherwise rank 0 prints a # note and `wrong` stays empty). The record
 // is the same on every rank.
 Record run_ring(const DilatedShape& shape, const RunOptions& options, Communicator& comm);
+
+// The calls a sharded row measures: forward and backward on this rank's views, the
+// statistics of the last call, and (optional) the --check pass, whose count is the same on
+// every rank (or empty when the pass does not apply).
+struct ShardedCalls {
+  std::function<void(const Views&)> forward;
+  std::function<void(const Views&, const Gradients&)> backward;
+  std::function<RingStats()> stats;
+  std::function<std::optional<int64_t>(const Tensors&, const Gradients*)> check;
+};
+
+// Collective, like run_ring for any sharded attention: allocates this rank's rows, times
+// the forward (or, with options.backward, one untimed forward then the backward) and reduces
+// the per-rank numbers over the ranks; GFLOP/s from the row's dilated count (set_rates).
+Record time_sharded(const DilatedShape& shape, const RunOptions& options, Communicator& comm,
+                    const char* impl, const ShardedCalls& calls);
 
 }  // namespace ringattn::bench

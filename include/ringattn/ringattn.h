@@ -1,6 +1,7 @@
 #pragma once
 // The ringattn C++ API in one include.
 
+#include "ringattn/block_sparse.h"
 #include "ringattn/comm.h"
 #include "ringattn/config.h"
 #include "ringattn/dilated_attention.h"

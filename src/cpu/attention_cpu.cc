@@ -258,6 +258,36 @@ void ShardForward::merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows
   }
 }
 
+void ShardForward::pass_rows(int64_t tasks,
+                             const std::function<void(int64_t task, const Attend& attend)>& task,
+                             const std::function<void()>& poll) {
+  const Tiles& tiles = s_->tiles;
+  const int64_t esize = static_cast<int64_t>(dtype_size(p_.dtype)), dp = tiles.padded_dim;
+  const int threads = static_cast<int>(s_->scratch.size());
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int thread = omp_get_thread_num();
+    const Scratch& sc = s_->scratch[static_cast<size_t>(thread)].get();
+    task(t, [&](int64_t b, int64_t h, int64_t n0, int64_t n1, const KeySource* sources,
+                int64_t num_sources) {
+      for (int64_t r0 = n0; r0 < n1; r0 += tiles.row_block) {
+        const int64_t local = r0 - p_.shard_begin;
+        const detail::QueryRows rows{
+            static_cast<const char*>(p_.q) +
+                esize * (b * p_.q_st.b + local * p_.q_st.n + h * p_.q_st.h),
+            p_.q_st.n,
+            r0,
+            std::min(n1, r0 + tiles.row_block),
+            s_->acc_o.get() + row_index(b, h, r0) * dp,
+            s_->acc_l.data() + row_index(b, h, r0),
+            1};
+        detail::forward_rows(p_, tiles, rows, sources, num_sources, sc);
+      }
+    });
+    if (thread == 0 && poll) poll();
+  }
+}
+
 void ShardForward::write_output() const {
   const int64_t dp = s_->tiles.padded_dim;
   run_tasks(s_->tasks, s_->scratch, nullptr, [&](const Task& t, const Scratch&) {
@@ -326,13 +356,14 @@ struct ShardBackward::State {
   std::vector<float> dq, dk, dv;  // fp32 [B][shard_rows][heads][D]
 };
 
-ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads)
+ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows)
     : bp_(bp), local_(detail::local_keys(bp.fwd)), s_(new State) {
   const Problem& p = bp.fwd;
   s_->tiles = {round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
   for (const Branch& br : p.branches) {
     s_->tiles.max_kept = std::max(s_->tiles.max_kept, kept_count(br.segment, br.rate, 0));
   }
+  if (max_key_rows > 0) s_->tiles.max_kept = std::min(s_->tiles.max_kept, max_key_rows);
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   s_->scratch.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) s_->scratch.emplace_back(s_->tiles);

@@ -36,7 +36,9 @@ class ShardBackward {
   // thread, and tasks of one pass must not share dq / dk / dv rows.
   using WorkFn = std::function<void(int64_t task, std::vector<detail::BackwardWork>& works)>;
 
-  ShardBackward(const BackwardProblem& bp, int num_threads);
+  // `max_key_rows` > 0 bounds the keys of one unit (scratch size) when the branches' own
+  // bound (their kept rows per segment) is larger than any unit the caller forms.
+  ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows = 0);
   ~ShardBackward();
   // Every branch's local queries against its local keys (one pass per branch).
   void local_passes(const std::function<void()>& poll = nullptr);
@@ -82,6 +84,17 @@ class ShardForward {
   void merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
   // Casts the accumulators into p.out (times the output factor) and p.lse.
   void write_output() const;
+
+  // Global rows [n0, n1) of the shard, head h, batch b, attend with one online softmax to
+  // every key of sources[0 .. num_sources) (key index = global row, rate 1); the result is
+  // merged into the accumulators.
+  using Attend = std::function<void(int64_t b, int64_t h, int64_t n0, int64_t n1,
+                                    const detail::KeySource* sources, int64_t num_sources)>;
+  // One pass of the caller's tasks (block-sparse attention): task(t, attend) for t in
+  // [0, tasks), on OpenMP threads; tasks of one pass must not share rows. `poll` runs on the
+  // calling thread between tasks.
+  void pass_rows(int64_t tasks, const std::function<void(int64_t task, const Attend& attend)>& task,
+                 const std::function<void()>& poll = nullptr);
 
  private:
   struct State;
@@ -146,6 +159,25 @@ KeySourceFn local_keys(const Problem& p);
 // merged (SPEC.md merge) into scratch.acc_o / acc_l, which the caller initialises.
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
                    int64_t n1, const KeySourceFn& sources, const Scratch& scratch);
+
+// Query rows t in [t_begin, t_end) (kept indices) of one head, the row of index t at
+// q + (t - t_begin) * q_stride elements (batch and head applied); their results merge into
+// acc_o + (t - t_begin) * acc_step * padded_dim and acc_l + (t - t_begin) * acc_step.
+struct QueryRows {
+  const void* q;
+  int64_t q_stride;
+  int64_t t_begin, t_end;  // t_end - t_begin <= Tiles::row_block
+  float* acc_o;
+  float* acc_l;
+  int64_t acc_step;
+};
+
+// The query rows attend with one online softmax to every key of sources[0 .. num_sources),
+// whose kept indices count in the same numbering as the queries' (causal: key t_k is
+// visible to query t iff t_k <= t); the normalised (O, lse) is merged (SPEC.md merge) into
+// the rows' accumulators. Rows that see no key are left as they were.
+void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
+                  const KeySource* sources, int64_t num_sources, const Scratch& scratch);
 
 // Backward tiles: a key block of kKeyBlock rows (dk, dv accumulate in scratch) meets query
 // blocks of kQueryBlock rows; the five products run on the forward's micro-tile.

@@ -199,8 +199,10 @@ HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
   }
 }
 
-void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                      int64_t n1, const KeySourceFn& sources, const Scratch& sc) {
+// Query rows [qr.t_begin, qr.t_end) against every key of `srcs` with one online softmax
+// (see forward_rows in attention_cpu.h); the normalised result is merged into qr's rows.
+void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
+                     const KeySource* srcs, int64_t num_srcs, const Scratch& sc) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   const int64_t panel = Tiles::kMicroVecs * L, MR = Tiles::kMicroRows;
@@ -208,8 +210,85 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
   const float q_mul = p.scale * 1.4426950408889634f;  // log2(e): scores in log2 units
   constexpr float kLn2 = 0.6931471805599453f;
   float alpha[Tiles::kMaxPanel];
-  const char* q_base = static_cast<const char*>(p.q);
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
+  const int64_t t0 = qr.t_begin, rows = qr.t_end - qr.t_begin;
+  // Keys of source x that some query may see: [t_begin, key_end(x)).
+  const auto key_end = [&](const KeySource& x) {
+    return p.causal ? min64(x.t_end, qr.t_end) : x.t_end;
+  };
+  bool any = false;
+  for (int64_t x = 0; x < num_srcs; ++x) any = any || key_end(srcs[x]) > srcs[x].t_begin;
+  if (rows == 0 || !any) return;
+
+  const int64_t cols = round_up(rows, panel);
+  WithType(p.dtype, qr.q,
+           [&](auto* q) { PackTransposed(q, qr.q_stride, rows, cols, D, dp, ld, q_mul, sc.qt); });
+  for (int64_t i = 0; i < cols; ++i) {
+    sc.m[i] = kNegInf;
+    sc.l[i] = 0.0f;
+  }
+  for (int64_t c = 0; c < dp; ++c) {
+    std::memset(sc.ot + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
+  }
+
+  for (int64_t x = 0; x < num_srcs; ++x) {
+    const KeySource& src = srcs[x];
+    const int64_t k_end = key_end(src);
+    for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += Tiles::kKeyTile) {
+      const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
+      const int64_t at = esize * (tk0 - src.t_begin);
+      WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride, [&](auto* k) {
+        PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, 1.0f, sc.k);
+      });
+      WithType(p.dtype, static_cast<const char*>(src.v) + at * src.v_stride,
+               [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, 1.0f, sc.v); });
+
+      for (int64_t ip = 0; ip < rows; ip += panel) {
+        // Keys of this tile visible to the panel's last query (causal), or all of them.
+        const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + panel, rows) - 1;
+        const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
+        if (keys <= 0) continue;
+        const float* qt = sc.qt + ip;
+        for (int64_t j = 0; j < keys; j += MR) {
+          MicroTile<Init::kZero>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel, panel);
+        }
+        if (p.causal && tk0 + keys - 1 > t_first) {
+          for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
+            // Query w sees key j iff tk0 + j <= t_first + w.
+            const int64_t w_end = min64(panel, tk0 + j - t_first);
+            for (int64_t w = 0; w < w_end; ++w) sc.s[j * panel + w] = kNegInf;
+          }
+        }
+        SoftmaxPanel(sc.s, panel, keys, sc.m + ip, sc.l + ip, alpha);
+        for (int64_t c = 0; c < dp; c += MR) {
+          MicroTile<Init::kScale>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip,
+                                  ld);
+        }
+      }
+    }
+  }
+
+  // Normalise each query and merge it into its accumulator row (SPEC.md merge).
+  for (int64_t i = 0; i < rows; ++i) {
+    const float l = sc.l[i];
+    if (!(l > 0.0f)) continue;  // no visible key: nothing to merge
+    const float lse = (sc.m[i] + std::log2(l)) * kLn2;
+    float* acc = qr.acc_o + i * qr.acc_step * dp;
+    float& acc_l = qr.acc_l[i * qr.acc_step];
+    const float prev = acc_l;
+    const float mx = prev > lse ? prev : lse;
+    const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
+    const float total = w_prev + w_part;
+    const float a_prev = w_prev / total, a_part = w_part / (total * l);
+    for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * sc.ot[c * ld + i];
+    acc_l = mx + std::log(total);
+  }
+}
+
+void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
+                      int64_t n1, const KeySourceFn& sources, const Scratch& sc) {
+  const char* q_base = static_cast<const char*>(p.q);
+  const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype)), dp = tiles.padded_dim;
 
   for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
     const Branch br = p.branches[p.head_branches[hb].branch];
@@ -218,74 +297,18 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
       // The piece: kept rows t in [t0, t0 + rows) of this segment inside the block.
       const KeptSpan span = kept_span_in_window(seg, br.segment, r, o, n0, n1);
       const int64_t row0 = span.seg_start + o;  // global row of kept index 0
-      const int64_t t0 = span.t_begin, rows = span.t_end - span.t_begin;
+      const int64_t t0 = span.t_begin;
       KeySource src;
-      if (rows == 0 || !sources(b, h, hb, seg, src)) continue;
-      const int64_t k_end = p.causal ? min64(src.t_end, span.t_end) : src.t_end;
-      if (k_end <= src.t_begin) continue;
-
-      const int64_t cols = round_up(rows, panel);
+      if (span.t_end == t0 || !sources(b, h, hb, seg, src)) continue;
       const int64_t q_row = row0 + t0 * r - p.shard_begin;  // local row of the first query
-      WithType(
-          p.dtype, q_base + esize * (b * p.q_st.b + q_row * p.q_st.n + h * p.q_st.h),
-          [&](auto* q) { PackTransposed(q, r * p.q_st.n, rows, cols, D, dp, ld, q_mul, sc.qt); });
-      for (int64_t i = 0; i < cols; ++i) {
-        sc.m[i] = kNegInf;
-        sc.l[i] = 0.0f;
-      }
-      for (int64_t c = 0; c < dp; ++c) {
-        std::memset(sc.ot + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
-      }
-
-      for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += Tiles::kKeyTile) {
-        const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
-        const int64_t at = esize * (tk0 - src.t_begin);
-        WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride, [&](auto* k) {
-          PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, 1.0f, sc.k);
-        });
-        WithType(p.dtype, static_cast<const char*>(src.v) + at * src.v_stride,
-                 [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, 1.0f, sc.v); });
-
-        for (int64_t ip = 0; ip < rows; ip += panel) {
-          // Keys of this tile visible to the panel's last query (causal), or all of them.
-          const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + panel, rows) - 1;
-          const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
-          if (keys <= 0) continue;
-          const float* qt = sc.qt + ip;
-          for (int64_t j = 0; j < keys; j += MR) {
-            MicroTile<Init::kZero>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel,
-                                   panel);
-          }
-          if (p.causal && tk0 + keys - 1 > t_first) {
-            for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
-              // Query w sees key j iff tk0 + j <= t_first + w.
-              const int64_t w_end = min64(panel, tk0 + j - t_first);
-              for (int64_t w = 0; w < w_end; ++w) sc.s[j * panel + w] = kNegInf;
-            }
-          }
-          SoftmaxPanel(sc.s, panel, keys, sc.m + ip, sc.l + ip, alpha);
-          for (int64_t c = 0; c < dp; c += MR) {
-            MicroTile<Init::kScale>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip,
-                                    ld);
-          }
-        }
-      }
-
-      // Normalise each query and merge it into the block's accumulator (SPEC.md merge).
-      for (int64_t i = 0; i < rows; ++i) {
-        const float l = sc.l[i];
-        if (!(l > 0.0f)) continue;  // no visible key: nothing to merge
-        const float lse = (sc.m[i] + std::log2(l)) * kLn2;
-        const int64_t local = row0 + (t0 + i) * r - n0;
-        float* acc = sc.acc_o + local * dp;
-        const float prev = sc.acc_l[local];
-        const float mx = prev > lse ? prev : lse;
-        const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
-        const float total = w_prev + w_part;
-        const float a_prev = w_prev / total, a_part = w_part / (total * l);
-        for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * sc.ot[c * ld + i];
-        sc.acc_l[local] = mx + std::log(total);
-      }
+      const QueryRows qr{q_base + esize * (b * p.q_st.b + q_row * p.q_st.n + h * p.q_st.h),
+                         r * p.q_st.n,
+                         t0,
+                         span.t_end,
+                         sc.acc_o + (row0 + t0 * r - n0) * dp,
+                         sc.acc_l + (row0 + t0 * r - n0),
+                         r};
+      ForwardRowsImpl(p, tiles, qr, &src, 1, sc);
     }
   }
 }
@@ -430,6 +453,12 @@ namespace detail {
 HWY_EXPORT(ForwardBlockImpl);
 HWY_EXPORT(TargetNameImpl);
 HWY_EXPORT(BackwardPieceImpl);
+HWY_EXPORT(ForwardRowsImpl);
+
+void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
+                  const KeySource* sources, int64_t num_sources, const Scratch& scratch) {
+  HWY_DYNAMIC_DISPATCH(ForwardRowsImpl)(p, tiles, rows, sources, num_sources, scratch);
+}
 
 void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
                     const BackwardScratch& scratch, float* dq) {
