@@ -1,5 +1,7 @@
 #include "gpu_util.h"
 
+#include <cstdlib>
+
 namespace ringattn::test {
 
 namespace {
@@ -11,6 +13,11 @@ void check(cudaError_t status, const char* what) {
 }
 
 }  // namespace
+
+bool gpu_required() {
+  const char* value = std::getenv("RINGATTN_REQUIRE_GPU");
+  return value != nullptr && std::string(value) == "1";
+}
 
 std::string no_gpu_reason() {
   int count = 0;

@@ -13,11 +13,18 @@ namespace ringattn::test {
 // Empty when a CUDA device is usable, else why not (for GTEST_SKIP).
 std::string no_gpu_reason();
 
-// Skips the test, with a clear message, on a machine without a usable CUDA device.
-#define RA_SKIP_WITHOUT_GPU()                                                             \
-  do {                                                                                    \
-    const std::string reason = ::ringattn::test::no_gpu_reason();                         \
-    if (!reason.empty()) GTEST_SKIP() << "no CUDA device, CUDA test skipped: " << reason; \
+// Skips the test, with a clear message, on a machine without a usable CUDA device; fails it
+// instead when RINGATTN_REQUIRE_GPU=1 (launch/gpu_check.sh: there a skip would hide a fault).
+bool gpu_required();
+#define RA_SKIP_WITHOUT_GPU()                                                      \
+  do {                                                                             \
+    const std::string reason = ::ringattn::test::no_gpu_reason();                  \
+    if (!reason.empty() && ::ringattn::test::gpu_required()) {                     \
+      FAIL() << "RINGATTN_REQUIRE_GPU=1 but no CUDA device is usable: " << reason; \
+    }                                                                              \
+    if (!reason.empty()) {                                                         \
+      GTEST_SKIP() << "no CUDA device, CUDA test skipped: " << reason;             \
+    }                                                                              \
   } while (0)
 
 // A device copy of a host test tensor (same layout and strides), Device::kCUDA.
