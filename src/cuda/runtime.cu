@@ -1,4 +1,5 @@
 #include "attention_cuda.h"
+#include "host_staging.h"
 #include "runtime.h"
 
 namespace ringattn::cuda {
@@ -42,6 +43,23 @@ void allow_shared_memory(const void* kernel, int64_t bytes, const char* what) {
   }
   RA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(bytes)));
+}
+
+bool is_device_pointer(const void* p) {
+  cudaPointerAttributes attr{};
+  if (p == nullptr || cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    (void)cudaGetLastError();  // an unknown pointer is a host pointer here
+    return false;
+  }
+  return attr.type == cudaMemoryTypeDevice;
+}
+
+void copy_to_host(void* host, const void* device, size_t bytes) {
+  RA_CUDA_CHECK(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost));
+}
+
+void copy_to_device(void* device, const void* host, size_t bytes) {
+  RA_CUDA_CHECK(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
 }
 
 dim3 task_grid(const TaskList& list, int64_t batch) {
