@@ -294,7 +294,10 @@ int run(int argc, char** argv, Communicator& world) {
       std::printf("# --impl all on %d ranks: ring rows only (dilated runs in one process)\n",
                   world.size());
     }
-    std::fprintf(stderr, "# measuring the ceiling (sgemm %d^3, peak FMA loop)\n", kSgemmSize);
+    std::fprintf(stderr, "# measuring the ceiling (%s)\n",
+                 options.backend == Backend::kCuda
+                     ? "cuBLAS bf16 GEMM"
+                     : format("sgemm %d^3, peak FMA loop", kSgemmSize).c_str());
   }
 #ifdef RINGATTN_HAVE_CUDA
   const bool gpu = options.backend == Backend::kCuda;

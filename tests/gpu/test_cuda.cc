@@ -246,7 +246,8 @@ TEST(CudaForward, RunsOnTheGivenStream) {
 }
 
 // Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
-// backend on host tensors; and without a GPU, CUDA tensors are a device error.
+// backend on host tensors, the ring on CUDA tensors; and without a GPU, CUDA tensors are a
+// device error.
 TEST(CudaApi, DeviceErrors) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
   HostCase h(c, 100);
@@ -267,6 +268,13 @@ TEST(CudaApi, DeviceErrors) {
   const DilatedAttention cuda(c.config(), ExecOptions{Backend::kCuda, 0});
   e = error_of([&] { cuda.forward(h.q.view(), h.k.view(), h.v.view(), h.out.view()); });
   EXPECT_NE(std::string(e.what()).find("backend = cuda needs tensors on a CUDA device"),
+            std::string::npos)
+      << e.what();
+  const std::unique_ptr<Communicator> self = make_self_communicator();
+  RingDilatedAttention ring(c.config(), *self);
+  e = error_of([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("RingDilatedAttention runs on host tensors only"),
             std::string::npos)
       << e.what();
   TensorView k_gpu = h.k.view(), v_gpu = h.v.view(), out_gpu = h.out.view();
