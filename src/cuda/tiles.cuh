@@ -26,22 +26,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
-// Storage type of each DType.
-template <DType>
-struct StorageOf;
-template <>
-struct StorageOf<DType::kF32> {
-  using type = float;
-};
-template <>
-struct StorageOf<DType::kF16> {
-  using type = __half;
-};
-template <>
-struct StorageOf<DType::kBF16> {
-  using type = __nv_bfloat16;
-};
-
 __device__ __forceinline__ float to_float(float x) {
   return x;
 }
