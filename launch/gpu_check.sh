@@ -20,7 +20,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it, records the result
   local name=$1 limit=$2
   shift 2
   local t0=$(date +%s)
-  echo "### ${name}: $*"
+  echo "### ${name}"
   timeout "${limit}" "$@"
   local rc=$?
   local t=$(($(date +%s) - t0))
@@ -35,9 +35,12 @@ echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 git log -1 --format='# commit %h %s' 2>/dev/null || true
 
-step build 240 bash -c "cmake -S . -B '${build_dir}' -DCMAKE_BUILD_TYPE=Release \
-  -DRINGATTN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES='${arch}' $* >/dev/null && \
-  cmake --build '${build_dir}' -j ${jobs} 2>&1 | tail -3" || { printf '%s\n' "${summary[@]}"; exit 1; }
+# (A script of its own for `timeout`; extra arguments go to cmake.)
+build_script='cmake -S . -B "$0" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_WITH_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="$1" "${@:3}" >"$0.log" 2>&1 &&
+  cmake --build "$0" -j "$2" >>"$0.log" 2>&1
+rc=$?; tail -5 "$0.log"; exit $rc'
+step build 300 bash -c "${build_script}" "${build_dir}" "${arch}" "${jobs}" "$@" || { printf '%s\n' "${summary[@]}"; exit 1; }
 
 export RINGATTN_REQUIRE_GPU=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 step gpu-tests 180 ctest --test-dir "${build_dir}" -L gpu --output-on-failure -j 4
