@@ -56,8 +56,11 @@ else
 fi
 
 bench=${build_dir}/bench/ringattn_bench
-# --check (against the fp64 reference on the CPU, batch 0) on the fp16 rows only: time.
-step bench-fp16 120 "${bench}" --backend cuda --impl dilated --config all --dtype fp16 --check
+# The tests above are the correctness check; here one row also runs the benchmark's own
+# --check (fp64 reference on the CPU, batch 0), the others are timed only.
+step bench-check 60 "${bench}" --backend cuda --impl dilated --config small --dtype fp16 \
+  --iters 2 --check
+step bench-fp16 60 "${bench}" --backend cuda --impl dilated --config all --dtype fp16
 step bench-bf16 60 "${bench}" --backend cuda --impl dilated --config all --dtype bf16
 step bench-dense-bf16 60 "${bench}" --backend cuda --impl dilated --seq 8192 --segments 8192 \
   --dilations 1 --causal 1 --head-dim 128 --heads 16 --dtype bf16
