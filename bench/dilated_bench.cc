@@ -1,6 +1,9 @@
 #include "dilated_bench.h"
 
 #include "tensors.h"
+#ifdef RINGATTN_HAVE_CUDA
+#include "cuda_bench.h"
+#endif
 
 #include "src/cpu/attention_cpu.h"
 #include "src/problem.h"
@@ -89,10 +92,7 @@ double forward_flops(const DilatedShape& s) {
   return per_batch * static_cast<double>(s.batch);
 }
 
-namespace {
-
-// Elements of batch 0 of out and lse outside the tolerance of the fp64 reference. Only
-// batch 0: the reference is single-threaded fp64 loops. A view of batch 0 is the same
+// Only batch 0: the reference is single-threaded fp64 loops. A view of batch 0 is the same
 // pointer and strides with shape[0] = 1.
 int64_t count_wrong(const DilatedShape& s, const Views& views) {
   const auto batch0 = [](TensorView t) {
@@ -115,7 +115,6 @@ int64_t count_wrong(const DilatedShape& s, const Views& views) {
   return wrong;
 }
 
-// Elements of batch 0 of dq, dk and dv outside the tolerance of the fp64 reference backward.
 int64_t count_wrong_grads(const DilatedShape& s, const Views& views, const Gradients& g) {
   const auto batch0 = [](TensorView t) {
     t.shape[0] = 1;
@@ -138,8 +137,6 @@ int64_t count_wrong_grads(const DilatedShape& s, const Views& views, const Gradi
   }
   return wrong;
 }
-
-}  // namespace
 
 void validate(const DilatedShape& s, Backend backend) {
   // make_problem reads shapes, strides and dtypes only, so every view may point at one
@@ -177,6 +174,9 @@ void set_rates(Record& r, const DilatedShape& s) {
 }
 
 Record run_dilated(const DilatedShape& s, const RunOptions& options) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (options.backend == Backend::kCuda) return run_dilated_cuda(s, options);
+#endif
   const DilatedAttention attention(s.config(), {options.backend, options.threads});
   const PeakMemory memory;
   const Tensors tensors(s, {0, s.seq}, options.threads);

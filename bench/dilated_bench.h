@@ -62,4 +62,11 @@ void set_rates(Record& r, const DilatedShape& shape);
 // dq, dk, dv) with the fp64 reference outside the timed loop.
 Record run_dilated(const DilatedShape& shape, const RunOptions& options);
 
+struct Views;
+class Gradients;
+// Elements of batch 0 of out and lse (of dq, dk and dv) in host views outside the tolerance
+// of the fp64 reference forward (backward).
+int64_t count_wrong(const DilatedShape& shape, const Views& views);
+int64_t count_wrong_grads(const DilatedShape& shape, const Views& views, const Gradients& g);
+
 }  // namespace ringattn::bench

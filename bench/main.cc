@@ -23,6 +23,9 @@
 
 #include "blocksparse_bench.h"
 #include "dilated_bench.h"
+#ifdef RINGATTN_HAVE_CUDA
+#include "cuda_bench.h"
+#endif
 #include "harness.h"
 #include "ring_bench.h"
 #include "ringattn/ringattn.h"
@@ -173,7 +176,11 @@ CommandLine::CommandLine() {
                   "1: time the backward (after one untimed forward) instead of the forward")
       ->check(CLI::IsMember({"0", "1"}));
   app_.add_option("--backend", options_.backend, "default cpu")
+#ifdef RINGATTN_HAVE_CUDA
+      ->transform(one_of({Backend::kCpu, Backend::kReference, Backend::kCuda}, backend_name));
+#else
       ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
+#endif
   app_.add_option("--threads", options_.threads, "CPU threads (per rank); 0 = OpenMP's default")
       ->check(at_least(0))
       ->capture_default_str();
@@ -306,13 +313,21 @@ int run(int argc, char** argv, Communicator& world) {
       std::printf("# --impl all on %d ranks: ring rows only (dilated runs in one process)\n",
                   world.size());
     }
-    std::fprintf(stderr, "# measuring the ceiling (sgemm %d^3, peak FMA loop)\n", kSgemmSize);
+    std::fprintf(stderr, "# measuring the ceiling (%s)\n",
+                 options.backend == Backend::kCuda
+                     ? "cuBLAS bf16 GEMM"
+                     : format("sgemm %d^3, peak FMA loop", kSgemmSize).c_str());
   }
+#ifdef RINGATTN_HAVE_CUDA
+  const bool gpu = options.backend == Backend::kCuda;
+  const Ceiling ceiling = gpu ? measure_cuda_ceiling() : measure_job_ceiling(world, threads);
+  if (lead && gpu) print_cuda_ceiling(ceiling);
+  if (lead && !gpu) print_ceiling(ceiling, run_info);
+#else
   const Ceiling ceiling = measure_job_ceiling(world, threads);
-  if (lead) {
-    print_ceiling(ceiling, run_info);
-    print_table_header();
-  }
+  if (lead) print_ceiling(ceiling, run_info);
+#endif
+  if (lead) print_table_header();
 
   nlohmann::ordered_json records = nlohmann::ordered_json::array();
   bool any_wrong = false;

@@ -1,4 +1,5 @@
-// The MPI communicator: CPU buffers, MPI's C API, every return code checked.
+// The MPI communicator: MPI's C API, every return code checked; CUDA device buffers (in
+// builds with CUDA) travel through host staging buffers.
 
 #include "comm/mpi_communicator.h"
 
@@ -13,6 +14,9 @@
 #include "ringattn/comm_mpi.h"
 #include "ringattn/error.h"
 #include "src/check.h"
+#ifdef RINGATTN_HAVE_CUDA
+#include "src/cuda/host_staging.h"
+#endif
 
 namespace ringattn {
 namespace {
@@ -64,6 +68,7 @@ struct MpiTransfer : CommRequest::State {
   ~MpiTransfer() override {
     // Never blocks on the peer: cancel unmatched receives, let sends finish on their own.
     if (mpi_finalized()) return;
+    bool sending = false;
     for (size_t i = next; i < reqs.size(); ++i) {
       if (reqs[i] == MPI_REQUEST_NULL) continue;
       if (is_recv) {
@@ -71,8 +76,12 @@ struct MpiTransfer : CommRequest::State {
         MPI_Wait(&reqs[i], MPI_STATUS_IGNORE);
       } else {
         MPI_Request_free(&reqs[i]);
+        sending = true;
       }
     }
+    // A staged send still in flight reads `staging`: it must outlive this object, so it is
+    // left allocated (this happens only when a request is dropped without wait()).
+    if (sending && !staging.empty()) new std::vector<char>(std::move(staging));
   }
 
   std::string describe() const {
@@ -88,7 +97,39 @@ struct MpiTransfer : CommRequest::State {
   std::vector<MPI_Request> reqs;  // one per piece, in order
   std::vector<int> piece_bytes;   // the size of each piece
   size_t next = 0;                // the first piece not yet waited on
+  // A CUDA device buffer travels through host memory: `staging` holds the bytes, and a
+  // receive copies them to `device_dst` once complete.
+  std::vector<char> staging;
+  void* device_dst = nullptr;
 };
+
+// The host buffer MPI reads for a send of `buf` (a staged copy of a device buffer).
+const void* stage_send(MpiTransfer& t, const void* buf, size_t bytes) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (bytes > 0 && cuda::is_device_pointer(buf)) {
+    t.staging.resize(bytes);
+    cuda::copy_to_host(t.staging.data(), buf, bytes);
+    return t.staging.data();
+  }
+#endif
+  (void)t;
+  (void)bytes;
+  return buf;
+}
+
+// The host buffer MPI writes for a receive into `buf`.
+void* stage_recv(MpiTransfer& t, void* buf, size_t bytes) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (bytes > 0 && cuda::is_device_pointer(buf)) {
+    t.staging.resize(bytes);
+    t.device_dst = buf;
+    return t.staging.data();
+  }
+#endif
+  (void)t;
+  (void)bytes;
+  return buf;
+}
 
 class MpiCommunicator final : public Communicator {
  public:
@@ -144,7 +185,7 @@ class MpiCommunicator final : public Communicator {
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
     check_transfer_args("isend", buf, bytes, peer, tag);
     auto t = start(false, bytes, peer, tag);
-    const auto* p = static_cast<const char*>(buf);
+    const auto* p = static_cast<const char*>(stage_send(*t, buf, bytes));
     for (size_t i = 0; i < t->reqs.size(); ++i) {
       RINGATTN_MPI_CHECK(MPI_Isend(p, t->piece_bytes[i], MPI_BYTE, peer, tag, comm_, &t->reqs[i]),
                          t->describe());
@@ -157,7 +198,7 @@ class MpiCommunicator final : public Communicator {
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
     check_transfer_args("irecv", buf, bytes, peer, tag);
     auto t = start(true, bytes, peer, tag);
-    auto* p = static_cast<char*>(buf);
+    auto* p = static_cast<char*>(stage_recv(*t, buf, bytes));
     for (size_t i = 0; i < t->reqs.size(); ++i) {
       RINGATTN_MPI_CHECK(MPI_Irecv(p, t->piece_bytes[i], MPI_BYTE, peer, tag, comm_, &t->reqs[i]),
                          t->describe());
@@ -197,6 +238,9 @@ class MpiCommunicator final : public Communicator {
         }
       }
     }
+#ifdef RINGATTN_HAVE_CUDA
+    if (t->device_dst != nullptr) cuda::copy_to_device(t->device_dst, t->staging.data(), t->bytes);
+#endif
     req.reset();
   }
 
@@ -250,7 +294,9 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
-  void barrier() override { RINGATTN_MPI_CHECK(MPI_Barrier(comm_)); }
+  void barrier() override {
+    RINGATTN_MPI_CHECK(MPI_Barrier(comm_));
+  }
 
  private:
   std::unique_ptr<MpiTransfer> start(bool is_recv, size_t bytes, int peer, int tag) const {

@@ -102,14 +102,23 @@ Mode parse_mode(const std::string& text) {
 }
 
 const char* backend_name(Backend backend) {
-  return backend == Backend::kCpu ? "cpu" : "reference";
+  switch (backend) {
+    case Backend::kCpu:
+      return "cpu";
+    case Backend::kReference:
+      return "reference";
+    case Backend::kCuda:
+      return "cuda";
+  }
+  return "unknown";
 }
 
 Backend parse_backend(const std::string& text) {
   if (text == "cpu") return Backend::kCpu;
   if (text == "reference") return Backend::kReference;
+  if (text == "cuda") return Backend::kCuda;
   fail(ErrorCode::kInvalidArgument, "backend = '", text,
-       "' is not a backend of this build; use 'cpu' or 'reference'");
+       "' is not a backend; use 'cpu', 'reference' or 'cuda'");
 }
 
 void DilatedConfig::validate() const {

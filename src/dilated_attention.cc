@@ -2,40 +2,111 @@
 
 #include <utility>
 
+#include "check.h"
 #include "cpu/attention_cpu.h"
 #include "problem.h"
 #include "reference.h"
+#if defined(RINGATTN_HAVE_CUDA)
+#include "cuda/attention_cuda.h"
+#endif
 
 namespace ringattn {
+
+namespace {
+
+// The backend a call runs on: q's device decides (CUDA tensors run on the CUDA backend).
+Backend effective_backend(Backend requested, const TensorView& q) {
+  if (q.device == Device::kCUDA) {
+    if (requested == Backend::kReference) {
+      fail(ErrorCode::kInvalidArgument,
+           "backend = reference runs on the CPU but q lives on a CUDA device; pass host tensors "
+           "or use backend = cuda");
+    }
+#if !defined(RINGATTN_HAVE_CUDA)
+    fail(ErrorCode::kUnsupported,
+         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
+         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
+#endif
+    return Backend::kCuda;
+  }
+  require(requested != Backend::kCuda,
+          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
+          "tensors (Device::kCUDA) or use backend = cpu");
+  return requested;
+}
+
+int64_t max_head_dim(Backend backend) {
+#if defined(RINGATTN_HAVE_CUDA)
+  if (backend == Backend::kCuda) return cuda::kMaxHeadDim;
+#endif
+  (void)backend;
+  return cpu::kMaxHeadDim;
+}
+
+}  // namespace
 
 DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
     : config_(std::move(config)), options_(options) {
   config_.validate();
+#if !defined(RINGATTN_HAVE_CUDA)
+  if (options_.backend == Backend::kCuda) {
+    fail(ErrorCode::kUnsupported,
+         "backend = cuda, but this build of ringattn has no CUDA backend; rebuild with "
+         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or use backend = cpu");
+  }
+#endif
 }
 
 void DilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const std::optional<TensorView>& lse) const {
-  const Problem p =
-      make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, backend_name(options_.backend));
-  if (options_.backend == Backend::kReference) {
-    reference_forward_into(p);
-  } else {
-    cpu::forward(p, options_.num_threads);
+  const Backend backend = effective_backend(options_.backend, q);
+  const Problem p = make_problem(config_, q, k, v, out, lse, max_head_dim(backend),
+                                 backend_name(backend), Shard{}, q.device);
+  switch (backend) {
+    case Backend::kReference:
+      return reference_forward_into(p);
+    case Backend::kCpu:
+      return cpu::forward(p, options_.num_threads);
+    case Backend::kCuda:
+#if defined(RINGATTN_HAVE_CUDA)
+      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
+      return cuda::forward(p, options_.cuda_stream);
+#endif
+      break;
   }
+  fail(ErrorCode::kInternal, "no backend ran the forward");
 }
 
 void DilatedAttention::backward(const TensorView& dout, const TensorView& q, const TensorView& k,
                                 const TensorView& v, const TensorView& out, const TensorView& lse,
                                 const TensorView& dq, const TensorView& dk,
                                 const TensorView& dv) const {
+  const Backend backend = effective_backend(options_.backend, q);
   const BackwardProblem bp =
-      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
-                            backend_name(options_.backend));
-  if (options_.backend == Backend::kReference) {
-    reference_backward_into(bp);
-  } else {
-    cpu::backward(bp, options_.num_threads);
+      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(backend),
+                            backend_name(backend), Shard{}, q.device);
+  switch (backend) {
+    case Backend::kReference:
+      return reference_backward_into(bp);
+    case Backend::kCpu:
+      return cpu::backward(bp, options_.num_threads);
+    case Backend::kCuda:
+#if defined(RINGATTN_HAVE_CUDA)
+      cuda::check_device_tensors({{"dout", &dout},
+                                  {"q", &q},
+                                  {"k", &k},
+                                  {"v", &v},
+                                  {"out", &out},
+                                  {"lse", &lse},
+                                  {"dq", &dq},
+                                  {"dk", &dk},
+                                  {"dv", &dv}});
+      return cuda::backward(bp, options_.cuda_stream);
+#endif
+      break;
   }
+  fail(ErrorCode::kInternal, "no backend ran the backward");
 }
 
 }  // namespace ringattn

@@ -56,4 +56,12 @@ RA_HD KeptSpan kept_span_in_window(int64_t segment, int64_t s, int64_t r, int64_
   return span;
 }
 
+// The kept index t of global row n in its segment of branch (s, r) with offset o, or -1 when
+// the branch does not keep row n.
+RA_HD int64_t kept_index_of_row(int64_t n, int64_t s, int64_t r, int64_t o) {
+  const int64_t rel = n % s - o;
+  if (rel < 0 || rel % r != 0) return -1;
+  return rel / r;
+}
+
 }  // namespace ringattn

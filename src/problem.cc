@@ -43,7 +43,12 @@ std::string shape_str(const TensorView& t) {
   return s + "]";
 }
 
-void check_view(const TensorView& t, const char* name, int ndim, const char* layout) {
+const char* device_name(Device device) {
+  return device == Device::kCPU ? "the CPU (host memory)" : "a CUDA device";
+}
+
+void check_view(const TensorView& t, const char* name, int ndim, const char* layout, Device device,
+                const char* backend) {
   require(t.ndim == ndim, name, " has ", t.ndim, " dimensions ", shape_str(t), "; it must be ",
           layout);
   for (int d = 0; d < ndim; ++d) {
@@ -51,8 +56,8 @@ void check_view(const TensorView& t, const char* name, int ndim, const char* lay
             "; every extent of ", layout, " must be >= 1");
   }
   require(t.data != nullptr, name, ".data is null; pass a buffer holding ", layout);
-  require(t.device == Device::kCPU, name,
-          " lives on a CUDA device, but this build runs on the CPU; pass a host buffer");
+  require(t.device == device, name, " lives on ", device_name(t.device), " but this call runs on ",
+          device_name(device), " (", backend, " backend); put every tensor of the call there");
 }
 
 Strides3 bnhd_strides(const TensorView& t, const char* name) {
@@ -76,12 +81,12 @@ int64_t lcm_of(const std::vector<int64_t>& values) {
 Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                      const TensorView& v, const TensorView& out,
                      const std::optional<TensorView>& lse, int64_t max_head_dim,
-                     const char* backend, Shard shard) {
+                     const char* backend, Shard shard, Device device) {
   config.validate();
-  check_view(q, "q", 4, "[B, N, H, D]");
-  check_view(k, "k", 4, "[B, N, Hkv, D]");
-  check_view(v, "v", 4, "[B, N, Hkv, D]");
-  check_view(out, "out", 4, "[B, N, H, D] (the shape of q)");
+  check_view(q, "q", 4, "[B, N, H, D]", device, backend);
+  check_view(k, "k", 4, "[B, N, Hkv, D]", device, backend);
+  check_view(v, "v", 4, "[B, N, Hkv, D]", device, backend);
+  check_view(out, "out", 4, "[B, N, H, D] (the shape of q)", device, backend);
 
   Problem p;
   p.batch = q.shape[0];
@@ -144,7 +149,7 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
 
   if (lse) {
     const TensorView& l = *lse;
-    check_view(l, "lse", 3, "[B, H, N]");
+    check_view(l, "lse", 3, "[B, H, N]", device, backend);
     require(l.dtype == DType::kF32, "lse is ", dtype_name(l.dtype),
             "; lse is always fp32 [B, H, N]");
     require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
@@ -172,9 +177,9 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
                                       const TensorView& out, const TensorView& lse,
                                       const TensorView& dq, const TensorView& dk,
                                       const TensorView& dv, int64_t max_head_dim,
-                                      const char* backend, Shard shard) {
+                                      const char* backend, Shard shard, Device device) {
   BackwardProblem bp;
-  bp.fwd = make_problem(config, q, k, v, out, lse, max_head_dim, backend, shard);
+  bp.fwd = make_problem(config, q, k, v, out, lse, max_head_dim, backend, shard, device);
   const struct {
     const TensorView& t;
     const char* name;
@@ -186,7 +191,8 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
                {dk, "dk", k, "k", &bp.dk_st},
                {dv, "dv", k, "k", &bp.dv_st}};
   for (const auto& g : grads) {
-    check_view(g.t, g.name, 4, g.like_name[0] == 'q' ? "[B, N, H, D]" : "[B, N, Hkv, D]");
+    check_view(g.t, g.name, 4, g.like_name[0] == 'q' ? "[B, N, H, D]" : "[B, N, Hkv, D]", device,
+               backend);
     for (int d = 0; d < 4; ++d) {
       require(g.t.shape[d] == g.like.shape[d], g.name, " is ", shape_str(g.t), " but ", g.like_name,
               " is ", shape_str(g.like), "; ", g.name, " must have the shape of ", g.like_name);

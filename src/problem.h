@@ -82,12 +82,12 @@ struct Shard {
   int world = 1;
 };
 
-// Validates everything SPEC.md lists (config, shapes, strides, dtypes, device, head dim
-// limit `max_head_dim` of the backend) and returns the problem. Throws Error.
+// Validates everything SPEC.md lists (config, shapes, strides, dtypes, every tensor on
+// `device`, head dim limit `max_head_dim` of the backend) and returns the problem. Throws Error.
 Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
                      const TensorView& v, const TensorView& out,
                      const std::optional<TensorView>& lse, int64_t max_head_dim,
-                     const char* backend, Shard shard = {});
+                     const char* backend, Shard shard = {}, Device device = Device::kCPU);
 
 // Validates a backward call: `out` and `lse` are the forward's results (lse is required),
 // dout/dq have q's shape, dk/dv have k's shape, all in q's dtype. Throws Error.
@@ -96,6 +96,7 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
                                       const TensorView& out, const TensorView& lse,
                                       const TensorView& dq, const TensorView& dk,
                                       const TensorView& dv, int64_t max_head_dim,
-                                      const char* backend, Shard shard = {});
+                                      const char* backend, Shard shard = {},
+                                      Device device = Device::kCPU);
 
 }  // namespace ringattn

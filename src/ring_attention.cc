@@ -213,6 +213,15 @@ Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* 
   return f;
 }
 
+// The ring runs on the CPU backend only (a GPU ring is not written yet).
+void require_host_tensors(const TensorView& q) {
+  if (q.device == Device::kCUDA) {
+    fail(ErrorCode::kUnsupported,
+         "q lives on a CUDA device, but RingDilatedAttention runs on host tensors only in this "
+         "version; pass host tensors (DilatedAttention runs CUDA tensors on one GPU)");
+  }
+}
+
 }  // namespace
 
 RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& comm,
@@ -233,6 +242,7 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
   const int rank = comm_.rank(), world = comm_.size();
   Problem p;
   check_on_all_ranks(comm_, [&] {
+    require_host_tensors(q);
     p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, "cpu", Shard{rank, world});
   });
   const RingPlan plan = agree_and_plan(comm_, config_, p);
@@ -326,6 +336,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   const int rank = comm_.rank(), world = comm_.size();
   BackwardProblem bp;
   check_on_all_ranks(comm_, [&] {
+    require_host_tensors(q);
     bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
                                "cpu", Shard{rank, world});
   });

@@ -148,7 +148,7 @@ TEST(Validation, LayoutRules) {
   TensorView gpu = ok;
   gpu.device = Device::kCUDA;
   expect_error([&] { attn.forward(ok, gpu, ok, ok); }, ErrorCode::kInvalidArgument,
-               {"k lives on a CUDA device"});
+               {"k lives on a CUDA device but this call runs on the CPU"});
 }
 
 }  // namespace

@@ -5,8 +5,9 @@
 // the K/V blocks of a ring, and a few blocking collectives on small host arrays for setup
 // (agreeing on shapes and configurations, reducing statistics).
 //
-// Implementations: "self" (one process, no MPI; make_self_communicator below) and "mpi"
-// (ringattn/comm_mpi.h, only in builds with RINGATTN_HAVE_MPI).
+// Implementations: "self" (one process, no MPI; make_self_communicator below), "mpi"
+// (ringattn/comm_mpi.h, only in builds with RINGATTN_HAVE_MPI) and "nccl" (device buffers;
+// ringattn/comm_nccl.h, only in builds with RINGATTN_HAVE_NCCL).
 //
 // Rules every implementation follows:
 //   - Every failure throws ringattn::Error; library code never exits or aborts.
@@ -82,7 +83,7 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual const char* name() const = 0;  // "self", "mpi"
+  virtual const char* name() const = 0;  // "self", "mpi", "nccl"
 
   // Non-blocking point-to-point. `buf` ([bytes] bytes) must stay valid (and, for isend,
   // unchanged) until wait() returns. 0 <= peer < size(), 0 <= tag <= max_tag(). The

@@ -1,6 +1,8 @@
 #pragma once
-// The MPI communicator (CPU buffers). Only available in builds with RINGATTN_HAVE_MPI
-// (CMake option RINGATTN_WITH_MPI); linking ringattn then brings in MPI.
+// The MPI communicator. Only available in builds with RINGATTN_HAVE_MPI (CMake option
+// RINGATTN_WITH_MPI); linking ringattn then brings in MPI. In builds with CUDA, isend / irecv
+// also take CUDA device buffers: they are staged through host memory (a synchronous copy at
+// isend and at the receive's wait), so several ranks can share one GPU.
 
 #include <memory>
 

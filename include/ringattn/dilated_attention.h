@@ -11,17 +11,24 @@ namespace ringattn {
 enum class Backend {
   kCpu,        // the fused, threaded, SIMD CPU kernel
   kReference,  // plain loops with fp64 accumulation: slow, obviously correct
+  kCuda,       // CUDA kernels (builds with RINGATTN_HAVE_CUDA); tensors on Device::kCUDA
 };
 
 const char* backend_name(Backend backend);
-// Parses "cpu" or "reference"; throws Error(kInvalidArgument) otherwise.
+// Parses "cpu", "reference" or "cuda"; throws Error(kInvalidArgument) otherwise.
 Backend parse_backend(const std::string& text);
 
 struct ExecOptions {
   Backend backend = Backend::kCpu;
   int num_threads = 0;  // CPU threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
+  // CUDA: the cudaStream_t to run on (nullptr = the default stream). forward and backward
+  // return once their results are written (they synchronize this stream).
+  void* cuda_stream = nullptr;
 };
 
+// Tensors on Device::kCUDA run on the CUDA backend (backend cpu or cuda; reference runs on
+// the CPU only); every tensor of a call must be on the same device. Backend kCuda with host
+// tensors, or CUDA tensors in a build without CUDA, is an error.
 class DilatedAttention {
  public:
   // Validates the configuration; throws Error(kInvalidArgument) on a bad one.

@@ -1,0 +1,25 @@
+#pragma once
+// ringattn_bench --backend cuda (builds with CUDA only): the GPU's ceiling, a cuBLAS bf16
+// GEMM measured in the same run, and the dilated rows with their tensors on the GPU.
+
+#include "ceiling.h"
+#include "dilated_bench.h"
+
+namespace ringattn::bench {
+
+// bf16 GEMM n x n x n (fp32 accumulation, cublasGemmEx): best of 5 after 2 warm-ups, timed
+// with CUDA events.
+inline constexpr int kCudaGemmSize = 8192;
+
+// The current GPU's ceiling: sgemm_gflops holds the cuBLAS bf16 GEMM rate, blas names it and
+// the GPU; fma_gflops is 0 (no CPU loop on this path).
+Ceiling measure_cuda_ceiling();
+void print_cuda_ceiling(const Ceiling& ceiling);
+
+// run_dilated on the current CUDA device: the host tensors' values are copied to device
+// buffers, the timed calls run there (each call returns when its results are written), and
+// --check copies the results back and compares them with the fp64 reference. peak_mb is
+// device memory (cudaMemGetInfo) in use at the end above that before the row's tensors.
+Record run_dilated_cuda(const DilatedShape& shape, const RunOptions& options);
+
+}  // namespace ringattn::bench

@@ -1,0 +1,247 @@
+// The CUDA forward: a flash-style kernel computing one (O, lse) partial per (batch, head-branch
+// entry, segment, query tile) over the kept (dilated) rows, then a merge kernel that combines
+// each row's branch partials (SPEC.md merge) and writes out and lse.
+
+#include "attention_cuda.h"
+#include "runtime.h"
+
+namespace ringattn::cuda {
+
+namespace {
+
+struct ForwardArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides3 q_st, k_st, v_st;
+  int64_t head_dim;
+  float scale_log2;  // scale * log2(e): scores in log2 units
+  bool causal;
+  const Task* tasks;
+  const int* heads;
+  float* part_o;    // [part_rows][head_dim]
+  float* part_lse;  // [part_rows], natural log
+};
+
+// One block: query tile [q0, q0 + BQ) (kept indices) of segment `seg` of task blockIdx.y,
+// batch blockIdx.z, against every key tile it can see (causal: tiles past the last query
+// are skipped, the diagonal tile is masked).
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
+  using Layout = ForwardLayout<T, kDim>;
+  constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
+  const Task task = a.tasks[blockIdx.y];
+  const int64_t b = blockIdx.z;
+  if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return;
+  const int64_t seg = blockIdx.x / task.tiles_per_seg;
+  const int64_t q0 = (blockIdx.x % task.tiles_per_seg) * BQ;
+  const int nq = static_cast<int>(min64(BQ, task.m - q0));
+  const int64_t h = a.heads[task.head_first];
+
+  extern __shared__ __align__(128) char smem[];
+  const Layout L(a.head_dim);
+  T* qs = smem_at<T>(smem, L.q);
+  T* ks = smem_at<T>(smem, L.k);
+  T* vs = smem_at<T>(smem, L.v);
+  float* ss = smem_at<float>(smem, L.s);
+  T* ps = smem_at<T>(smem, L.p);
+  float* os = smem_at<float>(smem, L.o);
+  float* ms = smem_at<float>(smem, L.m);
+  float* ls = smem_at<float>(smem, L.l);
+  float* alphas = smem_at<float>(smem, L.alpha);
+
+  load_rows(qs, L.ldt, BQ, L.dp,
+            static_cast<const T*>(a.q) + kept_row_offset(task, a.q_st, b, seg, q0, h),
+            task.r * a.q_st.n, nq, a.head_dim);
+  fill_tile(os, L.ldo, BQ, L.dp, 0.0f);
+  for (int i = threadIdx.x; i < BQ; i += kThreads) {
+    ms[i] = kNegInf;
+    ls[i] = 0.0f;
+  }
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t k_end = a.causal ? min64(task.m, q0 + nq) : task.m;
+  for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
+    const int nk = static_cast<int>(min64(BK, task.m - k0));
+    load_rows(ks, L.ldt, BK, L.dp,
+              static_cast<const T*>(a.k) + kept_row_offset(task, a.k_st, b, seg, k0, task.kv_head),
+              task.r * a.k_st.n, nk, a.head_dim);
+    load_rows(vs, L.ldt, BK, L.dp,
+              static_cast<const T*>(a.v) + kept_row_offset(task, a.v_st, b, seg, k0, task.kv_head),
+              task.r * a.v_st.n, nk, a.head_dim);
+    __syncthreads();
+    gemm_tile<T, false, true>(qs, L.ldt, ks, L.ldt, ss, L.lds, BQ, BK, L.dp, false);  // S = Q K^T
+    __syncthreads();
+
+    // Online softmax, one warp per query row, in log2 units (SPEC.md's m_ref guard).
+    constexpr int kPerLane = (BK + 31) / 32;
+    for (int i = warp; i < BQ; i += kWarps) {
+      float sv[kPerLane];
+      float mx = kNegInf;
+      for (int c = 0; c < kPerLane; ++c) {
+        const int j = lane + 32 * c;
+        const bool visible = i < nq && j < nk && (!a.causal || k0 + j <= q0 + i);
+        sv[c] = visible ? ss[i * L.lds + j] * a.scale_log2 : kNegInf;
+        mx = fmaxf(mx, sv[c]);
+      }
+      mx = warp_max(mx);
+      const float m_old = ms[i];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_ref = m_new == kNegInf ? 0.0f : m_new;
+      float sum = 0.0f;
+      for (int c = 0; c < kPerLane; ++c) {
+        const int j = lane + 32 * c;
+        const float p = exp2f(sv[c] - m_ref);  // 0 for hidden keys
+        if (j < BK) ps[i * L.ldp + j] = from_float<T>(p);
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      __syncwarp();  // every lane has read ms[i] before lane 0 updates it
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_ref);
+        alphas[i] = alpha;
+        ls[i] = ls[i] * alpha + sum;
+        ms[i] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BQ * L.dp; idx += kThreads) {
+      os[(idx / L.dp) * L.ldo + idx % L.dp] *= alphas[idx / L.dp];
+    }
+    __syncthreads();
+    gemm_tile<T, false, false>(ps, L.ldp, vs, L.ldt, os, L.ldo, BQ, L.dp, BK, true);  // O += P V
+    __syncthreads();
+  }
+  __syncthreads();  // (the loop runs at least once; this keeps the final reads safe regardless)
+
+  const int64_t row0 = task.part_row0 + b * task.rows_per_batch + seg * task.m + q0;
+  for (int idx = threadIdx.x; idx < nq * a.head_dim; idx += kThreads) {
+    const int i = idx / static_cast<int>(a.head_dim), d = idx % static_cast<int>(a.head_dim);
+    const float l = ls[i];
+    a.part_o[(row0 + i) * a.head_dim + d] = l > 0.0f ? os[i * L.ldo + d] / l : 0.0f;
+  }
+  for (int i = threadIdx.x; i < nq; i += kThreads) {
+    const float l = ls[i];
+    a.part_lse[row0 + i] = l > 0.0f ? (ms[i] + log2f(l)) * kLn2 : kNegInf;
+  }
+}
+
+struct MergeArgs {
+  const Task* tasks;
+  const int* head_begin;  // [H + 1]: head h's tasks are head_begin[h] .. head_begin[h + 1]
+  const float* part_o;
+  const float* part_lse;
+  void* out;
+  Strides3 out_st;
+  float* lse;  // optional
+  Strides3 lse_st;
+  int64_t batch, seq, heads, head_dim;
+  float out_factor;
+};
+
+// The partial row of task `t` holding global row n of batch b, or -1 if t does not keep n.
+__device__ __forceinline__ int64_t partial_row(const Task& t, int64_t b, int64_t n) {
+  const int64_t kept = kept_index_of_row(n, t.s, t.r, t.o);
+  if (kept < 0) return -1;
+  return t.part_row0 + b * t.rows_per_batch + (n / t.s) * t.m + kept;
+}
+
+// One warp per output row (b, n, h); lanes over D. Branches are merged in task order:
+// L = log sum_i exp(L_i), O = sum_i exp(L_i - L) O_i (a row no branch keeps: 0 and -inf).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs a) {
+  constexpr int kPerLane = static_cast<int>(kMaxHeadDim / 32);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (row >= a.batch * a.seq * a.heads) return;
+  const int64_t h = row % a.heads, n = row / a.heads % a.seq, b = row / a.heads / a.seq;
+
+  float mx = kNegInf;
+  for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
+    const int64_t pr = partial_row(a.tasks[t], b, n);
+    if (pr >= 0) mx = fmaxf(mx, a.part_lse[pr]);
+  }
+  float acc[kPerLane] = {};
+  float sum = 0.0f;
+  if (mx != kNegInf) {
+    for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
+      const int64_t pr = partial_row(a.tasks[t], b, n);
+      if (pr < 0 || a.part_lse[pr] == kNegInf) continue;
+      const float w = expf(a.part_lse[pr] - mx);
+      sum += w;
+      for (int c = 0; c < kPerLane; ++c) {
+        const int64_t d = lane + 32 * c;
+        if (d < a.head_dim) acc[c] += w * a.part_o[pr * a.head_dim + d];
+      }
+    }
+  }
+  const float factor = sum > 0.0f ? a.out_factor / sum : 0.0f;
+  T* out = static_cast<T*>(a.out) + b * a.out_st.b + n * a.out_st.n + h * a.out_st.h;
+  for (int c = 0; c < kPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    if (d < a.head_dim) out[d] = from_float<T>(acc[c] * factor);
+  }
+  if (a.lse != nullptr && lane == 0) {
+    a.lse[b * a.lse_st.b + n * a.lse_st.n + h * a.lse_st.h] = sum > 0.0f ? mx + logf(sum) : kNegInf;
+  }
+}
+
+template <typename T, int kDim>
+struct Forward {
+  static void run(const Problem& p, cudaStream_t stream) {
+    const TaskList list = forward_tasks(p, TileShape<T, kDim>::kBQ);
+    const DeviceBuffer tasks = upload(list.tasks, stream);
+    const DeviceBuffer heads = upload(list.heads, stream);
+    const DeviceBuffer head_begin = upload(p.head_begin, stream);
+    const DeviceBuffer part_o(static_cast<size_t>(list.part_rows * p.head_dim) * sizeof(float),
+                              stream);
+    const DeviceBuffer part_lse(static_cast<size_t>(list.part_rows) * sizeof(float), stream);
+
+    ForwardArgs fa{p.q,
+                   p.k,
+                   p.v,
+                   p.q_st,
+                   p.k_st,
+                   p.v_st,
+                   p.head_dim,
+                   p.scale * kLog2e,
+                   p.causal,
+                   tasks.as<Task>(),
+                   heads.as<int>(),
+                   part_o.as<float>(),
+                   part_lse.as<float>()};
+    const int64_t smem = ForwardLayout<T, kDim>(p.head_dim).bytes;
+    allow_shared_memory(reinterpret_cast<const void*>(&forward_kernel<T, kDim>), smem,
+                        "the CUDA forward kernel");
+    forward_kernel<T, kDim>
+        <<<task_grid(list, p.batch), kThreads, static_cast<size_t>(smem), stream>>>(fa);
+    RA_CUDA_CHECK_LAUNCH("forward_kernel");
+
+    MergeArgs ma{tasks.as<Task>(),
+                 head_begin.as<int>(),
+                 part_o.as<float>(),
+                 part_lse.as<float>(),
+                 p.out,
+                 p.out_st,
+                 p.lse,
+                 p.lse_st,
+                 p.batch,
+                 p.seq,
+                 p.heads,
+                 p.head_dim,
+                 p.out_factor};
+    merge_kernel<T><<<blocks_for(p.batch * p.seq * p.heads, kWarps), kThreads, 0, stream>>>(ma);
+    RA_CUDA_CHECK_LAUNCH("merge_kernel");
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+};
+
+}  // namespace
+
+void forward(const Problem& p, void* stream) {
+  require(p.shard_begin == 0 && p.shard_rows == p.seq,
+          "the CUDA backend runs whole sequences on one device (no shards)");
+  dispatch<Forward>(p.dtype, p.head_dim, p, static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace ringattn::cuda

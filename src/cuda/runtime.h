@@ -1,0 +1,87 @@
+#pragma once
+// Host-side helpers of the CUDA backend: stream-ordered device buffers, dispatch over
+// dtype and head dim, and launch checks.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../check.h"
+#include "cuda_check.h"
+#include "ringattn/tensor.h"
+#include "tiles.cuh"
+
+namespace ringattn::cuda {
+
+// A device allocation made and freed in stream order (cudaMallocAsync / cudaFreeAsync).
+class DeviceBuffer {
+ public:
+  DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes > 0) RA_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream_));
+  }
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);  // never throws from a destructor
+  }
+  DeviceBuffer(DeviceBuffer&& other) noexcept : ptr_(other.ptr_), stream_(other.stream_) {
+    other.ptr_ = nullptr;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(DeviceBuffer&&) = delete;
+  template <typename U>
+  U* as() const {
+    return static_cast<U*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// A copy of `host` on the device. (A copy from pageable memory has read `host` when
+// cudaMemcpyAsync returns, so the vector may go at once.)
+template <typename U>
+DeviceBuffer upload(const std::vector<U>& host, cudaStream_t stream) {
+  DeviceBuffer buf(host.size() * sizeof(U), stream);
+  if (!host.empty()) {
+    RA_CUDA_CHECK(cudaMemcpyAsync(buf.as<U>(), host.data(), host.size() * sizeof(U),
+                                  cudaMemcpyHostToDevice, stream));
+  }
+  return buf;
+}
+
+// Runs Op<T, kDim>::run(args...) for the storage type T of `dtype` and the kernel family
+// kDim of `head_dim` (64, 128, or 0 = generic up to kMaxHeadDim).
+template <template <typename, int> class Op, typename... Args>
+void dispatch(DType dtype, int64_t head_dim, Args&&... args) {
+  const int dim = head_dim == 64 ? 64 : head_dim == 128 ? 128 : 0;
+  switch (dtype) {
+    case DType::kF32:
+      if (dim == 64) return Op<float, 64>::run(args...);
+      if (dim == 128) return Op<float, 128>::run(args...);
+      return Op<float, 0>::run(args...);
+    case DType::kF16:
+      if (dim == 64) return Op<__half, 64>::run(args...);
+      if (dim == 128) return Op<__half, 128>::run(args...);
+      return Op<__half, 0>::run(args...);
+    case DType::kBF16:
+      if (dim == 64) return Op<__nv_bfloat16, 64>::run(args...);
+      if (dim == 128) return Op<__nv_bfloat16, 128>::run(args...);
+      return Op<__nv_bfloat16, 0>::run(args...);
+  }
+}
+
+// Allows `kernel` `bytes` of dynamic shared memory, or throws Error(kUnsupported) when the
+// current device has less per block.
+void allow_shared_memory(const void* kernel, int64_t bytes, const char* what);
+
+// Blocks of kWarps warps covering `items` work items, one per thread (or per warp).
+inline unsigned blocks_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>(ceil_div(items, per_block));
+}
+
+// The grid of a task list: x = tiles (segments x tiles per segment), y = task, z = batch.
+dim3 task_grid(const TaskList& list, int64_t batch);
+
+}  // namespace ringattn::cuda

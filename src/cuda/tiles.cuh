@@ -1,0 +1,227 @@
+#pragma once
+// Device building blocks shared by the forward and backward kernels: element types, tile
+// shapes, shared-memory layouts, loading strided (dilated) rows and the block-wide tile
+// products (tensor cores through WMMA for fp16/bf16, plain SIMT loops for fp32).
+//
+// Conventions: a block has kThreads threads; tiles live in shared memory, row-major with a
+// padded leading dimension; every helper below is called by all threads of the block, and
+// the caller places the __syncthreads() between steps.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../index_math.h"
+#include "../problem.h"
+#include "tasks.h"
+
+namespace ringattn::cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+__device__ __forceinline__ float to_float(float x) {
+  return x;
+}
+__device__ __forceinline__ float to_float(__half x) {
+  return __half2float(x);
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
+// Tile rows: kBQ queries by kBK keys. kDim is 64, 128, or 0 for the generic path (any D up
+// to 256, padded to a multiple of 16). fp32 (SIMT) uses smaller tiles so that every layout
+// fits the 163 KiB of shared memory of an sm_80 block.
+template <typename T, int kDim>
+struct TileShape {
+  static constexpr bool kF32 = std::is_same_v<T, float>;
+  static constexpr int kBQ = kF32 ? (kDim == 0 ? 16 : 32) : (kDim == 0 ? 32 : 64);
+  static constexpr int kBK = kF32 ? (kDim == 0 ? 16 : 32) : (kDim == 64 ? 64 : 32);
+  static_assert(kBQ % 16 == 0 && kBK % 16 == 0, "tiles are made of 16x16 fragments");
+};
+
+// The padded head dim the kernels work with (a multiple of 16; zero columns past D).
+RA_HD int padded_dim(int kDim, int64_t head_dim) {
+  return kDim != 0 ? kDim : static_cast<int>(round_up(head_dim, 16));
+}
+
+// Leading dimensions: +16 bytes per row keeps every 16-row / 16-column fragment 32-byte
+// aligned (WMMA's rule) and staggers shared-memory banks.
+template <typename T>
+RA_HD int ld_of(int cols) {
+  return cols + 16 / static_cast<int>(sizeof(T));
+}
+
+// Byte offsets of buffers carved from one dynamic shared-memory block, 128-byte aligned.
+struct Carver {
+  int64_t used = 0;
+  RA_HD int64_t take(int64_t bytes) {
+    const int64_t at = used;
+    used += round_up(bytes, 128);
+    return at;
+  }
+};
+
+// Forward kernel: Q [BQ][dp], K and V [BK][dp] (T), S [BQ][BK] (fp32), P [BQ][BK] (T),
+// O [BQ][dp] (fp32), and per query row m, l (log2 units) and the rescale factor alpha.
+template <typename T, int kDim>
+struct ForwardLayout {
+  static constexpr int kBQ = TileShape<T, kDim>::kBQ, kBK = TileShape<T, kDim>::kBK;
+  int dp, ldt, lds, ldp, ldo;
+  int64_t q, k, v, s, p, o, m, l, alpha, bytes;
+  RA_HD explicit ForwardLayout(int64_t head_dim) {
+    dp = padded_dim(kDim, head_dim);
+    ldt = ld_of<T>(dp);
+    lds = ld_of<float>(kBK);
+    ldp = ld_of<T>(kBK);
+    ldo = ld_of<float>(dp);
+    Carver c;
+    q = c.take(int64_t{kBQ} * ldt * sizeof(T));
+    k = c.take(int64_t{kBK} * ldt * sizeof(T));
+    v = c.take(int64_t{kBK} * ldt * sizeof(T));
+    s = c.take(int64_t{kBQ} * lds * sizeof(float));
+    p = c.take(int64_t{kBQ} * ldp * sizeof(T));
+    o = c.take(int64_t{kBQ} * ldo * sizeof(float));
+    m = c.take(kBQ * sizeof(float));
+    l = c.take(kBQ * sizeof(float));
+    alpha = c.take(kBQ * sizeof(float));
+    bytes = c.used;
+  }
+};
+
+// Backward kernels: Q and dO [BQ][dp], K and V [BK][dp] (T); S and dP [BQ][BK] (fp32);
+// P and dS [BQ][BK] (T); lse (log2 units) and Dr per query row; accumulators acc1 and
+// acc2 [acc_rows][dp] (fp32): dQ (acc1, BQ rows) or dK and dV (BK rows each).
+template <typename T, int kDim>
+struct BackwardLayout {
+  static constexpr int kBQ = TileShape<T, kDim>::kBQ, kBK = TileShape<T, kDim>::kBK;
+  int dp, ldt, lds, ldp, lda;
+  int64_t q, dout, k, v, s, dp_tile, p, ds, lse2, dr, acc1, acc2, bytes;
+  RA_HD BackwardLayout(int64_t head_dim, bool by_key) {
+    dp = padded_dim(kDim, head_dim);
+    ldt = ld_of<T>(dp);
+    lds = ld_of<float>(kBK);
+    ldp = ld_of<T>(kBK);
+    lda = ld_of<float>(dp);
+    const int64_t acc_rows = by_key ? kBK : kBQ;
+    Carver c;
+    q = c.take(int64_t{kBQ} * ldt * sizeof(T));
+    dout = c.take(int64_t{kBQ} * ldt * sizeof(T));
+    k = c.take(int64_t{kBK} * ldt * sizeof(T));
+    v = c.take(int64_t{kBK} * ldt * sizeof(T));
+    s = c.take(int64_t{kBQ} * lds * sizeof(float));
+    dp_tile = c.take(int64_t{kBQ} * lds * sizeof(float));
+    p = c.take(int64_t{kBQ} * ldp * sizeof(T));
+    ds = c.take(int64_t{kBQ} * ldp * sizeof(T));
+    lse2 = c.take(kBQ * sizeof(float));
+    dr = c.take(kBQ * sizeof(float));
+    acc1 = c.take(acc_rows * lda * sizeof(float));
+    acc2 = by_key ? c.take(acc_rows * lda * sizeof(float)) : acc1;
+    bytes = c.used;
+  }
+};
+
+template <typename U>
+__device__ __forceinline__ U* smem_at(char* base, int64_t offset) {
+  return reinterpret_cast<U*>(base + offset);
+}
+
+// dst[i][d] (i < rows, d < dp, leading dimension ld) = row i of a strided sequence of rows
+// (row i at src + i * row_stride elements) for i < valid and d < head_dim; 0 elsewhere, so
+// that padded rows and columns never carry garbage into a product.
+template <typename T>
+__device__ void load_rows(T* dst, int ld, int rows, int dp, const T* src, int64_t row_stride,
+                          int valid, int64_t head_dim) {
+  for (int idx = threadIdx.x; idx < rows * dp; idx += kThreads) {
+    const int i = idx / dp, d = idx % dp;
+    dst[i * ld + d] = (i < valid && d < head_dim) ? src[i * row_stride + d] : from_float<T>(0.0f);
+  }
+}
+
+// Fills rows x cols fp32 entries of a tile (leading dimension ld) with `value`.
+__device__ inline void fill_tile(float* dst, int ld, int rows, int cols, float value) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+    dst[(idx / cols) * ld + idx % cols] = value;
+  }
+}
+
+// C[M][N] (fp32, ldc) = (accumulate ? C : 0) + A[M][K] * B[K][N] where
+//   A(i, k) = kTransA ? a[k * lda + i] : a[i * lda + k]
+//   B(k, j) = kTransB ? b[j * ldb + k] : b[k * ldb + j]
+// M, N and K are multiples of 16. Each 16x16 block of C belongs to one warp.
+template <typename T, bool kTransA, bool kTransB>
+__device__ void gemm_tile(const T* a, int lda, const T* b, int ldb, float* c, int ldc, int M, int N,
+                          int K, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int idx = threadIdx.x; idx < M * N; idx += kThreads) {
+      const int i = idx / N, j = idx % N;
+      float sum = accumulate ? c[i * ldc + j] : 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float x = kTransA ? a[k * lda + i] : a[i * lda + k];
+        const float y = kTransB ? b[j * ldb + k] : b[k * ldb + j];
+        sum += x * y;
+      }
+      c[i * ldc + j] = sum;
+    }
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using LayoutA = std::conditional_t<kTransA, wmma::col_major, wmma::row_major>;
+    using LayoutB = std::conditional_t<kTransB, wmma::col_major, wmma::row_major>;
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    const int blocks_n = N / 16;
+    for (int blk = warp; blk < (M / 16) * blocks_n; blk += kWarps) {
+      const int i0 = (blk / blocks_n) * 16, j0 = (blk % blocks_n) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, c + i0 * ldc + j0, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.0f);
+      }
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+        wmma::load_matrix_sync(fa, kTransA ? a + k0 * lda + i0 : a + i0 * lda + k0, lda);
+        wmma::load_matrix_sync(fb, kTransB ? b + j0 * ldb + k0 : b + k0 * ldb + j0, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(c + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+// Butterfly reductions: every lane of the warp gets the result.
+__device__ __forceinline__ float warp_max(float x) {
+  for (int step = 16; step > 0; step /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, step));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int step = 16; step > 0; step /= 2) x += __shfl_xor_sync(0xffffffffu, x, step);
+  return x;
+}
+
+// The element offset of kept row t of segment `segment` of task `t` in a [B, N, H, D] view.
+__device__ __forceinline__ int64_t kept_row_offset(const Task& task, const Strides3& st, int64_t b,
+                                                   int64_t segment, int64_t t, int64_t head) {
+  const int64_t n = segment * task.s + task.o + t * task.r;
+  return b * st.b + n * st.n + head * st.h;
+}
+
+}  // namespace ringattn::cuda

@@ -1,0 +1,296 @@
+// The CUDA backend against the fp64 reference: forward and backward, both modes, causal or
+// not, fp32 / fp16 / bf16, head dims 64, 128 and generic ones, GQA, strided layouts.
+// Every test needing a GPU skips (with the reason) when no CUDA device is usable.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "gpu_util.h"
+#include "src/dtype.h"
+#include "src/problem.h"
+#include "src/reference.h"
+#include "tests/oracle.h"
+
+namespace ringattn::test {
+namespace {
+
+// Host tensors of one case (inputs random, outputs poisoned with NaN by Tensor).
+struct HostCase {
+  Case c;
+  Tensor q, k, v, dout, out, lse, dq, dk, dv;
+
+  HostCase(const Case& cs, uint32_t seed)
+      : c(cs),
+        q(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
+        k(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0),
+        v(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 3 : 0),
+        dout(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
+        out(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
+        lse(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
+        dq(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
+        dk(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 2 : 0),
+        dv(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0) {
+    std::mt19937 rng(seed);
+    q.fill_normal(rng);
+    k.fill_normal(rng);
+    v.fill_normal(rng);
+    dout.fill_normal(rng);
+  }
+
+  BackwardProblem problem() const {
+    return make_backward_problem(c.config(), dout.view(), q.view(), k.view(), v.view(), out.view(),
+                                 lse.view(), dq.view(), dk.view(), dv.view(), 1 << 20, "reference");
+  }
+};
+
+// The same tensors on the device; run() computes forward (and backward) there and copies
+// the results back into the host tensors.
+struct DeviceCase {
+  DeviceCopy q, k, v, dout, out, lse, dq, dk, dv;
+  explicit DeviceCase(const HostCase& h)
+      : q(h.q),
+        k(h.k),
+        v(h.v),
+        dout(h.dout),
+        out(h.out),
+        lse(h.lse),
+        dq(h.dq),
+        dk(h.dk),
+        dv(h.dv) {}
+
+  void run(HostCase& h, bool backward) {
+    const DilatedAttention attn(h.c.config(), ExecOptions{Backend::kCuda, 0});
+    attn.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    out.download(h.out);
+    lse.download(h.lse);
+    if (!backward) return;
+    attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                  dk.view(), dv.view());
+    dq.download(h.dq);
+    dk.download(h.dk);
+    dv.download(h.dv);
+  }
+};
+
+double round_to(DType dtype, double x) {
+  const float f = static_cast<float>(x);
+  switch (dtype) {
+    case DType::kF16:
+      return to_f32(from_f32<fp16_t>(f));
+    case DType::kBF16:
+      return to_f32(from_f32<bf16_t>(f));
+    case DType::kF32:
+      break;
+  }
+  return f;
+}
+
+// Forward: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error of the
+// naive computation in the same precision (SPEC.md); lse close; non-zero and finite.
+void check_forward(const HostCase& h) {
+  const ReferenceResult ref = reference_forward(h.problem().fwd);
+  const Stats so = compare_bnhd(h.out, ref.out);
+  const Stats sl = compare_lse(h.lse, ref.lse);
+  EXPECT_EQ(so.nonfinite, 0);
+  EXPECT_EQ(sl.nonfinite, 0);
+  EXPECT_GT(so.ref_nonzero, 0);
+  EXPECT_EQ(so.missing, 0) << "zeros where the reference is not";
+  EXPECT_GT(so.max_ref, 0.05);
+  EXPECT_LE(sl.max_abs_err, 2e-5 * std::max(1.0, sl.max_ref));
+  if (h.c.dtype == DType::kF32) {
+    EXPECT_LE(so.max_abs_err, 1e-5);
+    return;
+  }
+  const OracleResult naive =
+      oracle_forward(h.c.config(), h.q, h.k, h.v, [&](double x) { return round_to(h.c.dtype, x); });
+  double naive_err = 0.0;
+  for (size_t i = 0; i < ref.out.size(); ++i) {
+    naive_err = std::max(naive_err, std::abs(naive.out[i] - ref.out[i]));
+  }
+  EXPECT_GT(naive_err, 0.0);
+  EXPECT_LE(so.max_abs_err, 2.0 * naive_err) << "naive low-precision error " << naive_err;
+}
+
+// Backward: dq, dk, dv against the fp64 reference gradients (the CPU backend's bounds).
+void check_backward(const HostCase& h) {
+  const ReferenceGrads ref = reference_backward(h.problem());
+  const double tol = h.c.dtype == DType::kF32 ? 2e-5 : h.c.dtype == DType::kF16 ? 4e-3 : 3e-2;
+  const struct {
+    const Tensor& x;
+    const std::vector<double>& ref;
+    const char* name;
+  } grads[] = {{h.dq, ref.dq, "dq"}, {h.dk, ref.dk, "dk"}, {h.dv, ref.dv, "dv"}};
+  for (const auto& g : grads) {
+    const Stats s = compare_bnhd(g.x, g.ref);
+    EXPECT_EQ(s.nonfinite, 0) << g.name;
+    EXPECT_GT(s.ref_nonzero, 0) << g.name;
+    EXPECT_EQ(s.missing, 0) << g.name << ": zeros where the reference is not";
+    EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref))
+        << g.name << " max |ref| " << s.max_ref;
+  }
+}
+
+void check_case(const Case& c, uint32_t seed, bool backward) {
+  SCOPED_TRACE(describe(c));
+  HostCase h(c, seed);
+  DeviceCase d(h);
+  d.run(h, backward);
+  check_forward(h);
+  if (backward) check_backward(h);
+}
+
+const DType kDtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+
+// Both modes, causal on and off, every dtype, D = 64 and 128 (own kernels) and 80 (generic).
+TEST(CudaForward, ModesCausalDtypesHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  uint32_t seed = 1;
+  for (DType dt : kDtypes) {
+    for (int64_t d : {64, 128, 80}) {
+      for (bool causal : {false, true}) {
+        check_case({1, 256, 4, 2, d, {64, 256}, {1, 2}, Mode::kGroups, causal, dt, d == 80}, seed++,
+                   false);
+        check_case({2, 256, 4, 1, d, {64, 256}, {1, 4}, Mode::kLongNet, causal, dt, d != 80},
+                   seed++, false);
+      }
+    }
+  }
+}
+
+// Many tiles per segment, partial tiles, the smallest and largest generic head dims.
+TEST(CudaForward, TilesAndEdgeHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  check_case({1, 1024, 2, 1, 64, {1024}, {1}, Mode::kGroups, true, DType::kBF16}, 20, false);
+  check_case({1, 1024, 2, 2, 128, {512, 1024}, {1, 3}, Mode::kLongNet, false, DType::kF16}, 21,
+             false);
+  check_case({1, 200, 2, 2, 80, {200}, {1}, Mode::kGroups, true, DType::kF32}, 22, false);
+  for (DType dt : kDtypes) {
+    check_case({1, 96, 2, 1, 1, {48, 96}, {1, 5}, Mode::kLongNet, true, dt}, 23, false);
+    check_case({1, 96, 2, 1, 256, {48, 96}, {1, 5}, Mode::kLongNet, true, dt}, 24, false);
+  }
+}
+
+TEST(CudaForward, RandomisedConfigurations) {
+  RA_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(30);
+  for (int trial = 0; trial < 12; ++trial) {
+    Case c = random_case(rng, {16, 64, 80, 128});
+    c.dtype = kDtypes[trial % 3];
+    check_case(c, 100 + static_cast<uint32_t>(trial), false);
+  }
+}
+
+TEST(CudaBackward, ModesCausalDtypesHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  uint32_t seed = 40;
+  for (DType dt : kDtypes) {
+    for (int64_t d : {64, 128, 80}) {
+      for (bool causal : {false, true}) {
+        check_case({1, 128, 4, 2, d, {32, 128}, {1, 2}, Mode::kGroups, causal, dt, d == 80}, seed++,
+                   true);
+        check_case({1, 192, 2, 1, d, {96, 192}, {1, 3}, Mode::kLongNet, causal, dt, d != 80},
+                   seed++, true);
+      }
+    }
+  }
+}
+
+TEST(CudaBackward, TilesAndEdgeHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  check_case({1, 512, 1, 1, 64, {512}, {1}, Mode::kGroups, true, DType::kF16}, 60, true);
+  check_case({1, 200, 2, 2, 80, {200}, {1}, Mode::kGroups, true, DType::kF32}, 61, true);
+  check_case({1, 96, 2, 1, 256, {48, 96}, {1, 5}, Mode::kLongNet, true, DType::kBF16}, 62, true);
+  check_case({1, 96, 2, 1, 1, {48, 96}, {1, 5}, Mode::kLongNet, false, DType::kF32}, 63, true);
+}
+
+TEST(CudaBackward, RandomisedConfigurations) {
+  RA_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(70);
+  for (int trial = 0; trial < 8; ++trial) {
+    Case c = random_case(rng, {16, 64, 80, 128});
+    c.dtype = kDtypes[trial % 3];
+    check_case(c, 200 + static_cast<uint32_t>(trial), true);
+  }
+}
+
+TEST(CudaBackward, BitwiseDeterministic) {
+  RA_SKIP_WITHOUT_GPU();
+  const Case c{2, 256, 4, 2, 64, {64, 256}, {1, 2}, Mode::kLongNet, true, DType::kBF16};
+  HostCase a(c, 80), b(c, 80);
+  DeviceCase da(a), db(b);
+  da.run(a, true);
+  db.run(b, true);
+  EXPECT_EQ(a.out.bytes(), b.out.bytes());
+  EXPECT_EQ(a.lse.bytes(), b.lse.bytes());
+  EXPECT_EQ(a.dq.bytes(), b.dq.bytes());
+  EXPECT_EQ(a.dk.bytes(), b.dk.bytes());
+  EXPECT_EQ(a.dv.bytes(), b.dv.bytes());
+  EXPECT_GT(compare_bnhd(a.dk, std::vector<double>(a.dk.view().numel(), 0.0)).nonzero, 0);
+}
+
+// The user's stream: results are written when forward returns.
+TEST(CudaForward, RunsOnTheGivenStream) {
+  RA_SKIP_WITHOUT_GPU();
+  const Case c{1, 128, 2, 2, 64, {128}, {1}, Mode::kGroups, true, DType::kF16};
+  HostCase h(c, 90);
+  DeviceCase d(h);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const DilatedAttention attn(c.config(), ExecOptions{Backend::kCuda, 0, stream});
+  attn.forward(d.q.view(), d.k.view(), d.v.view(), d.out.view(), d.lse.view());
+  d.out.download(h.out);
+  d.lse.download(h.lse);
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+  check_forward(h);
+}
+
+// Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
+// backend on host tensors, the ring on CUDA tensors; and without a GPU, CUDA tensors are a
+// device error.
+TEST(CudaApi, DeviceErrors) {
+  const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
+  HostCase h(c, 100);
+  TensorView on_gpu = h.k.view();
+  on_gpu.device = Device::kCUDA;
+  TensorView q_gpu = h.q.view();
+  q_gpu.device = Device::kCUDA;
+  const DilatedAttention cpu(c.config());
+  Error e = error_of([&] { cpu.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(e.what()).find("k lives on the CPU (host memory) but this call runs on "
+                                       "a CUDA device"),
+            std::string::npos)
+      << e.what();
+  const DilatedAttention ref(c.config(), ExecOptions{Backend::kReference, 0});
+  e = error_of([&] { ref.forward(q_gpu, on_gpu, on_gpu, q_gpu); });
+  EXPECT_NE(std::string(e.what()).find("reference runs on the CPU"), std::string::npos) << e.what();
+  const DilatedAttention cuda(c.config(), ExecOptions{Backend::kCuda, 0});
+  e = error_of([&] { cuda.forward(h.q.view(), h.k.view(), h.v.view(), h.out.view()); });
+  EXPECT_NE(std::string(e.what()).find("backend = cuda needs tensors on a CUDA device"),
+            std::string::npos)
+      << e.what();
+  const std::unique_ptr<Communicator> self = make_self_communicator();
+  RingDilatedAttention ring(c.config(), *self);
+  e = error_of([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("RingDilatedAttention runs on host tensors only"),
+            std::string::npos)
+      << e.what();
+  TensorView k_gpu = h.k.view(), v_gpu = h.v.view(), out_gpu = h.out.view();
+  k_gpu.device = v_gpu.device = out_gpu.device = Device::kCUDA;
+  e = error_of([&] { cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu); });
+  if (no_gpu_reason().empty()) {
+    // Host memory marked kCUDA is caught before any kernel runs.
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
+        << e.what();
+  } else {
+    EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();
+    EXPECT_NE(std::string(e.what()).find("no CUDA device is usable"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace ringattn::test
