@@ -23,6 +23,7 @@
 
 #include "dilated_bench.h"
 #include "harness.h"
+#include "multihead_bench.h"
 #include "ring_bench.h"
 #include "ringattn/ringattn.h"
 #ifdef RINGATTN_HAVE_MPI
@@ -85,8 +86,9 @@ class CommandLine {
   // flag). Only with `print` does it print help or the error.
   std::optional<int> parse(int argc, char** argv, bool print);
 
-  // The implementations to measure on `ranks` ranks: dilated runs in one process, so
-  // --impl all on several ranks means ring alone. Throws on one that is not built.
+  // The implementations to measure on `ranks` ranks: dilated and multihead run in one
+  // process, so --impl all on several ranks means ring and distributed (the layers: fp32
+  // only). Throws on one that is not built.
   std::vector<std::string> impls(int ranks) const;
 
   // The rows to measure, each checked by the library before anything is measured (and for
@@ -219,18 +221,23 @@ DilatedShape CommandLine::row(const std::string& name) const {
 }
 
 std::vector<std::string> CommandLine::impls(int ranks) const {
-  if (impl_ == "all") {
-    return ranks > 1 ? std::vector<std::string>{"ring"}
-                     : std::vector<std::string>{"dilated", "ring"};
+  if (impl_ == "all") {  // the layers compute in fp32 only
+    std::vector<std::string> all =
+        ranks > 1 ? std::vector<std::string>{"ring", "distributed"}
+                  : std::vector<std::string>{"dilated", "multihead", "ring", "distributed"};
+    if (dtype_ != DType::kF32)
+      std::erase_if(all, [](auto& i) { return i != "dilated" && i != "ring"; });
+    return all;
   }
-  if (impl_ != "dilated" && impl_ != "ring") {
-    throw std::invalid_argument("--impl " + impl_ + " is not built yet; available: dilated, ring");
+  if (impl_ == "blocksparse") {
+    throw std::invalid_argument(
+        "--impl blocksparse is not built yet; available: dilated, multihead, ring, distributed");
   }
-  if (impl_ == "dilated" && ranks > 1) {
-    throw std::invalid_argument(format(
-        "--impl dilated runs in one process, not on %d ranks; run it without mpirun (or with "
-        "-np 1), or measure --impl ring",
-        ranks));
+  if ((impl_ == "dilated" || impl_ == "multihead") && ranks > 1) {
+    throw std::invalid_argument(
+        format("--impl %s runs in one process, not on %d ranks; run it without mpirun (or with "
+               "-np 1), or measure --impl %s",
+               impl_.c_str(), ranks, impl_ == "dilated" ? "ring" : "distributed"));
   }
   return {impl_};
 }
@@ -250,6 +257,11 @@ std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impl
     rows.push_back(row(name));
     if (std::find(impls.begin(), impls.end(), "ring") != impls.end()) {
       validate_ring(rows.back(), options_, ranks);
+    }
+    for (const char* layer : {"multihead", "distributed"}) {
+      if (std::find(impls.begin(), impls.end(), layer) != impls.end()) {
+        validate_layer(rows.back(), options_, layer, ranks);
+      }
     }
   }
   return rows;
@@ -303,13 +315,19 @@ int run(int argc, char** argv, Communicator& world) {
     for (const std::string& impl : impls) {
       if (lead) {
         std::fprintf(stderr, "# running %s %s %s on %d rank(s) (%zu of %zu)\n", impl.c_str(),
-                     row.name.c_str(), dtype_name(row.dtype), impl == "ring" ? world.size() : 1,
-                     ++done, total);
+                     row.name.c_str(), dtype_name(row.dtype),
+                     impl == "ring" || impl == "distributed" ? world.size() : 1, ++done, total);
       }
-      const Record record =
-          impl == "ring" ? run_ring(row, options, world) : run_dilated(row, options);
+      nlohmann::ordered_json extra;  // keys a multihead row adds to its record
+      const Record record = impl == "ring"          ? run_ring(row, options, world)
+                            : impl == "multihead"   ? run_multihead(row, options, extra)
+                            : impl == "distributed" ? run_distributed(row, options, world)
+                                                    : run_dilated(row, options);
       if (lead) print_table_row(record, ceiling);
-      records.push_back(to_json(record, ceiling));
+      if (lead && !extra.empty()) print_layer_overhead(record, extra);
+      nlohmann::ordered_json json = to_json(record, ceiling);
+      json.update(extra);
+      records.push_back(json);
       any_wrong = any_wrong || record.wrong.value_or(0) > 0;
     }
   }

@@ -164,7 +164,7 @@ void MultiheadLayer::forward(const MultiheadWeights& w, const LayerInputs& in, f
   const int64_t fq = shape_.q_features(), fk = shape_.kv_features();
   const auto project = [&](const float* x, const std::vector<float>& weight,
                            const std::vector<float>& bias, int64_t f, float* out) {
-    cpu::gemm(false, true, rows, f, e, x, e, weight.data(), e, 0.0f, out, f);
+    cpu::gemm(false, true, rows, f, e, x, e, weight.data(), e, 0.0f, out, f, threads_);
     if (config_.bias) cpu::add_rows(bias.data(), rows, f, out, threads_);
   };
   project(in.query, w.wq, w.bq, fq, s.q.data());
@@ -187,7 +187,7 @@ void MultiheadLayer::forward(const MultiheadWeights& w, const LayerInputs& in, f
                             s.attn_stats.data(), group_.sum_norm_stats, threads_);
   }
   const float* o = config_.layer_norm ? s.attn_n.data() : s.attn.data();
-  cpu::gemm(false, true, rows, e, fq, o, fq, w.wo.data(), fq, 0.0f, y, e);
+  cpu::gemm(false, true, rows, e, fq, o, fq, w.wo.data(), fq, 0.0f, y, e, threads_);
   if (group_.sum) group_.sum(y, rows * e);  // row-parallel output projection
   if (config_.bias) cpu::add_rows(w.bo.data(), rows, e, y, threads_);
 }
@@ -217,9 +217,9 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
   // Output projection and the sub-LayerNorm.
   if (config_.bias) cpu::column_sums(dy, rows, e, grads.bo.data(), threads_);
   const float* o = ln ? s.attn_n.data() : s.attn.data();
-  cpu::gemm(true, false, e, fq, rows, dy, e, o, fq, 0.0f, grads.wo.data(), fq);
+  cpu::gemm(true, false, e, fq, rows, dy, e, o, fq, 0.0f, grads.wo.data(), fq, threads_);
   std::vector<float> d_attn(static_cast<size_t>(rows * fq));
-  cpu::gemm(false, false, rows, fq, e, dy, e, w.wo.data(), fq, 0.0f, d_attn.data(), fq);
+  cpu::gemm(false, false, rows, fq, e, dy, e, w.wo.data(), fq, 0.0f, d_attn.data(), fq, threads_);
   if (ln) {
     cpu::layer_norm_backward(d_attn.data(), s.attn.data(), s.attn_stats.data(), rows, fq,
                              shape_.total_heads * d, w.out_norm_weight.data(), d_attn.data(),
@@ -261,11 +261,11 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
                      {dv.data(), in.value, w.wv, grads.wv, grads.bv, fk, dvalue}};
   std::vector<float*> written;  // in the same order on every rank (the sums below)
   for (const auto& p : projections) {
-    cpu::gemm(true, false, p.f, e, rows, p.grad, p.f, p.x, e, 0.0f, p.dweight.data(), e);
+    cpu::gemm(true, false, p.f, e, rows, p.grad, p.f, p.x, e, 0.0f, p.dweight.data(), e, threads_);
     if (config_.bias) cpu::column_sums(p.grad, rows, p.f, p.dbias.data(), threads_);
     const bool again = std::find(written.begin(), written.end(), p.dx) != written.end();
     cpu::gemm(false, false, rows, e, p.f, p.grad, p.f, p.weight.data(), e, again ? 1.0f : 0.0f,
-              p.dx, e);
+              p.dx, e, threads_);
     if (!again) written.push_back(p.dx);
   }
   // Column-parallel input projections: the inputs' gradients are sums over the head slices.

@@ -92,6 +92,7 @@ const LayerCase kCases[] = {
     {2, 16, 32, 4, 1, {16}, {1}, Mode::kGroups, true, false, true},
     {1, 32, 32, 8, 4, {8, 32}, {1, 3}, Mode::kLongNet, true, true, false},
     {1, 16, 16, 2, 2, {8}, {2}, Mode::kGroups, false, false, false},
+    {2, 64, 32, 4, 2, {16, 64}, {1, 2}, Mode::kLongNet, true},  // 128 rows: threaded GEMMs
 };
 
 TEST(Multihead, ForwardMatchesComposedReference) {
@@ -100,7 +101,7 @@ TEST(Multihead, ForwardMatchesComposedReference) {
       SCOPED_TRACE(describe(c) + (self ? " self" : " cross"));
       const MultiheadConfig config = c.config();
       const MultiheadWeights w = random_weights(config, 7);
-      const MultiheadDilatedAttention layer(config, w);
+      const MultiheadDilatedAttention layer(config, w, {Backend::kCpu, 2});
       const size_t n = static_cast<size_t>(c.B * c.N * c.E);
       const std::vector<float> xq = normal_vector(n, 1);
       const std::vector<float> xk = self ? xq : normal_vector(n, 2);

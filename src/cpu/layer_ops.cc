@@ -10,9 +10,37 @@
 
 #include "../check.h"
 
+#ifdef RINGATTN_OPENBLAS
+extern "C" int openblas_get_num_threads(void);
+extern "C" void openblas_set_num_threads(int num_threads);
+#endif
+
 namespace ringattn::cpu {
 
 namespace {
+
+// While alive, BLAS calls run on the calling thread only (OpenBLAS; the previous thread count
+// is restored after). Returns false where the BLAS offers no such switch.
+class SingleThreadedBlas {
+ public:
+#ifdef RINGATTN_OPENBLAS
+  SingleThreadedBlas() : previous_(openblas_get_num_threads()) {
+    openblas_set_num_threads(1);
+  }
+  ~SingleThreadedBlas() {
+    openblas_set_num_threads(previous_);
+  }
+  static constexpr bool kAvailable = true;
+
+ private:
+  int previous_;
+#else
+  static constexpr bool kAvailable = false;
+#endif
+};
+
+// Rows (or columns) of C per OpenMP thread below which one BLAS call does the whole product.
+constexpr int64_t kMinGemmSplit = 64;
 
 int resolve(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
@@ -32,10 +60,36 @@ constexpr int64_t kColumnBlock = 64;
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, blas_int(m), blas_int(n), blas_int(k), 1.0f, a,
-              blas_int(lda), b, blas_int(ldb), beta, c, blas_int(ldc));
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
+  const auto call = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    // Rows [i0, i1) and columns [j0, j1) of C.
+    const float* a_part = a + (trans_a ? i0 : i0 * lda);
+    const float* b_part = b + (trans_b ? j0 * ldb : j0);
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, blas_int(i1 - i0), blas_int(j1 - j0),
+                blas_int(k), 1.0f, a_part, blas_int(lda), b_part, blas_int(ldb), beta,
+                c + i0 * ldc + j0, blas_int(ldc));
+  };
+  // One thread pool: the OpenMP threads each multiply a block of C's rows (or columns) with a
+  // single-threaded BLAS call, so that BLAS's own threads never spin against the OpenMP
+  // threads of the attention kernels that run next.
+  const bool by_rows = m >= n;
+  const int64_t extent = by_rows ? m : n;
+  const int64_t parts = std::min<int64_t>(resolve(threads), extent / kMinGemmSplit);
+  if (!SingleThreadedBlas::kAvailable || parts <= 1) {
+    call(0, m, 0, n);
+    return;
+  }
+  const SingleThreadedBlas single;
+#pragma omp parallel for num_threads(static_cast <int>(parts)) schedule(static, 1)
+  for (int64_t part = 0; part < parts; ++part) {
+    const int64_t begin = extent * part / parts, end = extent * (part + 1) / parts;
+    if (by_rows) {
+      call(begin, end, 0, n);
+    } else {
+      call(0, m, begin, end);
+    }
+  }
 }
 
 void layer_norm_forward(const float* x, int64_t rows, int64_t features, int64_t total_features,
@@ -44,15 +98,19 @@ void layer_norm_forward(const float* x, int64_t rows, int64_t features, int64_t 
   const double inv_f = 1.0 / static_cast<double>(total_features);
   std::vector<double> acc(static_cast<size_t>(rows));
   const auto sum_row = [&](int64_t r) {
+    const float* row = x + r * features;
     double s = 0.0;
-    for (int64_t j = 0; j < features; ++j) s += x[r * features + j];
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < features; ++j) s += row[j];
     acc[r] = s;
   };
   const auto squares_row = [&](int64_t r) {
     const double mean = acc[r] * inv_f;
+    const float* row = x + r * features;
     double s = 0.0;
+#pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < features; ++j) {
-      const double d = x[r * features + j] - mean;
+      const double d = row[j] - mean;
       s += d * d;
     }
     stats[2 * r] = static_cast<float>(mean);
@@ -62,9 +120,10 @@ void layer_norm_forward(const float* x, int64_t rows, int64_t features, int64_t 
     const float mean = stats[2 * r];
     const float rstd = static_cast<float>(1.0 / std::sqrt(acc[r] * inv_f + eps));
     stats[2 * r + 1] = rstd;
-    for (int64_t j = 0; j < features; ++j) {
-      y[r * features + j] = (x[r * features + j] - mean) * rstd * w[j] + b[j];
-    }
+    const float* row = x + r * features;
+    float* out = y + r * features;
+#pragma omp simd
+    for (int64_t j = 0; j < features; ++j) out[j] = (row[j] - mean) * rstd * w[j] + b[j];
   };
   const int t = resolve(threads);
   if (!sum) {
@@ -97,6 +156,7 @@ void layer_norm_backward(const float* dy, const float* x, const float* stats, in
   };
   const auto sums_row = [&](int64_t r) {
     double a = 0.0, c = 0.0;
+#pragma omp simd reduction(+ : a, c)
     for (int64_t j = 0; j < features; ++j) {
       const double g = static_cast<double>(dy[r * features + j]) * w[j];
       a += g;
@@ -109,6 +169,7 @@ void layer_norm_backward(const float* dy, const float* x, const float* stats, in
     const float a = static_cast<float>(acc[2 * r] * inv_f);
     const float c = static_cast<float>(acc[2 * r + 1] * inv_f);
     const float rstd = stats[2 * r + 1];
+#pragma omp simd
     for (int64_t j = 0; j < features; ++j) {
       dx[r * features + j] = rstd * (dy[r * features + j] * w[j] - a - xhat(r, j) * c);
     }

@@ -11,9 +11,11 @@ namespace ringattn::cpu {
 
 // C[m, n] = A' B' + beta C with A' = A [m, k] (or A^T for A [k, m] when trans_a), B' = B [k, n]
 // (or B^T for B [n, k] when trans_b); leading dimensions are the row lengths as stored.
-// Throws Error(kUnsupported) when a size exceeds the BLAS's int.
+// With OpenBLAS, the OpenMP threads split C and each makes a single-threaded BLAS call (BLAS's
+// own thread count is set to 1 meanwhile and restored after). Throws Error(kUnsupported) when
+// a size exceeds the BLAS's int.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads);
 
 // Adds n per-row partial sums over the ranks that hold the other features of each row (the
 // ranks of a head-parallel group); empty when one process holds every feature.
