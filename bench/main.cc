@@ -318,7 +318,7 @@ int run(int argc, char** argv, Communicator& world) {
                      row.name.c_str(), dtype_name(row.dtype),
                      impl == "ring" || impl == "distributed" ? world.size() : 1, ++done, total);
       }
-      nlohmann::ordered_json extra;  // keys a multihead row adds to its record
+      nlohmann::ordered_json extra = nlohmann::ordered_json::object();  // a multihead row adds keys
       const Record record = impl == "ring"          ? run_ring(row, options, world)
                             : impl == "multihead"   ? run_multihead(row, options, extra)
                             : impl == "distributed" ? run_distributed(row, options, world)

@@ -39,8 +39,10 @@ class SingleThreadedBlas {
 #endif
 };
 
-// Rows (or columns) of C per OpenMP thread below which one BLAS call does the whole product.
+// Rows (or columns) of C per block below which one BLAS call does the whole product, and the
+// blocks per OpenMP thread above it.
 constexpr int64_t kMinGemmSplit = 64;
+constexpr int kGemmBlocksPerThread = 4;
 
 int resolve(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
@@ -73,15 +75,22 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
   // One thread pool: the OpenMP threads each multiply a block of C's rows (or columns) with a
   // single-threaded BLAS call, so that BLAS's own threads never spin against the OpenMP
   // threads of the attention kernels that run next.
+  // A few blocks per thread, taken dynamically, so that a thread slowed down (by another
+  // process on its core) holds up little.
   const bool by_rows = m >= n;
   const int64_t extent = by_rows ? m : n;
-  const int64_t parts = std::min<int64_t>(resolve(threads), extent / kMinGemmSplit);
-  if (!SingleThreadedBlas::kAvailable || parts <= 1) {
+  const int t = resolve(threads);
+  const int64_t parts = std::min<int64_t>(kGemmBlocksPerThread * t, extent / kMinGemmSplit);
+  if (!SingleThreadedBlas::kAvailable) {
     call(0, m, 0, n);
     return;
   }
   const SingleThreadedBlas single;
-#pragma omp parallel for num_threads(static_cast <int>(parts)) schedule(static, 1)
+  if (t == 1 || parts <= 1) {
+    call(0, m, 0, n);
+    return;
+  }
+#pragma omp parallel for num_threads(t) schedule(dynamic, 1)
   for (int64_t part = 0; part < parts; ++part) {
     const int64_t begin = extent * part / parts, end = extent * (part + 1) / parts;
     if (by_rows) {
