@@ -11,9 +11,10 @@ namespace ringattn::cpu {
 
 // C[m, n] = A' B' + beta C with A' = A [m, k] (or A^T for A [k, m] when trans_a), B' = B [k, n]
 // (or B^T for B [n, k] when trans_b); leading dimensions are the row lengths as stored.
-// With OpenBLAS, the OpenMP threads split C and each makes a single-threaded BLAS call (BLAS's
-// own thread count is set to 1 meanwhile and restored after). Throws Error(kUnsupported) when
-// a size exceeds the BLAS's int.
+// With OpenBLAS, the `threads` OpenMP threads split C into blocks and make single-threaded BLAS
+// calls (BLAS's own thread count is set to 1 meanwhile and restored after); with another BLAS,
+// one call with that BLAS's own threading. Throws Error(kUnsupported) when a size exceeds the
+// BLAS's int.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads);
 
