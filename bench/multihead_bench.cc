@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "ring_bench.h"
@@ -19,6 +21,7 @@ namespace ringattn::bench {
 namespace {
 
 constexpr uint64_t kWeightSeed = 1;
+constexpr std::chrono::milliseconds kBlasIdle{250};
 // y of the layer against the layer with the reference attention (or the single-process
 // layer): fp32 differences in the attention, carried through the LayerNorm and projection.
 constexpr Tolerance kLayerTolerance{1e-4, 1e-4};
@@ -224,6 +227,9 @@ Record run_multihead(const DilatedShape& s, const RunOptions& options,
     const double layer_round = time_calls(run_layer, 0, 1).mean_ms;
     const double core_round = time_calls(run_core, 0, 1).mean_ms;
     const double gemm_round = time_calls(run_gemms, 0, 1).mean_ms;
+    // OpenBLAS's worker threads spin for ~0.1 s after a call (THREAD_TIMEOUT): let them go
+    // idle before the next round's layer call (the layer runs BLAS on its OpenMP threads).
+    std::this_thread::sleep_for(kBlasIdle);
     core_ms += core_round / options.iters;
     gemm_ms += gemm_round / options.iters;
     ratios.push_back(layer_round / (core_round + 1.2 * gemm_round));
