@@ -299,11 +299,13 @@ Record run_distributed(const DilatedShape& s, const RunOptions& options, Communi
   r.bytes_sent_total = bytes_total;
   set_layer_rates(r, s);
 
-  if (options.check && options.backward && comm.rank() == 0) {
-    std::printf(
-        "# distributed %s: --check covers the forward; the layer's gradients are "
-        "checked by the tests (tests/test_distributed.cc)\n",
-        s.name.c_str());
+  if (options.check && options.backward) {
+    if (comm.rank() == 0) {
+      std::printf(
+          "# distributed %s: --check covers the forward; the layer's gradients are "
+          "checked by the tests (tests/test_distributed.cc)\n",
+          s.name.c_str());
+    }
   } else if (options.check) {
     // This rank's rows against the single-process layer over the whole sequence.
     const MultiheadDilatedAttention whole(config, kWeightSeed, exec);

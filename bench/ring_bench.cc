@@ -115,11 +115,13 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
   r.comm_wait_ms = static_cast<double>(most[3]) * 1e-6;
   r.bytes_sent_total = bytes_total;
   set_rates(r, s);
-  if (options.check && g && comm.rank() == 0) {
-    std::printf(
-        "# ring %s: --check covers the forward; the ring backward is checked by the "
-        "tests (tests/test_ring.cc)\n",
-        s.name.c_str());
+  if (options.check && g) {
+    if (comm.rank() == 0) {
+      std::printf(
+          "# ring %s: --check covers the forward; the ring backward is checked by the "
+          "tests (tests/test_ring.cc)\n",
+          s.name.c_str());
+    }
   } else if (options.check) {
     const size_t full = Tensors::full_bytes(s);
     if (full <= kRingCheckMaxBytes) {
