@@ -1,6 +1,7 @@
 #include "multihead_layer.h"
 
 #include <algorithm>
+#include <memory>
 
 #include "check.h"
 
@@ -218,30 +219,32 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
   if (config_.bias) cpu::column_sums(dy, rows, e, grads.bo.data(), threads_);
   const float* o = ln ? s.attn_n.data() : s.attn.data();
   cpu::gemm(true, false, e, fq, rows, dy, e, o, fq, 0.0f, grads.wo.data(), fq, threads_);
-  std::vector<float> d_attn(static_cast<size_t>(rows * fq));
-  cpu::gemm(false, false, rows, fq, e, dy, e, w.wo.data(), fq, 0.0f, d_attn.data(), fq, threads_);
+  // Scratch, fully written before it is read (not zero-filled).
+  const auto scratch = [](int64_t n) { return std::make_unique_for_overwrite<float[]>(n); };
+  const std::unique_ptr<float[]> d_attn = scratch(rows * fq);
+  cpu::gemm(false, false, rows, fq, e, dy, e, w.wo.data(), fq, 0.0f, d_attn.get(), fq, threads_);
   if (ln) {
-    cpu::layer_norm_backward(d_attn.data(), s.attn.data(), s.attn_stats.data(), rows, fq,
-                             shape_.total_heads * d, w.out_norm_weight.data(), d_attn.data(),
+    cpu::layer_norm_backward(d_attn.get(), s.attn.data(), s.attn_stats.data(), rows, fq,
+                             shape_.total_heads * d, w.out_norm_weight.data(), d_attn.get(),
                              grads.out_norm_weight.data(), grads.out_norm_bias.data(),
                              group_.sum_norm_stats, threads_);
   }
 
   // Attention.
-  std::vector<float> dq(static_cast<size_t>(rows * fq)), dk(static_cast<size_t>(rows * fk)),
-      dv(static_cast<size_t>(rows * fk));
+  const std::unique_ptr<float[]> dq = scratch(rows * fq), dk = scratch(rows * fk),
+                                 dv = scratch(rows * fk);
   const Views v = attention_views(s);
-  core_.backward(bnhd(d_attn.data(), in.batch, in.seq, shape_.heads, d), v.q, v.k, v.v, v.out,
-                 v.lse, bnhd(dq.data(), in.batch, in.seq, shape_.heads, d),
-                 bnhd(dk.data(), in.batch, in.seq, shape_.kv_heads, d),
-                 bnhd(dv.data(), in.batch, in.seq, shape_.kv_heads, d));
+  core_.backward(bnhd(d_attn.get(), in.batch, in.seq, shape_.heads, d), v.q, v.k, v.v, v.out, v.lse,
+                 bnhd(dq.get(), in.batch, in.seq, shape_.heads, d),
+                 bnhd(dk.get(), in.batch, in.seq, shape_.kv_heads, d),
+                 bnhd(dv.get(), in.batch, in.seq, shape_.kv_heads, d));
   if (ln) {
-    cpu::layer_norm_backward(dq.data(), s.q.data(), s.q_stats.data(), rows, fq,
-                             shape_.total_heads * d, w.q_norm_weight.data(), dq.data(),
+    cpu::layer_norm_backward(dq.get(), s.q.data(), s.q_stats.data(), rows, fq,
+                             shape_.total_heads * d, w.q_norm_weight.data(), dq.get(),
                              grads.q_norm_weight.data(), grads.q_norm_bias.data(),
                              group_.sum_norm_stats, threads_);
-    cpu::layer_norm_backward(dk.data(), s.k.data(), s.k_stats.data(), rows, fk,
-                             shape_.total_kv_heads * d, w.k_norm_weight.data(), dk.data(),
+    cpu::layer_norm_backward(dk.get(), s.k.data(), s.k_stats.data(), rows, fk,
+                             shape_.total_kv_heads * d, w.k_norm_weight.data(), dk.get(),
                              grads.k_norm_weight.data(), grads.k_norm_bias.data(),
                              group_.sum_norm_stats, threads_);
   }
@@ -256,9 +259,9 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
     std::vector<float>& dbias;
     int64_t f;
     float* dx;
-  } projections[] = {{dq.data(), in.query, w.wq, grads.wq, grads.bq, fq, dquery},
-                     {dk.data(), in.key, w.wk, grads.wk, grads.bk, fk, dkey},
-                     {dv.data(), in.value, w.wv, grads.wv, grads.bv, fk, dvalue}};
+  } projections[] = {{dq.get(), in.query, w.wq, grads.wq, grads.bq, fq, dquery},
+                     {dk.get(), in.key, w.wk, grads.wk, grads.bk, fk, dkey},
+                     {dv.get(), in.value, w.wv, grads.wv, grads.bv, fk, dvalue}};
   std::vector<float*> written;  // in the same order on every rank (the sums below)
   for (const auto& p : projections) {
     cpu::gemm(true, false, p.f, e, rows, p.grad, p.f, p.x, e, 0.0f, p.dweight.data(), e, threads_);
