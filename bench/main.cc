@@ -226,7 +226,7 @@ std::vector<std::string> CommandLine::impls(int ranks) const {
         ranks > 1 ? std::vector<std::string>{"ring", "distributed"}
                   : std::vector<std::string>{"dilated", "multihead", "ring", "distributed"};
     if (dtype_ != DType::kF32)
-      std::erase_if(all, [](auto& i) { return i != "dilated" && i != "ring"; });
+      std::erase_if(all, [](const std::string& i) { return i != "dilated" && i != "ring"; });
     return all;
   }
   if (impl_ == "blocksparse") {

@@ -40,6 +40,16 @@ std::vector<ParamSpec> param_specs(const MultiheadConfig& config, const LayerSha
   return specs;
 }
 
+namespace {
+
+// Every buffer of MultiheadWeights (as with bias and layer_norm), sized for `shape`.
+std::vector<ParamSpec> every_param(MultiheadConfig config, const LayerShape& shape) {
+  config.bias = config.layer_norm = true;
+  return param_specs(config, shape);
+}
+
+}  // namespace
+
 MultiheadWeights zero_weights(const MultiheadConfig& config, const LayerShape& shape) {
   MultiheadWeights w;
   for (const ParamSpec& p : param_specs(config, shape)) {
@@ -51,9 +61,7 @@ MultiheadWeights zero_weights(const MultiheadConfig& config, const LayerShape& s
 void check_weights(const MultiheadConfig& config, const LayerShape& shape,
                    const MultiheadWeights& weights, const char* what) {
   const std::vector<ParamSpec> specs = param_specs(config, shape);
-  MultiheadConfig all = config;  // every buffer: those absent here must be empty
-  all.bias = all.layer_norm = true;
-  for (const ParamSpec& p : param_specs(all, shape)) {
+  for (const ParamSpec& p : every_param(config, shape)) {  // those absent must be empty
     const bool present = std::any_of(specs.begin(), specs.end(),
                                      [&](const ParamSpec& x) { return x.member == p.member; });
     const size_t size = (weights.*p.member).size();
@@ -209,6 +217,7 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
   const int64_t rows = in.batch * in.seq, e = shape_.embed, d = shape_.head_dim;
   const int64_t fq = shape_.q_features(), fk = shape_.kv_features();
   check_saved(in, saved);
+  for (const ParamSpec& p : every_param(config_, shape_)) (grads.*p.member).clear();
   for (const ParamSpec& p : param_specs(config_, shape_)) {
     (grads.*p.member).resize(static_cast<size_t>(p.size));
   }

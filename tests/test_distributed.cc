@@ -106,10 +106,11 @@ void check_distributed(const LayerCase& c, Communicator& seq, Communicator& head
       {&MultiheadWeights::wv, "wv"},
       {&MultiheadWeights::wo, "wo"},
       {&MultiheadWeights::bq, "bq"},
+      {&MultiheadWeights::bk, "bk"},
       {&MultiheadWeights::bv, "bv"},
       {&MultiheadWeights::bo, "bo"},
       {&MultiheadWeights::q_norm_weight, "q_norm_weight"},
-      {&MultiheadWeights::k_norm_weight, "k_norm_weight"},
+      {&MultiheadWeights::k_norm_weight, "k_norm_weight"},  // (k_norm_bias: exactly 0)
       {&MultiheadWeights::out_norm_weight, "out_norm_weight"},
       {&MultiheadWeights::out_norm_bias, "out_norm_bias"}};
   for (const auto& [member, name] : params) {
