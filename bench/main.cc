@@ -171,6 +171,11 @@ CommandLine::CommandLine() {
       ->check(CLI::IsMember({"0", "1"}));
   app_.add_option("--backend", options_.backend, "default cpu")
       ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
+  app_.add_option("--head-ranks", options_.head_ranks,
+                  "--impl distributed: ranks per head-parallel group (the others split the "
+                  "sequence); must divide the rank count, H and Hkv")
+      ->check(at_least(1))
+      ->capture_default_str();
   app_.add_option("--threads", options_.threads, "CPU threads (per rank); 0 = OpenMP's default")
       ->check(at_least(0))
       ->capture_default_str();

@@ -14,6 +14,9 @@
 
 #include "ring_bench.h"
 #include "ringattn/distributed.h"
+#ifdef RINGATTN_HAVE_MPI
+#include "ringattn/comm_mpi.h"
+#endif
 #include "ringattn/multihead.h"
 #include "tensors.h"
 
@@ -165,7 +168,15 @@ void validate_layer(const DilatedShape& s, const RunOptions& options, const std:
     throw std::invalid_argument(format("--impl %s computes in fp32; use --dtype fp32, not %s",
                                        impl.c_str(), dtype_name(s.dtype)));
   }
-  if (impl == "distributed") validate_ring(s, options, ranks);
+  if (impl == "distributed") {
+    const int t = options.head_ranks;
+    if (ranks % t != 0 || s.heads % t != 0 || s.kv_heads % t != 0) {
+      throw std::invalid_argument(
+          format("--head-ranks %d must divide the rank count (%d), H (%lld) and Hkv (%lld)", t,
+                 ranks, static_cast<long long>(s.heads), static_cast<long long>(s.kv_heads)));
+    }
+    validate_ring(s, options, ranks / t);
+  }
   layer_config(s).validate();
 }
 
@@ -262,9 +273,22 @@ Record run_multihead(const DilatedShape& s, const RunOptions& options,
 Record run_distributed(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
   const MultiheadConfig config = layer_config(s);
   const ExecOptions exec{options.backend, options.threads};
-  const std::unique_ptr<Communicator> self = make_self_communicator();
-  DistributedDilatedAttention layer(config, comm, *self, kWeightSeed, {}, exec);
-  const int64_t rows = s.seq / comm.size(), row0 = comm.rank() * rows;
+  // The sequence and head groups: the whole world and one rank, or a grid.
+  std::unique_ptr<Communicator> seq_owned, head_owned;
+  if (options.head_ranks == 1) {
+    head_owned = make_self_communicator();
+  } else {
+#ifdef RINGATTN_HAVE_MPI
+    MpiGrid grid = make_mpi_grid(MPI_COMM_WORLD, options.head_ranks);
+    seq_owned = std::move(grid.seq);
+    head_owned = std::move(grid.head);
+#else
+    throw std::invalid_argument("--head-ranks > 1 needs a build with MPI");
+#endif
+  }
+  Communicator& seq = seq_owned ? *seq_owned : comm;
+  DistributedDilatedAttention layer(config, seq, *head_owned, kWeightSeed, {}, exec);
+  const int64_t rows = s.seq / seq.size(), row0 = seq.rank() * rows;
   const PeakMemory memory;
   LayerTensors t(s, {row0, rows}, options.backward, options.threads);
   MultiheadSaved saved;

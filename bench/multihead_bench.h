@@ -17,7 +17,8 @@
 namespace ringattn::bench {
 
 // Throws std::invalid_argument for a row the layers cannot run (a dtype other than fp32, a
-// backend other than cpu, or, for distributed on `ranks` ranks, N % ranks != 0).
+// backend other than cpu, or, for distributed on `ranks` ranks, a --head-ranks that does not
+// divide the ranks, H and Hkv, or N not splitting over the sequence ranks).
 void validate_layer(const DilatedShape& shape, const RunOptions& options, const std::string& impl,
                     int ranks);
 
@@ -28,8 +29,9 @@ void validate_layer(const DilatedShape& shape, const RunOptions& options, const 
 Record run_multihead(const DilatedShape& shape, const RunOptions& options,
                      nlohmann::ordered_json& extra);
 
-// Collective over `comm`: each rank holds its N / P rows; the layer's sequence parallelism
-// (head group of one rank). With `check`, each rank compares its rows of y with
+// Collective over `comm` (the world): with options.head_ranks = 1, sequence parallel over all
+// P ranks (each holds N / P rows); with T = head_ranks > 1, a grid (make_mpi_grid): P / T
+// sequence ranks x T head ranks. With `check`, each rank compares its rows of y with
 // MultiheadDilatedAttention on the whole sequence (forward, when it fits kRingCheckMaxBytes).
 Record run_distributed(const DilatedShape& shape, const RunOptions& options, Communicator& comm);
 
