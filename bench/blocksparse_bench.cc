@@ -121,12 +121,12 @@ void validate_blocksparse(const DilatedShape& s, const RunOptions& options,
   }
 }
 
-std::vector<SparseRow> run_blocksparse(const DilatedShape& shape, const RunOptions& options,
-                                       const SparseOptions& sparse, Communicator& comm) {
+std::vector<MeasuredRow> run_blocksparse(const DilatedShape& shape, const RunOptions& options,
+                                         const SparseOptions& sparse, Communicator& comm) {
   DilatedShape dense = shape;
   dense.segments = {shape.seq};
   dense.dilations = {1};
-  std::vector<SparseRow> rows;
+  std::vector<MeasuredRow> rows;
   rows.push_back(
       {comm.size() == 1 ? run_dilated(dense, options) : run_ring(dense, options, comm), "", {}});
   rows.back().record.config = "dense";

@@ -19,13 +19,6 @@ struct SparseOptions {
   std::vector<double> densities = {0.05, 0.1, 0.25, 0.5, 1.0};  // --densities (targets)
 };
 
-// One measured row, what to print under it and what to add to its JSON record.
-struct SparseRow {
-  Record record;
-  std::string note;              // a "# ..." line, or empty
-  nlohmann::ordered_json extra;  // density, window, block size, ratio to the dense time
-};
-
 // Throws std::invalid_argument when the row cannot run: N not split into equal shards of
 // whole blocks, a density outside (0, 1], a backend other than cpu.
 void validate_blocksparse(const DilatedShape& shape, const RunOptions& options,
@@ -35,7 +28,7 @@ void validate_blocksparse(const DilatedShape& shape, const RunOptions& options,
 // on one rank, RingDilatedAttention on several), then for each target density the local_window
 // whose density is closest, timed like a ring row. GFLOP/s count 4 * D per computed
 // (query, key) pair (2.5x that for backward), so the dense row's count is SPEC.md's.
-std::vector<SparseRow> run_blocksparse(const DilatedShape& shape, const RunOptions& options,
-                                       const SparseOptions& sparse, Communicator& comm);
+std::vector<MeasuredRow> run_blocksparse(const DilatedShape& shape, const RunOptions& options,
+                                         const SparseOptions& sparse, Communicator& comm);
 
 }  // namespace ringattn::bench

@@ -43,6 +43,7 @@ struct RunOptions {
   int warmup = 3, iters = 10;
   bool check = false;
   bool backward = false;  // --backward 1: time the backward (SPEC.md: 2.5x forward's FLOPs)
+  int head_ranks = 1;     // --head-ranks: --impl distributed's head-parallel group size
 };
 
 // Runs the library's own checks of the row (configuration, shapes, dtype, head dim) without

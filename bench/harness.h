@@ -66,6 +66,15 @@ struct Record {
   std::optional<int64_t> wrong;  // elements outside tolerance; empty without --check
 };
 
+// One measured row, what to print under it and what to add to its JSON record.
+struct MeasuredRow {
+  Record record;
+  std::string note;  // a "# ..." line, or empty
+  // Keys beyond Record's: a block-sparse row's density and ratio to the dense time, a
+  // multihead row's core and GEMM times.
+  nlohmann::ordered_json extra = nlohmann::ordered_json::object();
+};
+
 // What the header reports about the run as a whole.
 struct RunInfo {
   std::string backend;

@@ -27,6 +27,7 @@
 #include "cuda_bench.h"
 #endif
 #include "harness.h"
+#include "multihead_bench.h"
 #include "ring_bench.h"
 #include "ringattn/ringattn.h"
 #ifdef RINGATTN_HAVE_MPI
@@ -89,8 +90,9 @@ class CommandLine {
   // flag). Only with `print` does it print help or the error.
   std::optional<int> parse(int argc, char** argv, bool print);
 
-  // The implementations to measure on `ranks` ranks: dilated runs in one process, so
-  // --impl all on several ranks means ring alone. Throws on one that is not built.
+  // The implementations to measure on `ranks` ranks: dilated and multihead run in one
+  // process, so --impl all on several ranks means ring and distributed (the layers: fp32
+  // only). Throws on one that is not built.
   std::vector<std::string> impls(int ranks) const;
 
   // The rows to measure, each checked by the library before anything is measured (and for
@@ -181,6 +183,11 @@ CommandLine::CommandLine() {
 #else
       ->transform(one_of({Backend::kCpu, Backend::kReference}, backend_name));
 #endif
+  app_.add_option("--head-ranks", options_.head_ranks,
+                  "--impl distributed: ranks per head-parallel group (the others split the "
+                  "sequence); must divide the rank count, H and Hkv")
+      ->check(at_least(1))
+      ->capture_default_str();
   app_.add_option("--threads", options_.threads, "CPU threads (per rank); 0 = OpenMP's default")
       ->check(at_least(0))
       ->capture_default_str();
@@ -241,19 +248,19 @@ DilatedShape CommandLine::row(const std::string& name) const {
 }
 
 std::vector<std::string> CommandLine::impls(int ranks) const {
-  if (impl_ == "all") {
-    return ranks > 1 ? std::vector<std::string>{"ring"}
-                     : std::vector<std::string>{"dilated", "ring"};
+  if (impl_ == "all") {  // the layers compute in fp32 only
+    std::vector<std::string> all =
+        ranks > 1 ? std::vector<std::string>{"ring", "distributed"}
+                  : std::vector<std::string>{"dilated", "multihead", "ring", "distributed"};
+    if (dtype_ != DType::kF32)
+      std::erase_if(all, [](const std::string& i) { return i != "dilated" && i != "ring"; });
+    return all;
   }
-  if (impl_ != "dilated" && impl_ != "ring" && impl_ != "blocksparse") {
-    throw std::invalid_argument("--impl " + impl_ +
-                                " is not built yet; available: dilated, ring, blocksparse");
-  }
-  if (impl_ == "dilated" && ranks > 1) {
-    throw std::invalid_argument(format(
-        "--impl dilated runs in one process, not on %d ranks; run it without mpirun (or with "
-        "-np 1), or measure --impl ring",
-        ranks));
+  if ((impl_ == "dilated" || impl_ == "multihead") && ranks > 1) {
+    throw std::invalid_argument(
+        format("--impl %s runs in one process, not on %d ranks; run it without mpirun (or with "
+               "-np 1), or measure --impl %s",
+               impl_.c_str(), ranks, impl_ == "dilated" ? "ring" : "distributed"));
   }
   return {impl_};
 }
@@ -277,6 +284,11 @@ std::vector<DilatedShape> CommandLine::rows(const std::vector<std::string>& impl
       validate_ring(rows.back(), options_, ranks);
     }
     if (impl_ == "blocksparse") validate_blocksparse(rows.back(), options_, sparse_, ranks);
+    for (const char* layer : {"multihead", "distributed"}) {
+      if (std::find(impls.begin(), impls.end(), layer) != impls.end()) {
+        validate_layer(rows.back(), options_, layer, ranks);
+      }
+    }
   }
   return rows;
 }
@@ -337,21 +349,26 @@ int run(int argc, char** argv, Communicator& world) {
     for (const std::string& impl : impls) {
       if (lead) {
         std::fprintf(stderr, "# running %s %s %s on %d rank(s) (%zu of %zu)\n", impl.c_str(),
-                     row.name.c_str(), dtype_name(row.dtype), impl == "dilated" ? 1 : world.size(),
-                     ++done, total);
+                     row.name.c_str(), dtype_name(row.dtype),
+                     impl == "dilated" || impl == "multihead" ? 1 : world.size(), ++done, total);
       }
-      std::vector<SparseRow> measured;
+      std::vector<MeasuredRow> measured;
       if (impl == "blocksparse") {
         measured = run_blocksparse(row, options, cli.sparse(), world);
       } else {
-        measured.push_back(
-            {impl == "ring" ? run_ring(row, options, world) : run_dilated(row, options), "", {}});
+        MeasuredRow m;
+        m.record = impl == "ring"          ? run_ring(row, options, world)
+                   : impl == "multihead"   ? run_multihead(row, options, m.extra)
+                   : impl == "distributed" ? run_distributed(row, options, world)
+                                           : run_dilated(row, options);
+        measured.push_back(std::move(m));
       }
-      for (const SparseRow& m : measured) {
+      for (const MeasuredRow& m : measured) {
         if (lead) print_table_row(m.record, ceiling);
         if (lead && !m.note.empty()) std::printf("%s\n", m.note.c_str());
+        if (lead && impl == "multihead") print_layer_overhead(m.record, m.extra);
         records.push_back(to_json(m.record, ceiling));
-        if (!m.extra.is_null()) records.back().update(m.extra);
+        records.back().update(m.extra);
         any_wrong = any_wrong || m.record.wrong.value_or(0) > 0;
       }
     }

@@ -28,8 +28,12 @@ float normal_sample(uint64_t key, uint64_t index) {
   return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2));
 }
 
-// Fills `t` ([B, rows.count, heads, D]) with the samples of tensor `id` that the same
-// tensor over the whole sequence ([B, seq, heads, D]) holds in those rows, rounded to the dtype.
+size_t bytes_of(DType dtype, int64_t elements) {
+  return static_cast<size_t>(elements) * dtype_size(dtype);
+}
+
+}  // namespace
+
 void fill_normal(const TensorView& t, int id, int64_t seq, RowRange rows, int threads) {
   const uint64_t key = splitmix64(kInputSeed + static_cast<uint64_t>(id));
   const int64_t batch = t.shape[0], row_elements = t.shape[2] * t.shape[3];
@@ -45,12 +49,6 @@ void fill_normal(const TensorView& t, int id, int64_t seq, RowRange rows, int th
     }
   }
 }
-
-size_t bytes_of(DType dtype, int64_t elements) {
-  return static_cast<size_t>(elements) * dtype_size(dtype);
-}
-
-}  // namespace
 
 Views make_views(const DilatedShape& s, int64_t rows, void* q, void* k, void* v, void* out,
                  float* lse) {

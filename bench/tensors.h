@@ -27,6 +27,10 @@ struct Views {
   TensorView q, k, v, out, lse;
 };
 
+// Fills `t` ([B, rows.count, heads, D]) with the samples of tensor `id` that the same
+// tensor over the whole sequence ([B, seq, heads, D]) holds in those rows, rounded to the dtype.
+void fill_normal(const TensorView& t, int id, int64_t seq, RowRange rows, int threads);
+
 Views make_views(const DilatedShape& s, int64_t rows, void* q, void* k, void* v, void* out,
                  float* lse);
 

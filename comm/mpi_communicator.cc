@@ -337,6 +337,29 @@ std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm, detail::kMpiMaxPieceBytes);
 }
 
+MpiGrid make_mpi_grid(MPI_Comm comm, int head_ranks) {
+  int rank = 0, size = 1;
+  RINGATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  RINGATTN_MPI_CHECK(MPI_Comm_size(comm, &size));
+  require(head_ranks >= 1 && size % head_ranks == 0, "make_mpi_grid: head_ranks = ", head_ranks,
+          " does not divide the ", size, " ranks of comm; use a divisor of ", size);
+  MpiGrid grid;
+  for (const bool seq : {true, false}) {
+    MPI_Comm part = MPI_COMM_NULL;
+    const int color = seq ? rank % head_ranks : rank / head_ranks;
+    const int key = seq ? rank / head_ranks : rank % head_ranks;
+    RINGATTN_MPI_CHECK(MPI_Comm_split(comm, color, key, &part));
+    try {
+      (seq ? grid.seq : grid.head) = make_mpi_communicator(part);
+    } catch (...) {
+      MPI_Comm_free(&part);
+      throw;
+    }
+    RINGATTN_MPI_CHECK(MPI_Comm_free(&part));
+  }
+  return grid;
+}
+
 namespace detail {
 std::unique_ptr<Communicator> make_mpi_communicator_with_pieces(MPI_Comm comm,
                                                                 size_t max_piece_bytes) {

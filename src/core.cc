@@ -141,6 +141,9 @@ void DilatedConfig::validate() const {
     require(std::isfinite(*scale) && *scale != 0.0f, "scale = ", *scale,
             "; use a finite, non-zero scale (or leave it unset for 1/sqrt(head_dim))");
   }
+  require(head_offset >= 0 && total_heads >= 0, "head_offset = ", head_offset,
+          " and total_heads = ", total_heads,
+          "; both must be >= 0 (total_heads = 0: the tensors hold every head)");
 }
 
 }  // namespace ringattn

@@ -142,9 +142,15 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
     }
     p.branches.push_back({s, config.dilation_rates[i]});
   }
+  // The layer's heads: all of q's, or (head parallelism) a slice of total_heads.
+  const int64_t total_heads = config.total_heads > 0 ? config.total_heads : p.heads;
+  require(config.head_offset + p.heads <= total_heads, "head_offset = ", config.head_offset,
+          " plus the H = ", p.heads, " heads of q exceeds total_heads = ", total_heads,
+          "; q must hold heads [head_offset, head_offset + H) of the layer's total_heads");
   if (config.mode == Mode::kGroups) {
-    require(p.heads >= g, "groups mode needs at least one head per branch, but H = ", p.heads,
-            " < G = ", g, " branches; use more heads, fewer branches, or mode = longnet");
+    require(total_heads >= g,
+            "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
+            " branches; use more heads, fewer branches, or mode = longnet");
   }
 
   if (lse) {
@@ -164,7 +170,16 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
 
   p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   p.out_factor = config.mode == Mode::kGroups ? 1.0f / static_cast<float>(g) : 1.0f;
-  assign_heads(config.mode, p.branches, p.heads, p.head_begin, p.head_branches);
+  assign_heads(config.mode, p.branches, total_heads, p.head_begin, p.head_branches);
+  if (total_heads != p.heads) {  // keep the slice's heads, numbered from 0
+    const int first = p.head_begin[config.head_offset];
+    p.head_branches = std::vector<HeadBranch>(
+        p.head_branches.begin() + first,
+        p.head_branches.begin() + p.head_begin[config.head_offset + p.heads]);
+    p.head_begin = std::vector<int>(p.head_begin.begin() + config.head_offset,
+                                    p.head_begin.begin() + config.head_offset + p.heads + 1);
+    for (int& x : p.head_begin) x -= first;
+  }
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;

@@ -31,7 +31,9 @@ std::vector<int64_t> agreement_values(const DilatedConfig& c, const Problem& p) 
                             p.heads,
                             p.kv_heads,
                             p.head_dim,
-                            static_cast<int64_t>(p.dtype)};
+                            static_cast<int64_t>(p.dtype),
+                            c.head_offset,
+                            c.total_heads};
   uint32_t scale_bits;
   std::memcpy(&scale_bits, &p.scale, sizeof(scale_bits));
   v.push_back(scale_bits);

@@ -23,4 +23,14 @@ namespace ringattn {
 // Messages of any size are supported (those above INT_MAX bytes are sent in pieces).
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);
 
+// A grid of seq_ranks x head_ranks over `comm` (DistributedDilatedAttention): rank r of comm is
+// rank r % head_ranks of its head group (the ranks r / head_ranks * head_ranks + [0, head_ranks))
+// and rank r / head_ranks of its sequence group (the ranks with the same r % head_ranks).
+// Collective over `comm` (every rank passes the same head_ranks); head_ranks must divide its
+// size, else Error(kInvalidArgument) on every rank.
+struct MpiGrid {
+  std::unique_ptr<Communicator> seq, head;
+};
+MpiGrid make_mpi_grid(MPI_Comm comm, int head_ranks);
+
 }  // namespace ringattn

@@ -24,9 +24,15 @@ struct DilatedConfig {
   Mode mode = Mode::kGroups;
   bool causal = false;
   std::optional<float> scale;  // softmax scale; defaults to 1/sqrt(head_dim)
+  // Head parallelism: the q given to forward holds heads [head_offset, head_offset + H) of a
+  // layer with total_heads heads (0: q holds all of them). Heads take their branch and offset
+  // from their index in the whole layer, so slices computed apart equal slices of the whole.
+  int64_t head_offset = 0;
+  int64_t total_heads = 0;
 
   // Checks the rules that do not depend on shapes (G >= 1, equal lengths, values >= 1,
-  // r_i <= s_i, finite scale). Throws Error(kInvalidArgument) naming the field.
+  // r_i <= s_i, finite scale, head_offset and total_heads >= 0). Throws Error(kInvalidArgument)
+  // naming the field.
   void validate() const;
   int num_branches() const { return static_cast<int>(segment_lengths.size()); }
 };

@@ -1,0 +1,120 @@
+#pragma once
+// The multihead layer's computation, shared by MultiheadDilatedAttention (all heads, one
+// process) and DistributedDilatedAttention (a slice of the heads, a shard of the rows):
+// projections, LayerNorms, the attention core, and their gradients.
+
+#include <functional>
+#include <vector>
+
+#include "cpu/layer_ops.h"
+#include "ringattn/multihead.h"
+
+namespace ringattn::detail {
+
+// The heads one layer object computes: [heads, kv_heads] of [total_heads, total_kv_heads].
+struct LayerShape {
+  int64_t embed = 0, head_dim = 0;
+  int64_t heads = 0, kv_heads = 0;
+  int64_t total_heads = 0, total_kv_heads = 0;
+
+  // All heads of `config` (head_ranks = 1), or one of `head_ranks` equal slices.
+  static LayerShape of(const MultiheadConfig& config, int head_ranks = 1);
+  int64_t q_features() const { return heads * head_dim; }
+  int64_t kv_features() const { return kv_heads * head_dim; }
+};
+
+// One parameter buffer of MultiheadWeights and its size for a LayerShape.
+struct ParamSpec {
+  std::vector<float> MultiheadWeights::*member;
+  const char* name;
+  int64_t size;
+};
+// The buffers present for `config` (biases with `bias`, norms with `layer_norm`).
+std::vector<ParamSpec> param_specs(const MultiheadConfig& config, const LayerShape& shape);
+
+MultiheadWeights zero_weights(const MultiheadConfig& config, const LayerShape& shape);
+// Throws Error(kInvalidArgument) naming a buffer whose size is not its spec's.
+void check_weights(const MultiheadConfig& config, const LayerShape& shape,
+                   const MultiheadWeights& weights, const char* what);
+
+// The attention core (DilatedAttention, or RingDilatedAttention over the sequence ranks),
+// with its own validation (run before any compute).
+struct AttentionCore {
+  std::function<void(const TensorView&q, const TensorView&k, const TensorView&v,
+                     const TensorView&out, const TensorView&lse)>
+      check, forward;
+  std::function<void(const TensorView& dout, const TensorView& q, const TensorView& k,
+                     const TensorView& v, const TensorView& out, const TensorView& lse,
+                     const TensorView& dq, const TensorView& dk, const TensorView& dv)>
+      backward;
+};
+
+// How the layer meets the ranks holding the other heads (all empty on one process).
+struct HeadGroup {
+  cpu::FeatureSum sum_norm_stats;                   // LayerNorm row sums
+  std::function<void(float* data, int64_t n)> sum;  // y and dx partial sums
+};
+
+// The [B, N, E] inputs of one call (query, key, value: the same pointer for self-attention).
+struct LayerInputs {
+  const float* query = nullptr;
+  const float* key = nullptr;
+  const float* value = nullptr;
+  int64_t batch = 0, seq = 0;
+};
+
+// The tensors of a forward or backward call, each checked: [B, N, E] fp32, contiguous, on
+// the CPU, one B and N for all. Throws Error naming the tensor.
+struct ForwardCall {
+  LayerInputs in;
+  float* y = nullptr;
+};
+ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
+                         const TensorView& value, const TensorView& y, const char* y_name = "y");
+struct BackwardCall {
+  LayerInputs in;
+  const float* dy = nullptr;
+  float *dquery = nullptr, *dkey = nullptr, *dvalue = nullptr;
+};
+BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorView& key,
+                           const TensorView& value, const TensorView& dy, const TensorView& dquery,
+                           const TensorView& dkey, const TensorView& dvalue);
+
+class MultiheadLayer {
+ public:
+  MultiheadLayer(const MultiheadConfig& config, const LayerShape& shape, AttentionCore core,
+                 HeadGroup group, int threads)
+      : config_(config),
+        shape_(shape),
+        core_(std::move(core)),
+        group_(std::move(group)),
+        threads_(threads) {}
+
+  // Sizes `saved` for the inputs and runs every check (the attention core's too). No compute.
+  void prepare(const LayerInputs& in, MultiheadSaved& saved) const;
+  // After prepare(): y [B, N, E] written.
+  void forward(const MultiheadWeights& w, const LayerInputs& in, float* y,
+               MultiheadSaved& saved) const;
+  // Checks that `saved` holds a forward of these inputs' shape. Throws Error.
+  void check_saved(const LayerInputs& in, const MultiheadSaved& saved) const;
+  // The gradient of forward: dquery, dkey, dvalue [B, N, E] written (pointers that are
+  // equal receive the sum of their gradients); grads overwritten (sized by the caller).
+  // Checks that `saved` matches the inputs first.
+  void backward(const MultiheadWeights& w, const LayerInputs& in, const float* dy,
+                const MultiheadSaved& saved, float* dquery, float* dkey, float* dvalue,
+                MultiheadWeights& grads) const;
+
+ private:
+  struct Views {
+    TensorView q, k, v, out, lse;
+  };
+  Views attention_views(MultiheadSaved& saved) const;
+
+  MultiheadConfig config_;
+  LayerShape shape_;
+  AttentionCore core_;
+  HeadGroup group_;
+  int threads_;
+};
+
+}  // namespace ringattn::detail
