@@ -368,7 +368,7 @@ int run(int argc, char** argv, Communicator& world) {
         if (lead && !m.note.empty()) std::printf("%s\n", m.note.c_str());
         if (lead && impl == "multihead") print_layer_overhead(m.record, m.extra);
         records.push_back(to_json(m.record, ceiling));
-        records.back().update(m.extra);
+        if (!m.extra.is_null()) records.back().update(m.extra);
         any_wrong = any_wrong || m.record.wrong.value_or(0) > 0;
       }
     }
