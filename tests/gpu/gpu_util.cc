@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 
+#include "src/dtype.h"
+
 namespace ringattn::test {
 
 namespace {
@@ -43,6 +45,19 @@ DeviceCopy::~DeviceCopy() {
 void DeviceCopy::download(Tensor& host) const {
   if (host.bytes().size() != bytes_) throw std::runtime_error("download: size mismatch");
   check(cudaMemcpy(host.view().data, ptr_, bytes_, cudaMemcpyDeviceToHost), "cudaMemcpy");
+}
+
+double round_to(DType dtype, double x) {
+  const float f = static_cast<float>(x);
+  switch (dtype) {
+    case DType::kF16:
+      return to_f32(from_f32<fp16_t>(f));
+    case DType::kBF16:
+      return to_f32(from_f32<bf16_t>(f));
+    case DType::kF32:
+      break;
+  }
+  return f;
 }
 
 }  // namespace ringattn::test

@@ -27,6 +27,9 @@ bool gpu_required();
     }                                                                              \
   } while (0)
 
+// x rounded to `dtype` (the naive low-precision computation of SPEC.md's tolerances).
+double round_to(DType dtype, double x);
+
 // A device copy of a host test tensor (same layout and strides), Device::kCUDA.
 class DeviceCopy {
  public:
