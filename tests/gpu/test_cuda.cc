@@ -199,8 +199,8 @@ TEST(CudaForward, RunsOnTheGivenStream) {
 }
 
 // Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
-// backend on host tensors, the ring on CUDA tensors; and without a GPU, CUDA tensors are a
-// device error.
+// backend on host tensors, the ring mixing devices or running a backward on CUDA tensors;
+// and without a GPU, CUDA tensors are a device error (the ring's too).
 TEST(CudaApi, DeviceErrors) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
   HostCase h(c, 100);
@@ -226,22 +226,42 @@ TEST(CudaApi, DeviceErrors) {
   const std::unique_ptr<Communicator> self = make_self_communicator();
   RingDilatedAttention ring(c.config(), *self);
   e = error_of([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
-  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
-  EXPECT_NE(std::string(e.what()).find("RingDilatedAttention runs on host tensors only"),
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(e.what()).find("k lives on the CPU (host memory) but this call runs on "
+                                       "a CUDA device"),
             std::string::npos)
       << e.what();
+  e = error_of([&] {
+    ring.backward(h.out.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
+                  h.out.view(), h.k.view(), h.v.view());
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("the GPU ring has a forward only"), std::string::npos)
+      << e.what();
+  e = error_of([&] {
+    RingDilatedAttention(c.config(), *self, ExecOptions{Backend::kReference, 0});
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   TensorView k_gpu = h.k.view(), v_gpu = h.v.view(), out_gpu = h.out.view();
   k_gpu.device = v_gpu.device = out_gpu.device = Device::kCUDA;
-  e = error_of([&] { cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu); });
-  if (no_gpu_reason().empty()) {
-    // Host memory marked kCUDA is caught before any kernel runs.
-    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
-    EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
-        << e.what();
-  } else {
-    EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();
-    EXPECT_NE(std::string(e.what()).find("no CUDA device is usable"), std::string::npos)
-        << e.what();
+  for (const bool use_ring : {false, true}) {
+    e = error_of([&] {
+      if (use_ring) {
+        ring.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+      } else {
+        cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+      }
+    });
+    if (no_gpu_reason().empty()) {
+      // Host memory marked kCUDA is caught before any kernel runs.
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
+          << e.what();
+    } else {
+      EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();
+      EXPECT_NE(std::string(e.what()).find("no CUDA device is usable"), std::string::npos)
+          << e.what();
+    }
   }
 }
 
