@@ -9,6 +9,9 @@
 #   5. the GPU ring: 2 ranks sharing the GPU over the mpi communicator, with --check.
 # Prints a summary line per step and exits non-zero if any step failed.
 # Usage: launch/gpu_check.sh [extra cmake arguments]
+# Needs nvcc, CMake and a C++ compiler; Highway, GoogleTest, CLI11, nlohmann-json, OpenBLAS
+# and OpenMPI come from the machine or, on one without network, from .gpu-deps/ made by
+# launch/gpu_deps.sh beforehand (device tool: carry [".gpu-deps"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build-gpu}
@@ -42,7 +45,9 @@ build_script='cmake -S . -B "$0" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_WITH_CUDA
   -DCMAKE_CUDA_ARCHITECTURES="$1" "${@:3}" >"$0.log" 2>&1 &&
   cmake --build "$0" -j "$2" >>"$0.log" 2>&1
 rc=$?; tail -5 "$0.log"; exit $rc'
-step build 180 bash -c "${build_script}" "${build_dir}" "${arch}" "${jobs}" "$@" || { printf '%s\n' "${summary[@]}"; exit 1; }
+# Packages carried from a machine with network (launch/gpu_deps.sh), when .gpu-deps/ exists.
+source launch/gpu_deps_env.sh
+step build 180 bash -c "${build_script}" "${build_dir}" "${arch}" "${jobs}" "${cmake_deps_args[@]}" "$@" || { printf '%s\n' "${summary[@]}"; exit 1; }
 
 export RINGATTN_REQUIRE_GPU=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 step gpu-tests 120 ctest --test-dir "${build_dir}" -L gpu --output-on-failure -j 4
