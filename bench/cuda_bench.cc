@@ -169,13 +169,25 @@ Record run_dilated_cuda(const DilatedShape& s, const RunOptions& options) {
 }
 
 DeviceViews::DeviceViews(const Views& host) : views_(host) {
-  for (TensorView* t : {&views_.q, &views_.k, &views_.v, &views_.out, &views_.lse}) {
-    const size_t bytes = static_cast<size_t>(t->numel()) * dtype_size(t->dtype);
-    buffers_.push_back(device_alloc(bytes).release());
-    check(cudaMemcpy(buffers_.back(), t->data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
-    t->data = buffers_.back();
-    t->device = Device::kCUDA;
+  for (TensorView* t : {&views_.q, &views_.k, &views_.v, &views_.out, &views_.lse}) *t = copy(*t);
+}
+
+TensorView DeviceViews::copy(const TensorView& t) {
+  const size_t bytes = static_cast<size_t>(t.numel()) * dtype_size(t.dtype);
+  buffers_.push_back(device_alloc(bytes).release());
+  check(cudaMemcpy(buffers_.back(), t.data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  TensorView d = t;
+  d.data = buffers_.back();
+  d.device = Device::kCUDA;
+  return d;
+}
+
+const std::array<TensorView, 4>& DeviceViews::gradients(const Gradients& g) {
+  if (!has_grads_) {
+    grads_ = {copy(g.dout), copy(g.dq), copy(g.dk), copy(g.dv)};
+    has_grads_ = true;
   }
+  return grads_;
 }
 
 DeviceViews::~DeviceViews() {

@@ -2,6 +2,7 @@
 // ringattn_bench --backend cuda (builds with CUDA only): the GPU's ceiling, a cuBLAS bf16
 // GEMM measured in the same run, and the dilated rows with their tensors on the GPU.
 
+#include <array>
 #include <vector>
 
 #include "ceiling.h"
@@ -25,7 +26,8 @@ void print_cuda_ceiling(const Ceiling& ceiling);
 // device memory (cudaMemGetInfo) in use at the end above that before the row's tensors.
 Record run_dilated_cuda(const DilatedShape& shape, const RunOptions& options);
 
-// Device copies of one row's host views (q, k, v, out, lse), for --impl ring --backend cuda.
+// Device copies of one row's host views (q, k, v, out, lse) and, for a backward, of its
+// gradients (dout, dq, dk, dv), for --impl ring --backend cuda.
 class DeviceViews {
  public:
   explicit DeviceViews(const Views& host);
@@ -33,12 +35,19 @@ class DeviceViews {
   DeviceViews(const DeviceViews&) = delete;
   DeviceViews& operator=(const DeviceViews&) = delete;
   const Views& views() const { return views_; }
+  // Device copies of g's dout, dq, dk, dv (made on the first call, for the same g after).
+  const std::array<TensorView, 4>& gradients(const Gradients& g);
   // Copies out and lse back into `host` (the views this was made from).
   void download_outputs(const Views& host) const;
 
  private:
+  // A device copy of `t` (kept in buffers_).
+  TensorView copy(const TensorView& t);
+
   std::vector<void*> buffers_;
   Views views_;
+  std::array<TensorView, 4> grads_{};
+  bool has_grads_ = false;
 };
 
 }  // namespace ringattn::bench

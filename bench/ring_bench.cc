@@ -69,11 +69,6 @@ void validate_ring(const DilatedShape& s, const RunOptions& options, int ranks) 
   if (options.backend == Backend::kReference) {
     throw std::invalid_argument("--impl ring runs on --backend cpu or cuda, not reference");
   }
-  if (options.backend == Backend::kCuda && options.backward) {
-    throw std::invalid_argument(
-        "--impl ring --backend cuda times the forward only (the GPU ring has no backward yet); "
-        "drop --backward");
-  }
 }
 
 Record time_sharded(const DilatedShape& s, const RunOptions& options, Communicator& comm,
@@ -152,7 +147,15 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
     attention.forward(x.q, x.k, x.v, x.out, x.lse);
   };
   calls.backward = [&](const Views& v, const Gradients& g) {
-    attention.backward(g.dout, v.q, v.k, v.v, v.out, v.lse, g.dq, g.dk, g.dv);
+    const Views& x = on_device(v);
+#ifdef RINGATTN_HAVE_CUDA
+    if (device) {
+      const std::array<TensorView, 4>& d = device->gradients(g);
+      attention.backward(d[0], x.q, x.k, x.v, x.out, x.lse, d[1], d[2], d[3]);
+      return;
+    }
+#endif
+    attention.backward(g.dout, x.q, x.k, x.v, x.out, x.lse, g.dq, g.dk, g.dv);
   };
   calls.stats = [&] { return attention.last_stats(); };
   calls.check = [&](const Tensors& tensors, const Gradients* g) -> std::optional<int64_t> {

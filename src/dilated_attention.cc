@@ -93,15 +93,7 @@ void DilatedAttention::backward(const TensorView& dout, const TensorView& q, con
       return cpu::backward(bp, options_.num_threads);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
-      cuda::check_device_tensors({{"dout", &dout},
-                                  {"q", &q},
-                                  {"k", &k},
-                                  {"v", &v},
-                                  {"out", &out},
-                                  {"lse", &lse},
-                                  {"dq", &dq},
-                                  {"dk", &dk},
-                                  {"dv", &dv}});
+      cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
       return cuda::backward(bp, options_.cuda_stream);
 #endif
       break;

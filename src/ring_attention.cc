@@ -201,6 +201,48 @@ void forward_cuda(Communicator& comm, const Problem& p, const RingPlan& plan, vo
   ring.finish();
   shard.write_output();
 }
+
+// The GPU ring backward: the CPU ring's plan and K/V traffic (no causal load balancing),
+// the CUDA backward passes against the local keys and each received block; the fp32
+// gradients of a received block's keys go back to their owner, which adds them in step
+// order (double-buffered, as on the CPU).
+void backward_cuda(Communicator& comm, const BackwardProblem& bp, const RingPlan& plan,
+                   void* stream, RingStats& stats) {
+  const Problem& p = bp.fwd;
+  const Tags tags = tags_of(plan);
+  cuda::RingBackwardShard shard(bp, plan, stream);
+  KvRing ring(comm, p, plan, stats, shard.store());
+  const auto grad_bytes = [&](const RingStep& st, int owner) {
+    return static_cast<size_t>(plan.block_elements(p, st.span, owner)) * sizeof(float);
+  };
+  CommRequest grad_sends[2], grad_recvs[2];
+  const auto add_returned = [&](size_t e) {
+    if (plan.steps[e].send_to < 0) return;
+    ring.wait(grad_recvs[e % 2]);
+    shard.add_returned(e);
+  };
+  shard.launch_local();
+  for (size_t e = 0; e < plan.steps.size(); ++e) {
+    const RingStep& st = plan.steps[e];
+    ring.wait(grad_sends[e % 2]);  // step e - 2's gradients have left
+    if (st.send_to >= 0) {
+      grad_recvs[e % 2] =
+          comm.irecv(shard.returned(e), grad_bytes(st, plan.rank), st.send_to, tags.grads(st));
+    }
+    if (const void* block = ring.receive(e)) {
+      grad_sends[e % 2] = comm.isend(shard.block_grads(e, block), grad_bytes(st, st.recv_from),
+                                     st.recv_from, tags.grads(st));
+      ++stats.messages_sent;
+    }
+    comm.progress();
+    ring.release(e);
+    if (e >= 1) add_returned(e - 1);
+  }
+  if (!plan.steps.empty()) add_returned(plan.steps.size() - 1);
+  for (CommRequest& req : grad_sends) ring.wait(req);
+  ring.finish();
+  shard.write_output();
+}
 #endif
 
 }  // namespace
@@ -343,21 +385,34 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   const Clock::time_point t_start = Clock::now();
   const int rank = comm_.rank(), world = comm_.size();
   BackwardProblem bp;
+  Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    if (ring_device(q, options_.backend) == Device::kCUDA) {
-      fail(ErrorCode::kUnsupported,
-           "q lives on a CUDA device, but RingDilatedAttention::backward runs on host tensors "
-           "only in this version (the GPU ring has a forward only); pass host tensors, or use "
-           "DilatedAttention::backward on one GPU");
+    device = ring_device(q, options_.backend);
+    if (device == Device::kCPU) {
+      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
+                                 "cpu", Shard{rank, world});
     }
-    bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
-                               "cpu", Shard{rank, world});
+#if defined(RINGATTN_HAVE_CUDA)
+    if (device == Device::kCUDA) {
+      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cuda::kMaxHeadDim,
+                                 "cuda", Shard{rank, world}, device);
+      cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
+    }
+#endif
   });
   const Problem& p = bp.fwd;
-  const RingPlan plan = agree_and_plan(comm_, config_, p, Device::kCPU);
+  const RingPlan plan = agree_and_plan(comm_, config_, p, device);
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();
+#if defined(RINGATTN_HAVE_CUDA)
+  if (device == Device::kCUDA) {
+    backward_cuda(comm_, bp, plan, options_.cuda_stream, stats_);
+    stats_.bytes_sent = comm_.bytes_sent() - sent_before;
+    stats_.total_ms = ms_since(t_start);
+    return;
+  }
+#endif
   cpu::ShardBackward shard(bp, options_.num_threads);
   HostKvStore store(p, plan);
   KvRing ring(comm_, p, plan, stats_, store);

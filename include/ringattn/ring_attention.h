@@ -40,8 +40,8 @@ class RingDilatedAttention {
   // The exact gradient of forward, collective like it. Shapes as in forward (local shards)
   // and as in DilatedAttention::backward; out and lse are this rank's forward results.
   // K/V blocks travel as in forward; the gradients of received keys travel back to the
-  // rank that owns them (fp32) and are added there in a fixed order. Host tensors only in
-  // this version: CUDA tensors are Error(kUnsupported) on every rank.
+  // rank that owns them (fp32) and are added there in a fixed order. CUDA tensors run the
+  // GPU ring backward (as forward; the call returns when dq, dk and dv are written).
   void backward(const TensorView& dout, const TensorView& q, const TensorView& k,
                 const TensorView& v, const TensorView& out, const TensorView& lse,
                 const TensorView& dq, const TensorView& dk, const TensorView& dv);

@@ -17,6 +17,10 @@ constexpr int64_t kMaxHeadDim = 256;
 // Throws Error(kDevice) when no CUDA device is usable, and Error(kInvalidArgument) naming
 // the tensor when a view marked Device::kCUDA does not point at memory of the current device.
 void check_device_tensors(std::initializer_list<std::pair<const char*, const TensorView*>> views);
+// check_device_tensors for the tensors of a backward call (named as in the API).
+void check_backward_tensors(const TensorView& dout, const TensorView& q, const TensorView& k,
+                            const TensorView& v, const TensorView& out, const TensorView& lse,
+                            const TensorView& dq, const TensorView& dk, const TensorView& dv);
 
 // Computes p.out (and p.lse when set) on `stream` (a cudaStream_t; nullptr = the default
 // stream) and waits for it. p describes one whole sequence on the current device.

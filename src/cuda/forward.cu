@@ -21,11 +21,6 @@ struct ForwardArgs {
   float* part_lse;  // [part_rows], natural log
 };
 
-__device__ __forceinline__ int64_t source_offset(const RowSource& src, int64_t b, int64_t seg,
-                                                 int64_t t) {
-  return src.off + b * src.b_st + seg * src.seg_st + t * src.t_st;
-}
-
 // One block: query tile [q0, q0 + BQ) (kept indices) of segment `seg` of task blockIdx.y,
 // batch blockIdx.z, against every key tile of [k_lo, k_hi) it can see (causal: tiles past
 // the last query are skipped, the diagonal tile is masked).

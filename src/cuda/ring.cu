@@ -1,6 +1,9 @@
-// The GPU ring forward of one rank: device-side K/V blocks (a pack kernel gathers the kept
-// rows of each stream), and the forward kernel and merge of forward.cu over the local keys
-// and over each received block.
+// The GPU ring of one rank: device-side K/V blocks (a pack kernel gathers the kept rows of
+// each stream); forward: the forward kernel and merge of forward.cu over the local keys and
+// over each received block; backward: the passes of backward.cu over the same, the
+// gradients of each received block's keys kept in fp32 buffers of the block's layout.
+
+#include <algorithm>
 
 #include "ring_cuda.h"
 #include "runtime.h"
@@ -33,7 +36,7 @@ class DeviceKvStore final : public KvStore {
     const size_t esize = dtype_size(p.dtype);
     for (int s = 0; s < static_cast<int>(plan.spans.size()); ++s) {
       own_.emplace_back(static_cast<size_t>(plan.block_elements(p, s, plan.rank)) * esize, stream);
-      const std::vector<PackRun> runs = pack_runs(p, plan, s);
+      const std::vector<PackRun> runs = pack_runs(p, plan, s, p.k_st, p.v_st);
       if (runs.empty()) continue;
       require(runs.size() <= 65535, "the GPU ring packs at most 65535 (stream, batch) runs per ",
               "block, but this call has ", runs.size(), "; split the batch");
@@ -122,6 +125,86 @@ void RingShard::write_output() {
   launch_merge(impl_->p, order, head_begin, impl_->part_o->as<float>(),
                impl_->part_lse->as<float>(), impl_->stream);
   RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+}
+
+namespace {
+
+// The largest of `elements(step)` over the steps, in fp32 bytes.
+template <typename F>
+size_t most_grad_bytes(const RingPlan& plan, F elements) {
+  int64_t most = 0;
+  for (const RingStep& st : plan.steps) most = std::max(most, elements(st));
+  return static_cast<size_t>(most) * sizeof(float);
+}
+
+}  // namespace
+
+struct RingBackwardShard::Impl {
+  Impl(const BackwardProblem& problem, const RingPlan& ring_plan, cudaStream_t s)
+      : bp(problem),
+        plan(ring_plan),
+        stream(s),
+        store(problem.fwd, ring_plan, s),
+        shard(problem, s),
+        sent{DeviceBuffer(sent_bytes(), s), DeviceBuffer(sent_bytes(), s)},
+        returned{DeviceBuffer(returned_bytes(), s), DeviceBuffer(returned_bytes(), s)} {
+    // Allocated before the communicator uses them from another stream or the host.
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  // The gradients of a received block (its sender's layout), and of this rank's own.
+  size_t sent_bytes() const {
+    return most_grad_bytes(plan, [&](const RingStep& st) {
+      return st.recv_from < 0 ? 0 : plan.block_elements(bp.fwd, st.span, st.recv_from);
+    });
+  }
+  size_t returned_bytes() const {
+    return most_grad_bytes(plan, [&](const RingStep& st) {
+      return st.send_to < 0 ? 0 : plan.block_elements(bp.fwd, st.span, plan.rank);
+    });
+  }
+
+  const BackwardProblem& bp;
+  const RingPlan& plan;
+  cudaStream_t stream;
+  DeviceKvStore store;
+  BackwardShard shard;
+  DeviceBuffer sent[2], returned[2];  // slot e % 2 serves step e
+};
+
+RingBackwardShard::RingBackwardShard(const BackwardProblem& bp, const RingPlan& plan, void* stream)
+    : impl_(std::make_unique<Impl>(bp, plan, static_cast<cudaStream_t>(stream))) {}
+
+RingBackwardShard::~RingBackwardShard() = default;
+
+KvStore& RingBackwardShard::store() {
+  return impl_->store;
+}
+
+void RingBackwardShard::launch_local() {
+  impl_->shard.local_passes();
+}
+
+const void* RingBackwardShard::block_grads(size_t step, const void* block) {
+  const RingStep& st = impl_->plan.steps[step];
+  float* grads = impl_->sent[step % 2].as<float>();
+  impl_->shard.block_pass(impl_->plan, st.span, st.recv_from, block, grads);
+  RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // complete before the send reads it
+  return grads;
+}
+
+void* RingBackwardShard::returned(size_t step) {
+  // add_returned(step - 2), which read this buffer, is done before it is written again.
+  RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  return impl_->returned[step % 2].as<void>();
+}
+
+void RingBackwardShard::add_returned(size_t step) {
+  impl_->shard.add_returned(impl_->plan, impl_->plan.steps[step].span,
+                            impl_->returned[step % 2].as<float>());
+}
+
+void RingBackwardShard::write_output() {
+  impl_->shard.write_output();
 }
 
 }  // namespace ringattn::cuda

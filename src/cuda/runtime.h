@@ -96,4 +96,30 @@ void launch_merge(const Problem& p, const std::vector<Task>& order,
                   const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
                   cudaStream_t stream);
 
+// The backward of one shard (backward.cu), shared by the single-GPU backward and the GPU
+// ring: fp32 accumulators of dq, dk, dv over the local rows, filled by passes launched in
+// order on one stream (deterministic: no floating-point atomics), then written out.
+class BackwardShard {
+ public:
+  // Allocates and zeroes the accumulators and computes the row statistics on `stream`.
+  BackwardShard(const BackwardProblem& bp, cudaStream_t stream);
+  // Every branch, the local queries against the local keys.
+  void local_passes();
+  // The local queries of span `span` against the block of `sender` (device memory, `block`):
+  // dq into the local accumulator, dk and dv of the block's keys into `grads` (fp32, the
+  // block's layout; zeroed first).
+  void block_pass(const RingPlan& plan, int span, int sender, const void* block, float* grads);
+  // Adds `grads` (fp32 gradients of this rank's block of span `span`, the block's layout)
+  // into the dk and dv accumulators.
+  void add_returned(const RingPlan& plan, int span, const float* grads);
+  // Writes the accumulators into bp.dq, bp.dk, bp.dv and waits for the stream.
+  void write_output();
+
+ private:
+  const BackwardProblem& bp_;
+  cudaStream_t stream_;
+  int64_t tile_q_ = 0, tile_k_ = 0;
+  DeviceBuffer lse2_, dr_, acc_q_, acc_k_, acc_v_;
+};
+
 }  // namespace ringattn::cuda

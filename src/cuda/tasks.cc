@@ -8,6 +8,11 @@ namespace ringattn::cuda {
 
 namespace {
 
+// The strides of the contiguous fp32 dk/dv accumulators [B][N_loc][Hkv][D].
+Strides3 accumulator_strides(const Problem& p) {
+  return {p.shard_rows * p.kv_heads * p.head_dim, p.kv_heads * p.head_dim, p.head_dim};
+}
+
 // Kept index t of segment seg0 + seg of (branch, offset, head) in a local view of p.
 RowSource local_source(const Problem& p, const Branch& br, int64_t offset, const Strides3& st,
                        int64_t head) {
@@ -45,7 +50,20 @@ Task local_task(const Problem& p, int branch, int64_t offset, int64_t h, int64_t
   t.q_src = local_source(p, br, offset, p.q_st, h);
   t.k_src = local_source(p, br, offset, p.k_st, t.kv_head);
   t.v_src = local_source(p, br, offset, p.v_st, t.kv_head);
+  t.dk_dst = local_source(p, br, offset, accumulator_strides(p), t.kv_head);
+  t.dv_dst = t.dk_dst;
   return t;
+}
+
+// Points t's keys, values and their gradients at piece x of a packed block.
+void use_block_keys(const Problem& p, const BlockPiece& x, Task& t) {
+  const int64_t rows = x.t_end - x.t_begin;
+  t.k_lo = x.t_begin;
+  t.k_hi = x.t_end;
+  t.k_src = {x.k_offset - x.t_begin * p.head_dim, 2 * rows * p.head_dim, 0, p.head_dim};
+  t.v_src = {x.v_offset - x.t_begin * p.head_dim, 2 * rows * p.head_dim, 0, p.head_dim};
+  t.dk_dst = t.k_src;
+  t.dv_dst = t.v_src;
 }
 
 // Appends `t`, serving query heads `heads`, with its partial rows after the list's.
@@ -87,11 +105,7 @@ TaskList block_tasks(const Problem& p, const RingPlan& plan, int span, int sende
     Task t =
         local_task(p, sb.branch, p.head_branches[static_cast<size_t>(hb)].offset, h, tile_rows);
     if (x.t_end == x.t_begin || t.q_hi == t.q_lo) continue;
-    const int64_t rows = x.t_end - x.t_begin;
-    t.k_lo = x.t_begin;
-    t.k_hi = x.t_end;
-    t.k_src = {x.k_offset - x.t_begin * p.head_dim, 2 * rows * p.head_dim, 0, p.head_dim};
-    t.v_src = {x.v_offset - x.t_begin * p.head_dim, 2 * rows * p.head_dim, 0, p.head_dim};
+    use_block_keys(p, x, t);
     append(p, list, t, {static_cast<int>(h)});
   }
   return list;
@@ -112,7 +126,8 @@ std::vector<Task> merge_order(const Problem& p, const std::vector<TaskList>& lis
   return order;
 }
 
-std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span) {
+std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span,
+                               const Strides3& k_st, const Strides3& v_st) {
   const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
   const Branch br = p.branches[static_cast<size_t>(sb.branch)];
   const std::vector<BlockPiece> pieces = plan.layout(p, span, plan.rank);
@@ -124,18 +139,34 @@ std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span)
       const BlockPiece& x = pieces[si * static_cast<size_t>(p.batch) + static_cast<size_t>(b)];
       if (x.t_end == x.t_begin) continue;
       const int64_t row = seg_start + st.offset + x.t_begin * br.rate - p.shard_begin;
-      runs.push_back({b * p.k_st.b + row * p.k_st.n + st.kv_head * p.k_st.h, br.rate * p.k_st.n,
-                      b * p.v_st.b + row * p.v_st.n + st.kv_head * p.v_st.h, br.rate * p.v_st.n,
-                      x.k_offset, x.v_offset, x.t_end - x.t_begin});
+      runs.push_back({b * k_st.b + row * k_st.n + st.kv_head * k_st.h, br.rate * k_st.n,
+                      b * v_st.b + row * v_st.n + st.kv_head * v_st.h, br.rate * v_st.n, x.k_offset,
+                      x.v_offset, x.t_end - x.t_begin});
     }
   }
   return runs;
 }
 
-TaskList backward_tasks(const Problem& p, int branch, int64_t tile_rows, bool by_key) {
+namespace {
+
+// backward_tasks, with the keys of the block `pieces` (of span `sb`) when it is given.
+TaskList backward_list(const Problem& p, int branch, int64_t tile_rows, bool by_key,
+                       const SpanningBranch* sb, const std::vector<BlockPiece>* pieces) {
   TaskList list;
   const int64_t group = p.heads / p.kv_heads;
   const int64_t rate = p.branches[static_cast<size_t>(branch)].rate;
+  // A task for the heads `heads` (one (kv head, offset)), unless it has nothing to do.
+  const auto add = [&](int64_t o, const std::vector<int>& heads) {
+    Task t = local_task(p, branch, o, heads.front(), tile_rows);
+    if (pieces != nullptr) {
+      const BlockPiece& x = (*pieces)[static_cast<size_t>(
+          sb->head_stream[static_cast<size_t>(heads.front())] * p.batch)];
+      if (x.t_end == x.t_begin || t.q_hi == t.q_lo) return;
+      use_block_keys(p, x, t);
+    }
+    if (by_key) t.tiles_per_seg = ceil_div(t.k_hi - t.k_lo, tile_rows);
+    append(p, list, t, heads);
+  };
   for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
     // Offsets in ascending order; the heads of one (kv head, offset) in ascending order.
     for (int64_t o = 0; o < rate; ++o) {
@@ -146,15 +177,26 @@ TaskList backward_tasks(const Problem& p, int branch, int64_t tile_rows, bool by
         if (by_key) {
           heads.push_back(static_cast<int>(h));
         } else {
-          append(p, list, local_task(p, branch, o, h, tile_rows), {static_cast<int>(h)});
+          add(o, {static_cast<int>(h)});
         }
       }
-      if (by_key && !heads.empty()) {
-        append(p, list, local_task(p, branch, o, heads.front(), tile_rows), heads);
-      }
+      if (by_key && !heads.empty()) add(o, heads);
     }
   }
   return list;
+}
+
+}  // namespace
+
+TaskList backward_tasks(const Problem& p, int branch, int64_t tile_rows, bool by_key) {
+  return backward_list(p, branch, tile_rows, by_key, nullptr, nullptr);
+}
+
+TaskList block_backward_tasks(const Problem& p, const RingPlan& plan, int span, int sender,
+                              int64_t tile_rows, bool by_key) {
+  const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
+  const std::vector<BlockPiece> pieces = plan.layout(p, span, sender);
+  return backward_list(p, sb.branch, tile_rows, by_key, &sb, &pieces);
 }
 
 }  // namespace ringattn::cuda

@@ -23,18 +23,23 @@ struct Task {
   int64_t s, r, o;        // branch segment length, dilation rate and offset
   int64_t m;              // kept rows per segment: kept_count(s, r, o)
   int64_t segments;       // N / s
-  int64_t tiles_per_seg;  // ceil(m / tile rows)
+  int64_t tiles_per_seg;  // tiles per segment (see below)
   int64_t kv_head;
   int head_first, head_count;  // query heads heads[head_first .. head_first + head_count)
   // Forward partials: row (b, segment, t) of this task is part_row0 + b * rows_per_batch +
   // segment * m + t of the [rows][D] fp32 partial buffer.
   int64_t part_row0, rows_per_batch;
-  // Forward only: segments seg0 .. seg0 + segments; the queries are kept indices
-  // [q_lo, q_hi) of each (tiles_per_seg tiles of them), the keys [k_lo, k_hi) (causal
-  // compares kept indices, so keys from an earlier rank are all visible); partial row
-  // (b, seg, t) is part_row0 + b * rows_per_batch + seg * (q_hi - q_lo) + t - q_lo.
+  // Segments seg0 .. seg0 + segments; the queries are kept indices [q_lo, q_hi) of each,
+  // the keys [k_lo, k_hi) (causal compares kept indices, so keys from an earlier rank are
+  // all visible); tiles_per_seg tiles of the queries (forward, backward dq pass) or of the
+  // keys (backward dk/dv pass). Forward partial row (b, seg, t) is part_row0 +
+  // b * rows_per_batch + seg * (q_hi - q_lo) + t - q_lo.
   int64_t seg0, q_lo, q_hi, k_lo, k_hi;
   RowSource q_src, k_src, v_src;
+  // Backward: where the fp32 dk and dv accumulator rows of the keys lie, in elements from the
+  // launch's accumulator base (the local [B][N_loc][Hkv][D] accumulators, or the gradient
+  // buffer of a received block, which has the block's layout).
+  RowSource dk_dst, dv_dst;
 };
 
 struct TaskList {
@@ -69,14 +74,26 @@ std::vector<Task> merge_order(const Problem& p, const std::vector<TaskList>& lis
 struct PackRun {
   int64_t src_k, src_k_t, src_v, src_v_t, dst_k, dst_v, rows;
 };
-// The runs that pack this rank's block of span `span` (RingPlan::layout of plan.rank).
-std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span);
+// The runs that pack this rank's block of span `span` (RingPlan::layout of plan.rank), the
+// local rows addressed with the strides k_st and v_st (p.k_st and p.v_st to pack the
+// block; the accumulator strides to add the block's returned gradients).
+std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span,
+                               const Strides3& k_st, const Strides3& v_st);
 
 // Backward over branch `branch`: the query heads using it, one task each (tiles of
 // `tile_rows` queries; the dq pass), or grouped by (kv head, offset) (tiles of `tile_rows`
 // keys; the dk/dv pass). Within one list no two tasks touch the same rows of dq (by_key =
 // false) or of dk/dv (by_key = true), so blocks of one launch never write the same
-// accumulator row.
+// accumulator row. Tiles cover the queries [q_lo, q_hi) (dq pass) or the keys [k_lo, k_hi)
+// (dk/dv pass) of each segment; on a shard, a branch whose segments span ranks computes the
+// shard's part of its segment against the shard's keys.
 TaskList backward_tasks(const Problem& p, int branch, int64_t tile_rows, bool by_key);
+
+// Backward of the local queries of span `span` against the packed block of rank `sender`
+// (RingPlan::layout), grouped as backward_tasks: keys, values and the dk/dv destinations
+// (dk_dst, dv_dst: the block's layout) in the block; streams without rows in the block and
+// heads without local queries get no task.
+TaskList block_backward_tasks(const Problem& p, const RingPlan& plan, int span, int sender,
+                              int64_t tile_rows, bool by_key);
 
 }  // namespace ringattn::cuda

@@ -217,11 +217,17 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// The element offset of kept row t of segment `segment` of task `t` in a [B, N, H, D] view.
-__device__ __forceinline__ int64_t kept_row_offset(const Task& task, const Strides3& st, int64_t b,
-                                                   int64_t segment, int64_t t, int64_t head) {
-  const int64_t n = segment * task.s + task.o + t * task.r;
-  return b * st.b + n * st.n + head * st.h;
+// The local row (of a view holding global rows row0 ..) of kept index t of segment
+// task.seg0 + seg of task `task`.
+__device__ __forceinline__ int64_t local_row(const Task& task, int64_t seg, int64_t t,
+                                             int64_t row0) {
+  return (task.seg0 + seg) * task.s + task.o + t * task.r - row0;
+}
+
+// The element offset of kept index t of batch b, segment seg of a task's row source.
+__device__ __forceinline__ int64_t source_offset(const RowSource& src, int64_t b, int64_t seg,
+                                                 int64_t t) {
+  return src.off + b * src.b_st + seg * src.seg_st + t * src.t_st;
 }
 
 }  // namespace ringattn::cuda

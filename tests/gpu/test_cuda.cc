@@ -199,8 +199,8 @@ TEST(CudaForward, RunsOnTheGivenStream) {
 }
 
 // Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
-// backend on host tensors, the ring mixing devices or running a backward on CUDA tensors;
-// and without a GPU, CUDA tensors are a device error (the ring's too).
+// backend on host tensors, the ring mixing devices (forward and backward); and without a
+// GPU, CUDA tensors are a device error (the ring's forward and backward too).
 TEST(CudaApi, DeviceErrors) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
   HostCase h(c, 100);
@@ -232,30 +232,40 @@ TEST(CudaApi, DeviceErrors) {
             std::string::npos)
       << e.what();
   e = error_of([&] {
-    ring.backward(h.out.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
-                  h.out.view(), h.k.view(), h.v.view());
+    ring.backward(h.dout.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
+                  h.dq.view(), h.dk.view(), h.dv.view());
   });
-  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
-  EXPECT_NE(std::string(e.what()).find("the GPU ring has a forward only"), std::string::npos)
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(e.what()).find("lives on the CPU (host memory) but this call runs on a "
+                                       "CUDA device"),
+            std::string::npos)
       << e.what();
   e = error_of([&] {
     RingDilatedAttention(c.config(), *self, ExecOptions{Backend::kReference, 0});
   });
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   TensorView k_gpu = h.k.view(), v_gpu = h.v.view(), out_gpu = h.out.view();
-  k_gpu.device = v_gpu.device = out_gpu.device = Device::kCUDA;
-  for (const bool use_ring : {false, true}) {
+  TensorView dout_gpu = h.dout.view(), lse_gpu = h.lse.view(), dq_gpu = h.dq.view(),
+             dk_gpu = h.dk.view(), dv_gpu = h.dv.view();
+  for (TensorView* x : {&k_gpu, &v_gpu, &out_gpu, &dout_gpu, &lse_gpu, &dq_gpu, &dk_gpu, &dv_gpu}) {
+    x->device = Device::kCUDA;
+  }
+  for (const int call : {0, 1, 2}) {  // DilatedAttention, the ring's forward, its backward
     e = error_of([&] {
-      if (use_ring) {
+      if (call == 0) {
+        cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+      } else if (call == 1) {
         ring.forward(q_gpu, k_gpu, v_gpu, out_gpu);
       } else {
-        cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+        ring.backward(dout_gpu, q_gpu, k_gpu, v_gpu, out_gpu, lse_gpu, dq_gpu, dk_gpu, dv_gpu);
       }
     });
     if (no_gpu_reason().empty()) {
       // Host memory marked kCUDA is caught before any kernel runs.
       EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
-      EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
+      EXPECT_NE(std::string(e.what()).find(call == 2 ? "dout.data is not CUDA device memory"
+                                                     : "q.data is not CUDA device memory"),
+                std::string::npos)
           << e.what();
     } else {
       EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();

@@ -145,138 +145,297 @@ Coord decode(int64_t off, int64_t n_loc, int64_t heads, int64_t D, int rank) {
   return {row / heads / n_loc, rank * n_loc + row / heads % n_loc, row % heads};
 }
 
-TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
-  const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
+// (b, h, query row, key row, s, r, o): a pair of a head-branch entry.
+using Pairs =
+    std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, int>;
+
+// `pairs` holds every pair SPEC.md's dilated attention has over the whole sequence (p0 is
+// any rank's problem), each once, and nothing else.
+void expect_every_pair_once(const Problem& p0, bool causal, Pairs& pairs) {
+  size_t expected = 0;
+  for (int64_t b = 0; b < p0.batch; ++b)
+    for (int64_t h = 0; h < p0.heads; ++h)
+      for (int hb = p0.head_begin[h]; hb < p0.head_begin[h + 1]; ++hb) {
+        const Branch br = p0.branches[static_cast<size_t>(p0.head_branches[hb].branch)];
+        const int64_t o = p0.head_branches[hb].offset;
+        for (int64_t n = 0; n < p0.seq; ++n) {
+          if (kept_index_of_row(n, br.segment, br.rate, o) < 0) continue;
+          for (int64_t m = n / br.segment * br.segment; m < (n / br.segment + 1) * br.segment;
+               ++m) {
+            if (kept_index_of_row(m, br.segment, br.rate, o) < 0 || (causal && m > n)) continue;
+            ++expected;
+            EXPECT_EQ((pairs[{b, h, n, m, br.segment, br.rate, o}]), 1)
+                << "b=" << b << " h=" << h << " n=" << n << " m=" << m;
+          }
+        }
+      }
+  EXPECT_EQ(pairs.size(), expected);
+}
+
+// The ring configurations of the plan tests: P ranks of n_loc rows, a branch inside a rank
+// and one spanning ranks (or one spanning all), both modes, causal on and off.
+template <typename F>
+void for_each_ring_case(int64_t n_loc, F check) {
   for (int P : {2, 3, 4}) {
     const int64_t N = P * n_loc;
     for (const auto& [s, r] : std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>{
              {{4, N}, {1, 2}}, {{8, N}, {2, 3}}, {{n_loc * P}, {1}}}) {
       for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
         for (bool causal : {false, true}) {
-          const DilatedConfig cfg{s, r, mode, causal, std::nullopt};
           SCOPED_TRACE(::testing::Message() << "P=" << P << " s.back()=" << s.back() << " "
                                             << mode_name(mode) << " causal=" << causal);
-          Tensor q(DType::kF32, {B, n_loc, H, D}), k(DType::kF32, {B, n_loc, Hkv, D}),
-              out(DType::kF32, {B, n_loc, H, D});
-          std::vector<Problem> ps;
-          std::vector<RingPlan> plans;
-          for (int rank = 0; rank < P; ++rank) {
-            ps.push_back(make_problem(cfg, q.view(), k.view(), k.view(), out.view(), std::nullopt,
-                                      1 << 20, "cuda", Shard{rank, P}));
-            plans.push_back(plan_ring(ps.back(), rank, P));
-          }
-          // (b, h, query row, key row, s, r, o) computed by any rank.
-          std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, int>
-              pairs;
-          for (int rank = 0; rank < P; ++rank) {
-            const Problem& p = ps[static_cast<size_t>(rank)];
-            const RingPlan& plan = plans[static_cast<size_t>(rank)];
-            std::vector<cuda::TaskList> lists = {cuda::forward_tasks(p, tile)};
-            std::vector<int> senders = {rank};
-            for (const RingStep& st : plan.steps) {
-              if (st.recv_from < 0) continue;
-              EXPECT_TRUE(!causal || st.recv_from < rank);
-              lists.push_back(
-                  cuda::block_tasks(p, plan, st.span, st.recv_from, tile, lists.back().part_rows));
-              senders.push_back(st.recv_from);
-            }
-            std::vector<int> seen(static_cast<size_t>(lists.back().part_rows), 0);
-            for (size_t li = 0; li < lists.size(); ++li) {
-              const int sender = senders[li];
-              // Block element offset -> the sender's K (or V) coordinates, from its pack runs.
-              std::map<int64_t, Coord> block_k, block_v;
-              for (size_t si = 0; li > 0 && si < plans[sender].spans.size(); ++si) {
-                for (const cuda::PackRun& run :
-                     cuda::pack_runs(ps[sender], plans[sender], static_cast<int>(si))) {
-                  for (int64_t t = 0; t < run.rows; ++t) {
-                    block_k[run.dst_k + t * D] =
-                        decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, sender);
-                    block_v[run.dst_v + t * D] =
-                        decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, sender);
-                  }
-                }
-              }
-              const cuda::TaskList& list = lists[li];
-              for (const cuda::Task& t : list.tasks) {
-                const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
-                EXPECT_EQ(t.tiles_per_seg, ceil_div(t.q_hi - t.q_lo, tile));
-                EXPECT_LE(t.segments * t.tiles_per_seg, list.max_tiles);
-                for (int64_t b = 0; b < B; ++b)
-                  for (int64_t seg = 0; seg < t.segments; ++seg)
-                    for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
-                      const int64_t n = (t.seg0 + seg) * t.s + t.o + tq * t.r;
-                      const auto at = [&](const cuda::RowSource& x, int64_t row) {
-                        return x.off + b * x.b_st + seg * x.seg_st + row * x.t_st;
-                      };
-                      const Coord qc = decode(at(t.q_src, tq), n_loc, H, D, rank);
-                      ASSERT_TRUE(qc.b == b && qc.n == n && qc.h == h) << "query " << n;
-                      const int64_t row = t.part_row0 + b * t.rows_per_batch +
-                                          seg * (t.q_hi - t.q_lo) + tq - t.q_lo;
-                      ASSERT_GE(row, 0);
-                      ASSERT_LT(row, list.part_rows);
-                      ++seen[static_cast<size_t>(row)];
-                      for (int64_t tk = t.k_lo; tk < t.k_hi; ++tk) {
-                        if (causal && tk > tq) continue;
-                        Coord kc, vc;
-                        if (li == 0) {
-                          kc = decode(at(t.k_src, tk), n_loc, Hkv, D, rank);
-                          vc = decode(at(t.v_src, tk), n_loc, Hkv, D, rank);
-                        } else {
-                          ASSERT_EQ(block_k.count(at(t.k_src, tk)), 1u);
-                          ASSERT_EQ(block_v.count(at(t.v_src, tk)), 1u);
-                          kc = block_k[at(t.k_src, tk)];
-                          vc = block_v[at(t.v_src, tk)];
-                        }
-                        const int64_t m = (t.seg0 + seg) * t.s + t.o + tk * t.r;
-                        ASSERT_TRUE(kc.b == b && kc.n == m && kc.h == p.kv_head(h)) << "key " << m;
-                        ASSERT_TRUE(vc.b == b && vc.n == m && vc.h == p.kv_head(h))
-                            << "value " << m;
-                        ++pairs[{b, h, n, m, t.s, t.r, t.o}];
-                      }
-                    }
-              }
-            }
-            // Partial rows are distinct, the queries of one launch never overlap.
-            EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
-            // The merge order: head by head, each head's tasks in launch order.
-            std::vector<int> head_begin;
-            const std::vector<cuda::Task> order = cuda::merge_order(p, lists, head_begin);
-            ASSERT_EQ(head_begin.size(), static_cast<size_t>(H + 1));
-            size_t total = 0;
-            for (const cuda::TaskList& list : lists) total += list.tasks.size();
-            EXPECT_EQ(order.size(), total);
-            for (int64_t h = 0; h < H; ++h) {
-              for (int i = head_begin[h]; i + 1 < head_begin[h + 1]; ++i) {
-                EXPECT_LT(order[static_cast<size_t>(i)].part_row0,
-                          order[static_cast<size_t>(i) + 1].part_row0);
-              }
-            }
-          }
-          // Every pair SPEC.md's dilated attention has, once.
-          const Problem& p0 = ps[0];
-          size_t expected = 0;
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t h = 0; h < H; ++h)
-              for (int hb = p0.head_begin[h]; hb < p0.head_begin[h + 1]; ++hb) {
-                const Branch br = p0.branches[static_cast<size_t>(p0.head_branches[hb].branch)];
-                const int64_t o = p0.head_branches[hb].offset;
-                for (int64_t n = 0; n < N; ++n) {
-                  if (kept_index_of_row(n, br.segment, br.rate, o) < 0) continue;
-                  for (int64_t m = n / br.segment * br.segment;
-                       m < (n / br.segment + 1) * br.segment; ++m) {
-                    if (kept_index_of_row(m, br.segment, br.rate, o) < 0 || (causal && m > n))
-                      continue;
-                    ++expected;
-                    EXPECT_EQ((pairs[{b, h, n, m, br.segment, br.rate, o}]), 1)
-                        << "b=" << b << " h=" << h << " n=" << n << " m=" << m;
-                  }
-                }
-              }
-          EXPECT_EQ(pairs.size(), expected);
+          check(P, DilatedConfig{s, r, mode, causal, std::nullopt});
         }
       }
     }
   }
+}
+
+// Every rank's problem and ring plan of a ring case (the ranks' tensors differ in content
+// only, so one set of host tensors serves them all).
+struct RingProblems {
+  RingProblems(const DilatedConfig& cfg, int P, int64_t B, int64_t n_loc, int64_t H, int64_t Hkv,
+               int64_t D)
+      : q(DType::kF32, {B, n_loc, H, D}),
+        k(DType::kF32, {B, n_loc, Hkv, D}),
+        out(DType::kF32, {B, n_loc, H, D}) {
+    for (int rank = 0; rank < P; ++rank) {
+      ps.push_back(make_problem(cfg, q.view(), k.view(), k.view(), out.view(), std::nullopt,
+                                1 << 20, "cuda", Shard{rank, P}));
+      plans.push_back(plan_ring(ps.back(), rank, P));
+    }
+  }
+  Tensor q, k, out;
+  std::vector<Problem> ps;
+  std::vector<RingPlan> plans;
+};
+
+TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
+  const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
+  for_each_ring_case(n_loc, [&](int P, const DilatedConfig& cfg) {
+    const bool causal = cfg.causal;
+    const RingProblems ring(cfg, P, B, n_loc, H, Hkv, D);
+    const std::vector<Problem>& ps = ring.ps;
+    const std::vector<RingPlan>& plans = ring.plans;
+    // (b, h, query row, key row, s, r, o) computed by any rank.
+    Pairs pairs;
+    for (int rank = 0; rank < P; ++rank) {
+      const Problem& p = ps[static_cast<size_t>(rank)];
+      const RingPlan& plan = plans[static_cast<size_t>(rank)];
+      std::vector<cuda::TaskList> lists = {cuda::forward_tasks(p, tile)};
+      std::vector<int> senders = {rank};
+      for (const RingStep& st : plan.steps) {
+        if (st.recv_from < 0) continue;
+        EXPECT_TRUE(!causal || st.recv_from < rank);
+        lists.push_back(
+            cuda::block_tasks(p, plan, st.span, st.recv_from, tile, lists.back().part_rows));
+        senders.push_back(st.recv_from);
+      }
+      std::vector<int> seen(static_cast<size_t>(lists.back().part_rows), 0);
+      for (size_t li = 0; li < lists.size(); ++li) {
+        const int sender = senders[li];
+        // Block element offset -> the sender's K (or V) coordinates, from its pack runs.
+        std::map<int64_t, Coord> block_k, block_v;
+        for (size_t si = 0; li > 0 && si < plans[sender].spans.size(); ++si) {
+          for (const cuda::PackRun& run :
+               cuda::pack_runs(ps[sender], plans[sender], static_cast<int>(si), ps[sender].k_st,
+                               ps[sender].v_st)) {
+            for (int64_t t = 0; t < run.rows; ++t) {
+              block_k[run.dst_k + t * D] =
+                  decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, sender);
+              block_v[run.dst_v + t * D] =
+                  decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, sender);
+            }
+          }
+        }
+        const cuda::TaskList& list = lists[li];
+        for (const cuda::Task& t : list.tasks) {
+          const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
+          EXPECT_EQ(t.tiles_per_seg, ceil_div(t.q_hi - t.q_lo, tile));
+          EXPECT_LE(t.segments * t.tiles_per_seg, list.max_tiles);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t seg = 0; seg < t.segments; ++seg)
+              for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
+                const int64_t n = (t.seg0 + seg) * t.s + t.o + tq * t.r;
+                const auto at = [&](const cuda::RowSource& x, int64_t row) {
+                  return x.off + b * x.b_st + seg * x.seg_st + row * x.t_st;
+                };
+                const Coord qc = decode(at(t.q_src, tq), n_loc, H, D, rank);
+                ASSERT_TRUE(qc.b == b && qc.n == n && qc.h == h) << "query " << n;
+                const int64_t row =
+                    t.part_row0 + b * t.rows_per_batch + seg * (t.q_hi - t.q_lo) + tq - t.q_lo;
+                ASSERT_GE(row, 0);
+                ASSERT_LT(row, list.part_rows);
+                ++seen[static_cast<size_t>(row)];
+                for (int64_t tk = t.k_lo; tk < t.k_hi; ++tk) {
+                  if (causal && tk > tq) continue;
+                  Coord kc, vc;
+                  if (li == 0) {
+                    kc = decode(at(t.k_src, tk), n_loc, Hkv, D, rank);
+                    vc = decode(at(t.v_src, tk), n_loc, Hkv, D, rank);
+                  } else {
+                    ASSERT_EQ(block_k.count(at(t.k_src, tk)), 1u);
+                    ASSERT_EQ(block_v.count(at(t.v_src, tk)), 1u);
+                    kc = block_k[at(t.k_src, tk)];
+                    vc = block_v[at(t.v_src, tk)];
+                  }
+                  const int64_t m = (t.seg0 + seg) * t.s + t.o + tk * t.r;
+                  ASSERT_TRUE(kc.b == b && kc.n == m && kc.h == p.kv_head(h)) << "key " << m;
+                  ASSERT_TRUE(vc.b == b && vc.n == m && vc.h == p.kv_head(h)) << "value " << m;
+                  ++pairs[{b, h, n, m, t.s, t.r, t.o}];
+                }
+              }
+        }
+      }
+      // Partial rows are distinct, the queries of one launch never overlap.
+      EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
+      // The merge order: head by head, each head's tasks in launch order.
+      std::vector<int> head_begin;
+      const std::vector<cuda::Task> order = cuda::merge_order(p, lists, head_begin);
+      ASSERT_EQ(head_begin.size(), static_cast<size_t>(H + 1));
+      size_t total = 0;
+      for (const cuda::TaskList& list : lists) total += list.tasks.size();
+      EXPECT_EQ(order.size(), total);
+      for (int64_t h = 0; h < H; ++h) {
+        for (int i = head_begin[h]; i + 1 < head_begin[h + 1]; ++i) {
+          EXPECT_LT(order[static_cast<size_t>(i)].part_row0,
+                    order[static_cast<size_t>(i) + 1].part_row0);
+        }
+      }
+    }
+    expect_every_pair_once(ps[0], causal, pairs);
+  });
+}
+
+// The GPU ring backward's host plan, simulated on the CPU for every rank: the dq passes
+// (backward_tasks / block_backward_tasks by query) and the dk/dv passes (by key) against the
+// local keys and every received block each compute every (query row, key row) pair of
+// SPEC.md's dilated attention once; no two blocks of one launch write the same accumulator
+// row; and the dk/dv rows a block's pass writes (in the block's layout) are added, by the
+// owner's add (pack_runs with the accumulator strides), into the owner's rows of those keys.
+TEST(CudaPlan, RingBackwardTasksComputeEveryPairOnce) {
+  const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
+  const Strides3 acc_st{n_loc * Hkv * D, Hkv * D, D};
+  for_each_ring_case(n_loc, [&](int P, const DilatedConfig& cfg) {
+    const RingProblems ring(cfg, P, B, n_loc, H, Hkv, D);
+    Pairs dq_pairs, dkv_pairs;
+    for (int rank = 0; rank < P; ++rank) {
+      const Problem& p = ring.ps[static_cast<size_t>(rank)];
+      const RingPlan& plan = ring.plans[static_cast<size_t>(rank)];
+      for (bool by_key : {false, true}) {
+        // The launches in stream order: each branch against the local keys (span -1), then
+        // each received block.
+        struct Launch {
+          cuda::TaskList list;
+          int sender, span;
+        };
+        std::vector<Launch> launches;
+        for (int branch = 0; branch < static_cast<int>(p.branches.size()); ++branch) {
+          launches.push_back({cuda::backward_tasks(p, branch, tile, by_key), rank, -1});
+        }
+        for (const RingStep& st : plan.steps) {
+          if (st.recv_from < 0) continue;
+          EXPECT_TRUE(!cfg.causal || st.recv_from < rank);
+          launches.push_back(
+              {cuda::block_backward_tasks(p, plan, st.span, st.recv_from, tile, by_key),
+               st.recv_from, st.span});
+        }
+        for (const Launch& launch : launches) {
+          const bool local = launch.span < 0;
+          // Block element offset -> the sender's K (V) row packed there, and the sender's
+          // dk (dv) accumulator row the gradient written there is added to.
+          std::map<int64_t, Coord> block_k, block_v, owner_k, owner_v;
+          if (!local) {
+            const Problem& sp = ring.ps[static_cast<size_t>(launch.sender)];
+            const RingPlan& splan = ring.plans[static_cast<size_t>(launch.sender)];
+            const std::vector<cuda::PackRun> packs =
+                cuda::pack_runs(sp, splan, launch.span, sp.k_st, sp.v_st);
+            const std::vector<cuda::PackRun> adds =
+                cuda::pack_runs(sp, splan, launch.span, acc_st, acc_st);
+            ASSERT_EQ(packs.size(), adds.size());
+            for (size_t i = 0; i < packs.size(); ++i) {
+              const cuda::PackRun &x = packs[i], &y = adds[i];
+              for (int64_t t = 0; t < x.rows; ++t) {
+                block_k[x.dst_k + t * D] =
+                    decode(x.src_k + t * x.src_k_t, n_loc, Hkv, D, launch.sender);
+                block_v[x.dst_v + t * D] =
+                    decode(x.src_v + t * x.src_v_t, n_loc, Hkv, D, launch.sender);
+                owner_k[y.dst_k + t * D] =
+                    decode(y.src_k + t * y.src_k_t, n_loc, Hkv, D, launch.sender);
+                owner_v[y.dst_v + t * D] =
+                    decode(y.src_v + t * y.src_v_t, n_loc, Hkv, D, launch.sender);
+              }
+            }
+          }
+          const cuda::TaskList& list = launch.list;
+          std::set<std::tuple<int, int64_t>> written;  // (accumulator, element offset)
+          for (const cuda::Task& t : list.tasks) {
+            EXPECT_EQ(t.tiles_per_seg, ceil_div(by_key ? t.k_hi - t.k_lo : t.q_hi - t.q_lo, tile));
+            EXPECT_LE(t.segments * t.tiles_per_seg, list.max_tiles);
+            if (!by_key) {
+              ASSERT_EQ(t.head_count, 1);
+            }
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t seg = 0; seg < t.segments; ++seg) {
+                const auto at = [&](const cuda::RowSource& x, int64_t kept) {
+                  return x.off + b * x.b_st + seg * x.seg_st + kept * x.t_st;
+                };
+                const auto row_of = [&](int64_t kept) {
+                  return (t.seg0 + seg) * t.s + t.o + kept * t.r;
+                };
+                for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
+                  const int64_t n_local = row_of(tq) - p.shard_begin;
+                  ASSERT_TRUE(n_local >= 0 && n_local < n_loc) << "query " << row_of(tq);
+                  const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
+                  if (!by_key) {
+                    EXPECT_TRUE(written.insert({0, ((b * n_loc + n_local) * H + h) * D}).second)
+                        << "two blocks write dq row " << row_of(tq) << " of head " << h;
+                  }
+                }
+                for (int64_t tk = t.k_lo; tk < t.k_hi; ++tk) {
+                  const int64_t m = row_of(tk);
+                  Coord kv[4];  // K, V, dK destination, dV destination
+                  if (local) {
+                    kv[0] = decode(at(t.k_src, tk), n_loc, Hkv, D, rank);
+                    kv[1] = decode(at(t.v_src, tk), n_loc, Hkv, D, rank);
+                    kv[2] = decode(at(t.dk_dst, tk), n_loc, Hkv, D, rank);
+                    kv[3] = decode(at(t.dv_dst, tk), n_loc, Hkv, D, rank);
+                  } else {
+                    ASSERT_EQ(block_k.count(at(t.k_src, tk)), 1u);
+                    ASSERT_EQ(block_v.count(at(t.v_src, tk)), 1u);
+                    ASSERT_EQ(owner_k.count(at(t.dk_dst, tk)), 1u);
+                    ASSERT_EQ(owner_v.count(at(t.dv_dst, tk)), 1u);
+                    kv[0] = block_k[at(t.k_src, tk)];
+                    kv[1] = block_v[at(t.v_src, tk)];
+                    kv[2] = owner_k[at(t.dk_dst, tk)];
+                    kv[3] = owner_v[at(t.dv_dst, tk)];
+                  }
+                  for (const Coord& c : kv) {
+                    ASSERT_TRUE(c.b == b && c.n == m && c.h == t.kv_head) << "key " << m;
+                  }
+                  if (by_key) {
+                    // Local: two accumulators; a block: dk and dv share its gradient buffer.
+                    EXPECT_TRUE(written.insert({1, at(t.dk_dst, tk)}).second) << "dk row " << m;
+                    EXPECT_TRUE(written.insert({local ? 2 : 1, at(t.dv_dst, tk)}).second)
+                        << "dv row " << m;
+                  }
+                  for (int i = 0; i < t.head_count; ++i) {
+                    const int64_t h = list.heads[static_cast<size_t>(t.head_first + i)];
+                    EXPECT_EQ(p.kv_head(h), t.kv_head);
+                    for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
+                      if (cfg.causal && tk > tq) continue;
+                      ++(by_key ? dkv_pairs : dq_pairs)[{b, h, row_of(tq), m, t.s, t.r, t.o}];
+                    }
+                  }
+                }
+              }
+          }
+        }
+      }
+    }
+    expect_every_pair_once(ring.ps[0], cfg.causal, dq_pairs);
+    expect_every_pair_once(ring.ps[0], cfg.causal, dkv_pairs);
+  });
 }
 
 }  // namespace

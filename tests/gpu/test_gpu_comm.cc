@@ -208,35 +208,132 @@ void check_gpu_ring(Communicator& comm, const GpuRingCase& c, uint32_t seed) {
   }
 }
 
+// Rows [row0, row0 + rows) of a [B, N, heads, D] fp64 array (reference gradients).
+std::vector<double> shard_of(const std::vector<double>& full, const std::vector<int64_t>& shape,
+                             int64_t row0, int64_t rows) {
+  const int64_t inner = shape[2] * shape[3];
+  std::vector<double> part;
+  for (int64_t b = 0; b < shape[0]; ++b) {
+    const auto first = full.begin() + (b * shape[1] + row0) * inner;
+    part.insert(part.end(), first, first + rows * inner);
+  }
+  return part;
+}
+
+// The shard of rank-local rows of gradients (dq, dk, dv) as fp64 arrays.
+ReferenceGrads shard_of(const ReferenceGrads& full, const GpuRingCase& c, int64_t N, int64_t row0) {
+  return {shard_of(full.dq, {c.B, N, c.H, c.D}, row0, c.n_loc),
+          shard_of(full.dk, {c.B, N, c.Hkv, c.D}, row0, c.n_loc),
+          shard_of(full.dv, {c.B, N, c.Hkv, c.D}, row0, c.n_loc)};
+}
+
+// A host tensor's values as an fp64 array.
+std::vector<double> values_of(const Tensor& t) {
+  const auto& sh = t.view().shape;
+  std::vector<double> x;
+  for (int64_t b = 0; b < sh[0]; ++b)
+    for (int64_t n = 0; n < sh[1]; ++n)
+      for (int64_t h = 0; h < sh[2]; ++h)
+        for (int64_t d = 0; d < sh[3]; ++d) x.push_back(t.get(b, n, h, d));
+  return x;
+}
+
+// One GPU ring backward case: from the saved forward state of the CPU single-device forward
+// (out, lse), every rank's dq, dk, dv of the GPU ring backward (this rank's shard on the
+// device) against the fp64 reference gradients of the whole sequence and against the CPU
+// single-device backward, within SPEC.md's gradient tolerances.
+void check_gpu_ring_backward(Communicator& comm, const GpuRingCase& c, uint32_t seed) {
+  const int P = comm.size(), rank = comm.rank();
+  const int64_t N = P * c.n_loc, row0 = rank * c.n_loc;
+  SCOPED_TRACE(::testing::Message()
+               << "backward P=" << P << " D=" << c.D << " s.back()=" << c.s.back() << " "
+               << mode_name(c.mode) << " causal=" << c.causal << " " << dtype_name(c.dtype) << " "
+               << comm.name());
+  std::mt19937 rng(seed);  // the same inputs on every rank
+  Tensor q(c.dtype, {c.B, N, c.H, c.D}), k(c.dtype, {c.B, N, c.Hkv, c.D}),
+      v(c.dtype, {c.B, N, c.Hkv, c.D}), dout(c.dtype, {c.B, N, c.H, c.D}),
+      out(c.dtype, {c.B, N, c.H, c.D}), lse(DType::kF32, {c.B, c.H, N}),
+      dq(c.dtype, {c.B, N, c.H, c.D}), dk(c.dtype, {c.B, N, c.Hkv, c.D}),
+      dv(c.dtype, {c.B, N, c.Hkv, c.D});
+  q.fill_normal(rng);
+  k.fill_normal(rng);
+  v.fill_normal(rng);
+  dout.fill_normal(rng);
+  const DilatedConfig cfg{c.s, c.r, c.mode, c.causal, std::nullopt};
+  const DilatedAttention cpu(cfg);
+  cpu.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+  cpu.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+               dk.view(), dv.view());
+  const ReferenceGrads ref = reference_backward(
+      make_backward_problem(cfg, dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(),
+                            dq.view(), dk.view(), dv.view(), 1 << 20, "reference"));
+
+  Tensor lse_shard(DType::kF32, {c.B, c.H, c.n_loc}), dq_shard(c.dtype, {c.B, c.n_loc, c.H, c.D}),
+      dk_shard(c.dtype, {c.B, c.n_loc, c.Hkv, c.D}), dv_shard(c.dtype, {c.B, c.n_loc, c.Hkv, c.D});
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t n = 0; n < c.n_loc; ++n) lse_shard.set(b, h, n, 0, lse.get(b, h, row0 + n));
+  const DeviceCopy d_q(shard_of(q, row0, c.n_loc)), d_k(shard_of(k, row0, c.n_loc)),
+      d_v(shard_of(v, row0, c.n_loc)), d_dout(shard_of(dout, row0, c.n_loc)),
+      d_out(shard_of(out, row0, c.n_loc)), d_lse(lse_shard), d_dq(dq_shard), d_dk(dk_shard),
+      d_dv(dv_shard);
+  RingDilatedAttention ring(cfg, comm, ExecOptions{Backend::kCuda, 0});
+  ring.backward(d_dout.view(), d_q.view(), d_k.view(), d_v.view(), d_out.view(), d_lse.view(),
+                d_dq.view(), d_dk.view(), d_dv.view());
+  d_dq.download(dq_shard);
+  d_dk.download(dk_shard);
+  d_dv.download(dv_shard);
+
+  {
+    SCOPED_TRACE("against the fp64 reference");
+    expect_grads_close(c.dtype, dq_shard, dk_shard, dv_shard, shard_of(ref, c, N, row0));
+  }
+  {
+    SCOPED_TRACE("against the CPU single-device backward");
+    const ReferenceGrads single{values_of(shard_of(dq, row0, c.n_loc)),
+                                values_of(shard_of(dk, row0, c.n_loc)),
+                                values_of(shard_of(dv, row0, c.n_loc))};
+    expect_grads_close(c.dtype, dq_shard, dk_shard, dv_shard, single);
+  }
+  if (P > 1) {
+    EXPECT_GT(ring.last_stats().bytes_sent, 0);  // blocks and their gradients moved
+  }
+}
+
+using RingCheck = void (*)(Communicator&, const GpuRingCase&, uint32_t);
+
 // Both modes, causal on and off, fp32 and bf16; a segment spanning all ranks (and one
 // inside a rank), D = 64; then D = 80 (generic kernel) with rates that leave uneven rows.
-void check_gpu_ring_cases(Communicator& comm) {
+void check_gpu_ring_cases(Communicator& comm, RingCheck check) {
   const int64_t n_loc = 32;
   const int P = comm.size();
   uint32_t seed = 50;
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
       for (bool causal : {false, true}) {
-        check_gpu_ring(comm,
-                       {2, n_loc, 4, 2, 64, {n_loc / 2, P * n_loc}, {1, 2}, mode, causal, dtype},
-                       seed++);
+        check(comm, {2, n_loc, 4, 2, 64, {n_loc / 2, P * n_loc}, {1, 2}, mode, causal, dtype},
+              seed++);
       }
     }
   }
-  check_gpu_ring(
-      comm, {1, n_loc, 3, 1, 80, {n_loc, P * n_loc}, {2, 3}, Mode::kLongNet, true, DType::kF32},
-      seed++);
+  check(comm, {1, n_loc, 3, 1, 80, {n_loc, P * n_loc}, {2, 3}, Mode::kLongNet, true, DType::kF32},
+        seed++);
 }
 
 // Ranks sharing one GPU: the mpi communicator stages the device blocks through host memory.
 TEST(GpuRing, MatchesTheReferenceOverMpi) {
   RA_SKIP_UNLESS_GPUS(1, "no CUDA device: the GPU ring over the mpi communicator skipped");
-  check_gpu_ring_cases(world());
+  check_gpu_ring_cases(world(), check_gpu_ring);
 }
 
-// q on the GPU on rank 0 only, or k on the host while q is on the GPU: an Error on every
-// rank, before any transfer; the GPU ring's backward is unsupported (on every rank).
-TEST(GpuRing, DeviceMismatchAndBackwardFailOnEveryRank) {
+TEST(GpuRing, BackwardMatchesTheReferenceOverMpi) {
+  RA_SKIP_UNLESS_GPUS(1, "no CUDA device: the GPU ring backward over the mpi communicator skipped");
+  check_gpu_ring_cases(world(), check_gpu_ring_backward);
+}
+
+// q on the GPU on rank 0 only, or k (or, in the backward, dq) on the host while q is on the
+// GPU: an Error on every rank, before any transfer.
+TEST(GpuRing, DeviceMismatchFailsOnEveryRank) {
   RA_SKIP_UNLESS_GPUS(1, "no CUDA device: the GPU ring's device checks skipped");
   const int64_t n_loc = 16;
   const DilatedConfig cfg{
@@ -258,10 +355,12 @@ TEST(GpuRing, DeviceMismatchAndBackwardFailOnEveryRank) {
       error_of([&] { ring.forward(dq.view(), q.view(), dq.view(), dout.view(), std::nullopt); });
   EXPECT_EQ(mixed_tensors.code(), ErrorCode::kInvalidArgument) << mixed_tensors.what();
   const Error backward = error_of([&] {
-    ring.backward(dout.view(), dq.view(), dq.view(), dq.view(), dout.view(), dlse.view(), dq.view(),
+    ring.backward(dout.view(), dq.view(), dq.view(), dq.view(), dout.view(), dlse.view(), q.view(),
                   dq.view(), dq.view());
   });
-  EXPECT_EQ(backward.code(), ErrorCode::kUnsupported) << backward.what();
+  EXPECT_EQ(backward.code(), ErrorCode::kInvalidArgument) << backward.what();
+  EXPECT_NE(std::string(backward.what()).find("dq lives on the CPU"), std::string::npos)
+      << backward.what();
 }
 
 #ifdef RINGATTN_HAVE_NCCL
@@ -317,7 +416,8 @@ TEST(Nccl, GpuRingMatchesTheReference) {
   RA_SKIP_UNLESS_GPUS(world().size(), "NCCL needs one GPU per rank on every node");
   select_local_gpu(MPI_COMM_WORLD);
   const std::unique_ptr<Communicator> nccl = make_nccl_communicator(MPI_COMM_WORLD);
-  check_gpu_ring_cases(*nccl);
+  check_gpu_ring_cases(*nccl, check_gpu_ring);
+  check_gpu_ring_cases(*nccl, check_gpu_ring_backward);
 }
 
 #endif
