@@ -9,7 +9,8 @@ namespace ringattn::cuda {
 // True when `p` points at memory of a CUDA device (cudaMemoryTypeDevice; managed memory is
 // host-accessible and needs no staging). False for host or unknown pointers.
 bool is_device_pointer(const void* p);
-// Synchronous copies (cudaMemcpy); failures throw Error(kDevice).
+// Synchronous copies: the bytes are in place (for every stream) on return; failures throw
+// Error(kDevice).
 void copy_to_host(void* host, const void* device, size_t bytes);
 void copy_to_device(void* device, const void* host, size_t bytes);
 

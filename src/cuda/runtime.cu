@@ -74,6 +74,10 @@ void copy_to_host(void* host, const void* device, size_t bytes) {
 
 void copy_to_device(void* device, const void* host, size_t bytes) {
   RA_CUDA_CHECK(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice));
+  // From pageable memory, cudaMemcpy may return before the DMA has reached the device; a
+  // kernel on a non-blocking stream would not wait for it. The copy runs on the legacy
+  // default stream: waiting for that stream makes the bytes visible to every stream.
+  RA_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
 }
 
 dim3 task_grid(const TaskList& list, int64_t batch) {
