@@ -30,9 +30,8 @@ class LayerBackend {
                     int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                     int64_t ldc) const = 0;
   virtual void layer_norm_forward(const float* x, int64_t rows, int64_t features,
-                                  int64_t total_features, const float* w, const float* b,
-                                  float eps, float* y, float* stats,
-                                  const cpu::FeatureSum& sum) const = 0;
+                                  int64_t total_features, const float* w, const float* b, float eps,
+                                  float* y, float* stats, const cpu::FeatureSum& sum) const = 0;
   virtual void layer_norm_backward(const float* dy, const float* x, const float* stats,
                                    int64_t rows, int64_t features, int64_t total_features,
                                    const float* w, float* dx, float* dw, float* db,

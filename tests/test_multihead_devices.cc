@@ -46,9 +46,8 @@ TEST(MultiheadDevices, MixingDevicesIsAnError) {
   // Backward: a host dx for CUDA inputs.
   MultiheadSaved saved;
   MultiheadWeights grads;
-  const Error b = error_of([&] {
-    layer.backward(marked_cuda(x), marked_cuda(x), saved, bne(y, 1, 16, 32), grads);
-  });
+  const Error b = error_of(
+      [&] { layer.backward(marked_cuda(x), marked_cuda(x), saved, bne(y, 1, 16, 32), grads); });
 #if defined(RINGATTN_HAVE_CUDA)
   EXPECT_EQ(b.code(), ErrorCode::kInvalidArgument) << b.what();
   EXPECT_TRUE(contains(b, "dquery lives on the CPU but query on a CUDA device")) << b.what();
@@ -69,8 +68,9 @@ TEST(MultiheadDevices, CudaTensorsNeedTheCudaBackend) {
   EXPECT_TRUE(contains(e, "CUDA")) << e.what();
 #else
   EXPECT_EQ(e.code(), ErrorCode::kUnsupported) << e.what();
-  EXPECT_TRUE(contains(e, "query lives on a CUDA device but this build of ringattn has no CUDA "
-                          "backend"))
+  EXPECT_TRUE(contains(e,
+                       "query lives on a CUDA device but this build of ringattn has no CUDA "
+                       "backend"))
       << e.what();
 #endif
   for (float v : y) ASSERT_EQ(v, 42.0f);
@@ -87,9 +87,8 @@ TEST(MultiheadDevices, DistributedRefusesCudaTensors) {
   EXPECT_TRUE(contains(e, "DistributedDilatedAttention runs on host tensors only")) << e.what();
   MultiheadSaved saved;
   MultiheadWeights grads;
-  const Error b = error_of([&] {
-    layer.backward(bne(x, 1, 16, 32), bne(x, 1, 16, 32), saved, marked_cuda(y), grads);
-  });
+  const Error b = error_of(
+      [&] { layer.backward(bne(x, 1, 16, 32), bne(x, 1, 16, 32), saved, marked_cuda(y), grads); });
   EXPECT_EQ(b.code(), ErrorCode::kUnsupported) << b.what();
   EXPECT_TRUE(contains(b, "not available on CUDA tensors")) << b.what();
   for (float v : y) ASSERT_EQ(v, 42.0f);

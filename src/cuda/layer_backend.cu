@@ -13,7 +13,7 @@ namespace ringattn::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kThreads = 256;  // per block; LayerNorm kernels: one warp per row
+constexpr int kThreads = 256;              // per block; LayerNorm kernels: one warp per row
 constexpr int64_t kMinRowsPerChunk = 256;  // rows of one partial column sum
 constexpr int64_t kMaxChunks = 65535;      // gridDim.y
 
@@ -30,8 +30,8 @@ __device__ double warp_sum(double v) {
 }
 
 __global__ void layer_norm_forward_kernel(const float* x, int64_t rows, int64_t features,
-                                          double inv_f, double eps, const float* w,
-                                          const float* b, float* y, float* stats) {
+                                          double inv_f, double eps, const float* w, const float* b,
+                                          float* y, float* stats) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (r >= rows) return;  // whole warps leave together
@@ -57,8 +57,8 @@ __global__ void layer_norm_forward_kernel(const float* x, int64_t rows, int64_t 
 
 // LayerNorm's input gradient (dx may be dy: each element is read, then written, by one lane).
 __global__ void layer_norm_dx_kernel(const float* dy, const float* x, const float* stats,
-                                     int64_t rows, int64_t features, double inv_f,
-                                     const float* w, float* dx) {
+                                     int64_t rows, int64_t features, double inv_f, const float* w,
+                                     float* dx) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (r >= rows) return;
@@ -185,8 +185,8 @@ class CudaLayerBackend final : public detail::LayerBackend {
     const float one = 1.0f;
     check_cublas(cublasSgemm(handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                              trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, cublas_int(n), cublas_int(m),
-                             cublas_int(k), &one, b, cublas_int(ldb), a, cublas_int(lda), &beta,
-                             c, cublas_int(ldc)),
+                             cublas_int(k), &one, b, cublas_int(ldb), a, cublas_int(lda), &beta, c,
+                             cublas_int(ldc)),
                  "cublasSgemm");
   }
 
@@ -226,19 +226,18 @@ class CudaLayerBackend final : public detail::LayerBackend {
   // chunks, in a fixed order (the result does not depend on the launch).
   template <typename Value>
   void column_sums_of(Value value, int64_t rows, int64_t cols, float* out) const {
-    const int64_t rows_per_chunk =
-        std::max(kMinRowsPerChunk, (rows + kMaxChunks - 1) / kMaxChunks);
+    const int64_t rows_per_chunk = std::max(kMinRowsPerChunk, (rows + kMaxChunks - 1) / kMaxChunks);
     const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
     double* partial = nullptr;
-    RA_CUDA_CHECK(cudaMallocAsync(&partial,
-                                  static_cast<size_t>(chunks * cols) * sizeof(double), stream_));
+    RA_CUDA_CHECK(
+        cudaMallocAsync(&partial, static_cast<size_t>(chunks * cols) * sizeof(double), stream_));
     const dim3 grid(blocks(cols, kThreads), static_cast<unsigned>(chunks));
     column_partials_kernel<<<grid, kThreads, 0, stream_>>>(value, rows, cols, rows_per_chunk,
                                                            partial);
     const cudaError_t launched = cudaGetLastError();
     if (launched == cudaSuccess) {
-      column_finish_kernel<<<blocks(cols, kThreads), kThreads, 0, stream_>>>(partial, chunks,
-                                                                             cols, out);
+      column_finish_kernel<<<blocks(cols, kThreads), kThreads, 0, stream_>>>(partial, chunks, cols,
+                                                                             out);
     }
     const cudaError_t finished = launched == cudaSuccess ? cudaGetLastError() : launched;
     (void)cudaFreeAsync(partial, stream_);
