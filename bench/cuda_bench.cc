@@ -168,4 +168,28 @@ Record run_dilated_cuda(const DilatedShape& s, const RunOptions& options) {
   return r;
 }
 
+DeviceViews::DeviceViews(const Views& host) : views_(host) {
+  for (TensorView* t : {&views_.q, &views_.k, &views_.v, &views_.out, &views_.lse}) {
+    const size_t bytes = static_cast<size_t>(t->numel()) * dtype_size(t->dtype);
+    buffers_.push_back(device_alloc(bytes).release());
+    check(cudaMemcpy(buffers_.back(), t->data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+    t->data = buffers_.back();
+    t->device = Device::kCUDA;
+  }
+}
+
+DeviceViews::~DeviceViews() {
+  for (void* p : buffers_) (void)cudaFree(p);
+}
+
+void DeviceViews::download_outputs(const Views& host) const {
+  for (const auto& [dev, dst] :
+       {std::pair{&views_.out, &host.out}, std::pair{&views_.lse, &host.lse}}) {
+    check(
+        cudaMemcpy(dst->data, dev->data, static_cast<size_t>(dev->numel()) * dtype_size(dev->dtype),
+                   cudaMemcpyDeviceToHost),
+        "cudaMemcpy");
+  }
+}
+
 }  // namespace ringattn::bench

@@ -2,8 +2,11 @@
 // ringattn_bench --backend cuda (builds with CUDA only): the GPU's ceiling, a cuBLAS bf16
 // GEMM measured in the same run, and the dilated rows with their tensors on the GPU.
 
+#include <vector>
+
 #include "ceiling.h"
 #include "dilated_bench.h"
+#include "tensors.h"
 
 namespace ringattn::bench {
 
@@ -21,5 +24,21 @@ void print_cuda_ceiling(const Ceiling& ceiling);
 // --check copies the results back and compares them with the fp64 reference. peak_mb is
 // device memory (cudaMemGetInfo) in use at the end above that before the row's tensors.
 Record run_dilated_cuda(const DilatedShape& shape, const RunOptions& options);
+
+// Device copies of one row's host views (q, k, v, out, lse), for --impl ring --backend cuda.
+class DeviceViews {
+ public:
+  explicit DeviceViews(const Views& host);
+  ~DeviceViews();
+  DeviceViews(const DeviceViews&) = delete;
+  DeviceViews& operator=(const DeviceViews&) = delete;
+  const Views& views() const { return views_; }
+  // Copies out and lse back into `host` (the views this was made from).
+  void download_outputs(const Views& host) const;
+
+ private:
+  std::vector<void*> buffers_;
+  Views views_;
+};
 
 }  // namespace ringattn::bench

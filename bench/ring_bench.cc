@@ -3,11 +3,15 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <vector>
 
 #include "tensors.h"
+#ifdef RINGATTN_HAVE_CUDA
+#include "cuda_bench.h"
+#endif
 
 #include "src/tensor_access.h"
 
@@ -62,9 +66,13 @@ void validate_ring(const DilatedShape& s, const RunOptions& options, int ranks) 
                "%d equal shards; use a multiple of the rank count",
                s.name.c_str(), static_cast<long long>(s.seq), ranks));
   }
-  if (options.backend != Backend::kCpu) {
+  if (options.backend == Backend::kReference) {
+    throw std::invalid_argument("--impl ring runs on --backend cpu or cuda, not reference");
+  }
+  if (options.backend == Backend::kCuda && options.backward) {
     throw std::invalid_argument(
-        format("--impl ring runs on --backend cpu only, not %s", backend_name(options.backend)));
+        "--impl ring --backend cuda times the forward only (the GPU ring has no backward yet); "
+        "drop --backward");
   }
 }
 
@@ -121,8 +129,28 @@ Record time_sharded(const DilatedShape& s, const RunOptions& options, Communicat
 
 Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
   RingDilatedAttention attention(s.config(), comm, {options.backend, options.threads});
+  // --backend cuda: the shard's tensors copied to the current GPU once, before the timing.
+#ifdef RINGATTN_HAVE_CUDA
+  std::unique_ptr<DeviceViews> device;
+  const void* device_of = nullptr;  // the host q the device copies were made from
+#endif
+  const auto on_device = [&](const Views& v) -> const Views& {
+#ifdef RINGATTN_HAVE_CUDA
+    if (options.backend == Backend::kCuda) {
+      if (v.q.data != device_of) {
+        device = std::make_unique<DeviceViews>(v);
+        device_of = v.q.data;
+      }
+      return device->views();
+    }
+#endif
+    return v;
+  };
   ShardedCalls calls;
-  calls.forward = [&](const Views& v) { attention.forward(v.q, v.k, v.v, v.out, v.lse); };
+  calls.forward = [&](const Views& v) {
+    const Views& x = on_device(v);
+    attention.forward(x.q, x.k, x.v, x.out, x.lse);
+  };
   calls.backward = [&](const Views& v, const Gradients& g) {
     attention.backward(g.dout, v.q, v.k, v.v, v.out, v.lse, g.dq, g.dk, g.dv);
   };
@@ -138,6 +166,9 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
       return std::nullopt;
     }
     const size_t full = Tensors::full_bytes(s);
+#ifdef RINGATTN_HAVE_CUDA
+    if (device) device->download_outputs(tensors.views());
+#endif
     if (full <= kRingCheckMaxBytes) return count_wrong(s, options, tensors, comm);
     if (comm.rank() == 0) {
       std::printf(

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The CUDA path on a real GPU, in one go (no network needed; about 5 minutes on 16 cores):
+# The CUDA path on a real GPU, in one go (no network needed; the steps' time limits add up to
+# 7 min 55 s, so the script ends within 8 minutes even when every step runs to its limit):
 #   1. build with CUDA (Release, CUDA_ARCH = native by default) into ${BUILD_DIR:-build-gpu};
 #   2. every GPU test (ctest label gpu), with RINGATTN_REQUIRE_GPU=1 so a skip is a failure;
 #   3. compute-sanitizer memcheck on small forward/backward cases;
 #   4. the benchmark table: the seed's configurations in fp16 and bf16 and the bf16
-#      dense-segment row, against a cuBLAS bf16 GEMM measured in the same run.
+#      dense-segment row, against a cuBLAS bf16 GEMM measured in the same run;
+#   5. the GPU ring: 2 ranks sharing the GPU over the mpi communicator, with --check.
 # Prints a summary line per step and exits non-zero if any step failed.
 # Usage: launch/gpu_check.sh [extra cmake arguments]
+# Needs nvcc, CMake and a C++ compiler; Highway, GoogleTest, CLI11, nlohmann-json, OpenBLAS
+# and OpenMPI come from the machine or, on one without network, from .gpu-deps/ made by
+# launch/gpu_deps.sh beforehand (device tool: carry [".gpu-deps"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build-gpu}
@@ -40,14 +45,16 @@ build_script='cmake -S . -B "$0" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_WITH_CUDA
   -DCMAKE_CUDA_ARCHITECTURES="$1" "${@:3}" >"$0.log" 2>&1 &&
   cmake --build "$0" -j "$2" >>"$0.log" 2>&1
 rc=$?; tail -5 "$0.log"; exit $rc'
-step build 300 bash -c "${build_script}" "${build_dir}" "${arch}" "${jobs}" "$@" || { printf '%s\n' "${summary[@]}"; exit 1; }
+# Packages carried from a machine with network (launch/gpu_deps.sh), when .gpu-deps/ exists.
+source launch/gpu_deps_env.sh
+step build 180 bash -c "${build_script}" "${build_dir}" "${arch}" "${jobs}" "${cmake_deps_args[@]}" "$@" || { printf '%s\n' "${summary[@]}"; exit 1; }
 
 export RINGATTN_REQUIRE_GPU=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-step gpu-tests 180 ctest --test-dir "${build_dir}" -L gpu --output-on-failure -j 4
+step gpu-tests 120 ctest --test-dir "${build_dir}" -L gpu --output-on-failure -j 4
 
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "${sanitizer}" ]; then
-  step memcheck 90 "${sanitizer}" --tool memcheck --error-exitcode 1 \
+  step memcheck 45 "${sanitizer}" --tool memcheck --error-exitcode 1 \
     "${build_dir}/tests/ringattn_gpu_tests" \
     --gtest_filter='CudaForward.RunsOnTheGivenStream:CudaBackward.TilesAndEdgeHeadDims'
 else
@@ -58,12 +65,17 @@ fi
 bench=${build_dir}/bench/ringattn_bench
 # The tests above are the correctness check; here one row also runs the benchmark's own
 # --check (fp64 reference on the CPU, batch 0), the others are timed only.
-step bench-check 60 "${bench}" --backend cuda --impl dilated --config small --dtype fp16 \
+step bench-check 25 "${bench}" --backend cuda --impl dilated --config small --dtype fp16 \
   --iters 2 --check
-step bench-fp16 60 "${bench}" --backend cuda --impl dilated --config all --dtype fp16
-step bench-bf16 60 "${bench}" --backend cuda --impl dilated --config all --dtype bf16
-step bench-dense-bf16 60 "${bench}" --backend cuda --impl dilated --seq 8192 --segments 8192 \
+step bench-fp16 25 "${bench}" --backend cuda --impl dilated --config all --dtype fp16
+step bench-bf16 25 "${bench}" --backend cuda --impl dilated --config all --dtype bf16
+step bench-dense-bf16 25 "${bench}" --backend cuda --impl dilated --seq 8192 --segments 8192 \
   --dilations 1 --causal 1 --head-dim 128 --heads 16 --dtype bf16
+
+mpirun_args=(-np 2 --oversubscribe)
+[ "$(id -u)" = 0 ] && mpirun_args+=(--allow-run-as-root)
+step bench-ring-mpi2 30 mpirun "${mpirun_args[@]}" "${bench}" --backend cuda --impl ring \
+  --config small --dtype bf16 --iters 3 --check
 
 echo "# summary ($(($(date +%s) - start)) s in all)"
 printf '%s\n' "${summary[@]}"

@@ -152,15 +152,16 @@ void DistributedDilatedAttention::set_weights(MultiheadWeights weights) {
 
 namespace {
 
-// Until the ring runs on CUDA tensors (sequence parallel) and the head group's sums reach
-// device memory (head parallel), the distributed layer takes host tensors only.
+// Until the ring's backward runs on CUDA tensors (sequence parallel; its forward does) and the
+// head group's sums reach device memory (head parallel), the distributed layer takes host
+// tensors only.
 void reject_cuda(std::initializer_list<const TensorView*> views) {
   for (const TensorView* t : views) {
     if (t->device == Device::kCUDA) {
       fail(ErrorCode::kUnsupported,
-           "DistributedDilatedAttention runs on host tensors only: the ring (sequence parallel) "
-           "and the head-parallel sums are not available on CUDA tensors yet; pass host tensors "
-           "(MultiheadDilatedAttention takes CUDA tensors on one GPU)");
+           "DistributedDilatedAttention runs on host tensors only: the ring's backward "
+           "(sequence parallel) and the head-parallel sums are not available on CUDA tensors "
+           "yet; pass host tensors (MultiheadDilatedAttention takes CUDA tensors on one GPU)");
     }
   }
 }

@@ -1,6 +1,5 @@
 #include "ringattn/ring_attention.h"
 
-#include <chrono>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -9,22 +8,22 @@
 #include "check.h"
 #include "cpu/attention_cpu.h"
 #include "index_math.h"
+#include "kv_ring.h"
 #include "problem.h"
 #include "ring_plan.h"
+#if defined(RINGATTN_HAVE_CUDA)
+#include "cuda/attention_cuda.h"
+#include "cuda/ring_cuda.h"
+#endif
 
 namespace ringattn {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// The configuration and shapes every rank must agree on.
-std::vector<int64_t> agreement_values(const DilatedConfig& c, const Problem& p) {
-  std::vector<int64_t> v = {static_cast<int64_t>(c.mode),
+// The configuration, shapes and device every rank must agree on.
+std::vector<int64_t> agreement_values(const DilatedConfig& c, const Problem& p, Device device) {
+  std::vector<int64_t> v = {static_cast<int64_t>(device),
+                            static_cast<int64_t>(c.mode),
                             c.causal,
                             p.batch,
                             p.shard_rows,
@@ -43,11 +42,14 @@ std::vector<int64_t> agreement_values(const DilatedConfig& c, const Problem& p) 
   return v;
 }
 
-// Checks that every rank has the same configuration and shapes (an error on all ranks if
-// not), then plans this rank's transfers.
-RingPlan agree_and_plan(Communicator& comm, const DilatedConfig& config, const Problem& p) {
-  check_same_on_all_ranks(comm, "the configuration and shapes of RingDilatedAttention",
-                          agreement_values(config, p));
+// Checks that every rank has the same configuration, shapes and device (an error on all
+// ranks if not), then plans this rank's transfers.
+RingPlan agree_and_plan(Communicator& comm, const DilatedConfig& config, const Problem& p,
+                        Device device) {
+  check_same_on_all_ranks(comm,
+                          "the configuration, shapes and device (host or CUDA) of "
+                          "RingDilatedAttention",
+                          agreement_values(config, p, device));
   return plan_ring(p, comm.rank(), comm.size());
 }
 
@@ -81,93 +83,43 @@ void pack_block(const Problem& p, const RingPlan& plan, int s, std::vector<uint8
   }
 }
 
-// The K/V traffic of a ring, shared by forward and backward: every rank's packed blocks
-// of the spanning branches go out per RingPlan; step e's incoming block lands in one of two
-// buffers while the previous one is being computed on (double buffering).
-class KvRing {
+// The blocks of the CPU ring in host memory: this rank's packed at the start.
+class HostKvStore final : public KvStore {
  public:
-  KvRing(Communicator& comm, const Problem& p, const RingPlan& plan, RingStats& stats)
-      : comm_(comm), p_(p), plan_(plan), stats_(stats), recvs_(plan.steps.size()) {
-    own_.resize(plan.spans.size());
+  HostKvStore(const Problem& p, const RingPlan& plan) : own_(plan.spans.size()) {
     for (size_t s = 0; s < plan.spans.size(); ++s)
       pack_block(p, plan, static_cast<int>(s), own_[s]);
-    post(0);
-    post(1);
   }
-
-  // Waits for step e's block (nullptr when the step receives nothing) and posts step e + 2
-  // into the other buffer. Call for e = 0, 1, ... in order.
-  const uint8_t* receive(size_t e) {
-    const uint8_t* data = nullptr;
-    const RingStep& st = plan_.steps[e];
-    if (st.recv_from >= 0) {
-      wait(recvs_[e]);
-      data = inbox_[e % 2].data();
-      layout_ = plan_.layout(p_, st.span, st.recv_from);
-    }
-    return data;
-  }
-  // Step e's buffer is free again: post step e + 2 into it.
-  void release(size_t e) { post(e + 2); }
-
-  // The key source of head h (head branch hb, batch b) in step e's block (the last
-  // received; read-only, safe from every thread).
-  bool keys(size_t e, const uint8_t* block, int64_t b, int64_t h, int hb,
-            cpu::detail::KeySource& src) const {
-    const RingStep& st = plan_.steps[e];
-    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
-    if (p_.head_branches[hb].branch != sb.branch) return false;
-    const BlockPiece& x = piece(sb.head_stream[h], b);
-    if (x.t_end == x.t_begin) return false;
-    const size_t esize = dtype_size(p_.dtype);
-    src = {block + esize * static_cast<size_t>(x.k_offset),
-           block + esize * static_cast<size_t>(x.v_offset),
-           p_.head_dim,
-           p_.head_dim,
-           x.t_begin,
-           x.t_end};
-    return true;
-  }
-  // Where stream `stream` of batch b lies in the block last received (step e).
-  const BlockPiece& piece(int stream, int64_t b) const {
-    return layout_[static_cast<size_t>(stream * p_.batch + b)];
-  }
-
-  void wait(CommRequest& req) {
-    const Clock::time_point t0 = Clock::now();
-    comm_.wait(req);
-    stats_.comm_wait_ms += ms_since(t0);
-  }
-  void finish() {
-    for (CommRequest& req : sends_) wait(req);
+  const void* own(int span) override { return own_[static_cast<size_t>(span)].data(); }
+  void* inbox(int slot, size_t bytes) override {
+    std::vector<uint8_t>& buf = inbox_[slot];
+    buf.resize(bytes);
+    return buf.data();
   }
 
  private:
-  void post(size_t e) {
-    if (e >= plan_.steps.size()) return;
-    const RingStep& st = plan_.steps[e];
-    if (st.recv_from >= 0) {
-      std::vector<uint8_t>& buf = inbox_[e % 2];
-      buf.resize(static_cast<size_t>(plan_.block_elements(p_, st.span, st.recv_from)) *
-                 dtype_size(p_.dtype));
-      recvs_[e] = comm_.irecv(buf.data(), buf.size(), st.recv_from, st.tag);
-    }
-    if (st.send_to >= 0) {
-      const std::vector<uint8_t>& blk = own_[static_cast<size_t>(st.span)];
-      sends_.push_back(comm_.isend(blk.data(), blk.size(), st.send_to, st.tag));
-      ++stats_.messages_sent;
-    }
-  }
-
-  Communicator& comm_;
-  const Problem& p_;
-  const RingPlan& plan_;
-  RingStats& stats_;
   std::vector<std::vector<uint8_t>> own_;
   std::vector<uint8_t> inbox_[2];
-  std::vector<CommRequest> sends_, recvs_;
-  std::vector<BlockPiece> layout_;  // of the block last received
 };
+
+// The key source of head h (head branch hb, batch b) in step e's block (the last received;
+// read-only, safe from every thread).
+bool block_keys(const KvRing& ring, const Problem& p, const RingPlan& plan, size_t e,
+                const uint8_t* block, int64_t b, int64_t h, int hb, cpu::detail::KeySource& src) {
+  const RingStep& st = plan.steps[e];
+  const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
+  if (p.head_branches[hb].branch != sb.branch) return false;
+  const BlockPiece& x = ring.piece(sb.head_stream[h], b);
+  if (x.t_end == x.t_begin) return false;
+  const size_t esize = dtype_size(p.dtype);
+  src = {block + esize * static_cast<size_t>(x.k_offset),
+         block + esize * static_cast<size_t>(x.v_offset),
+         p.head_dim,
+         p.head_dim,
+         x.t_begin,
+         x.t_end};
+  return true;
+}
 
 // Tags of the four kinds of message of a step: K/V blocks, their gradients, balanced
 // queries and the partial results that answer them.
@@ -215,14 +167,41 @@ Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* 
   return f;
 }
 
-// The ring runs on the CPU backend only (a GPU ring is not written yet).
-void require_host_tensors(const TensorView& q) {
+// The device a ring call runs on: q's (CUDA tensors run the GPU ring). Every other tensor
+// must be on it too (make_problem checks).
+Device ring_device(const TensorView& q, Backend backend) {
   if (q.device == Device::kCUDA) {
+#if !defined(RINGATTN_HAVE_CUDA)
     fail(ErrorCode::kUnsupported,
-         "q lives on a CUDA device, but RingDilatedAttention runs on host tensors only in this "
-         "version; pass host tensors (DilatedAttention runs CUDA tensors on one GPU)");
+         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
+         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
+#endif
+    return Device::kCUDA;
   }
+  require(backend != Backend::kCuda,
+          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
+          "tensors (Device::kCUDA) or use backend = cpu");
+  return Device::kCPU;
 }
+
+#if defined(RINGATTN_HAVE_CUDA)
+// The GPU ring forward: the CPU ring's plan and K/V traffic, blocks in device memory, the
+// CUDA forward kernel against the local keys and each received block, one merge at the end
+// (local partials first, then the steps in order). No causal load balancing.
+void forward_cuda(Communicator& comm, const Problem& p, const RingPlan& plan, void* stream,
+                  RingStats& stats) {
+  cuda::RingShard shard(p, plan, stream);
+  KvRing ring(comm, p, plan, stats, shard.store());
+  shard.attend_local();
+  for (size_t e = 0; e < plan.steps.size(); ++e) {
+    if (const void* block = ring.receive(e)) shard.attend_block(e, block);
+    comm.progress();
+    ring.release(e);
+  }
+  ring.finish();
+  shard.write_output();
+}
+#endif
 
 }  // namespace
 
@@ -231,9 +210,14 @@ RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& c
     : config_(std::move(config)), comm_(comm), options_(options) {
   check_on_all_ranks(comm_, [&] {
     config_.validate();
-    if (options_.backend != Backend::kCpu) {
+    bool supported = options_.backend == Backend::kCpu;
+#if defined(RINGATTN_HAVE_CUDA)
+    supported |= options_.backend == Backend::kCuda;
+#endif
+    if (!supported) {
       fail(ErrorCode::kUnsupported, "backend = ", backend_name(options_.backend),
-           " cannot run RingDilatedAttention; use backend = cpu");
+           " cannot run RingDilatedAttention in this build; use backend = cpu (host tensors)",
+           " or, in a build with CUDA, backend = cuda (CUDA tensors)");
     }
   });
 }
@@ -243,18 +227,38 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
   const Clock::time_point t_start = Clock::now();
   const int rank = comm_.rank(), world = comm_.size();
   Problem p;
+  Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    require_host_tensors(q);
-    p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, "cpu", Shard{rank, world});
+    device = ring_device(q, options_.backend);
+    if (device == Device::kCPU) {
+      p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, "cpu", Shard{rank, world});
+    }
+#if defined(RINGATTN_HAVE_CUDA)
+    if (device == Device::kCUDA) {
+      p = make_problem(config_, q, k, v, out, lse, cuda::kMaxHeadDim, "cuda", Shard{rank, world},
+                       device);
+      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
+    }
+#endif
   });
-  const RingPlan plan = agree_and_plan(comm_, config_, p);
+  const RingPlan plan = agree_and_plan(comm_, config_, p, device);
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();
+#if defined(RINGATTN_HAVE_CUDA)
+  if (device == Device::kCUDA) {
+    forward_cuda(comm_, p, plan, options_.cuda_stream, stats_);
+    stats_.bytes_sent = comm_.bytes_sent() - sent_before;
+    stats_.total_ms = ms_since(t_start);
+    return;
+  }
+#endif
   const size_t esize = dtype_size(p.dtype);
   const Tags tags = tags_of(plan);
   cpu::ShardForward shard(p, options_.num_threads, plan.split);
-  KvRing ring(comm_, p, plan, stats_);
+  HostKvStore store(p, plan);
+  KvRing ring(comm_, p, plan, stats_, store);
   const auto poll = [this] { comm_.progress(); };
   const cpu::detail::KeySourceFn local = cpu::detail::local_keys(p);
 
@@ -308,10 +312,12 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
           comm_.isend(out_buf.data(), out_buf.size() * sizeof(float), st.send_to, tags.partial(st));
       ++stats_.messages_sent;
     }
-    if (const uint8_t* block = ring.receive(e)) {
-      shard.pass([&](int64_t b, int64_t h, int hb, int64_t,
-                     cpu::detail::KeySource& src) { return ring.keys(e, block, b, h, hb, src); },
-                 poll, sb.balanced ? plan.split : INT64_MAX);
+    if (const auto* block = static_cast<const uint8_t*>(ring.receive(e))) {
+      shard.pass(
+          [&](int64_t b, int64_t h, int hb, int64_t, cpu::detail::KeySource& src) {
+            return block_keys(ring, p, plan, e, block, b, h, hb, src);
+          },
+          poll, sb.balanced ? plan.split : INT64_MAX);
       if (sb.balanced) {
         partial_in.resize(partial_size);
         CommRequest req = comm_.irecv(partial_in.data(), partial_size * sizeof(float), st.recv_from,
@@ -338,17 +344,23 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   const int rank = comm_.rank(), world = comm_.size();
   BackwardProblem bp;
   check_on_all_ranks(comm_, [&] {
-    require_host_tensors(q);
+    if (ring_device(q, options_.backend) == Device::kCUDA) {
+      fail(ErrorCode::kUnsupported,
+           "q lives on a CUDA device, but RingDilatedAttention::backward runs on host tensors "
+           "only in this version (the GPU ring has a forward only); pass host tensors, or use "
+           "DilatedAttention::backward on one GPU");
+    }
     bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
                                "cpu", Shard{rank, world});
   });
   const Problem& p = bp.fwd;
-  const RingPlan plan = agree_and_plan(comm_, config_, p);
+  const RingPlan plan = agree_and_plan(comm_, config_, p, Device::kCPU);
 
   stats_ = RingStats{};
   const int64_t sent_before = comm_.bytes_sent();
   cpu::ShardBackward shard(bp, options_.num_threads);
-  KvRing ring(comm_, p, plan, stats_);
+  HostKvStore store(p, plan);
+  KvRing ring(comm_, p, plan, stats_, store);
   const auto poll = [this] { comm_.progress(); };
   const size_t esize = dtype_size(p.dtype);
   const int64_t half = plan.half_rows(p), D = p.head_dim, group = p.heads / p.kv_heads;
@@ -486,7 +498,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       grad_recvs[e % 2] =
           comm_.irecv(in.data(), in.size() * sizeof(float), st.send_to, tags.grads(st));
     }
-    if (const uint8_t* block = ring.receive(e)) {
+    if (const auto* block = static_cast<const uint8_t*>(ring.receive(e))) {
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
       std::vector<float>& g = grads_out[e % 2];
       g.assign(static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)), 0.0f);
@@ -501,7 +513,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
               const int hb = p.head_branch(h, sb.branch);
               cpu::detail::BackwardWork w{
                   b, h, sb.branch, 0, p.shard_begin / br.segment, 0, 0, {}, nullptr, nullptr, D};
-              if (hb < 0 || !ring.keys(e, block, b, h, hb, w.keys)) continue;
+              if (hb < 0 || !block_keys(ring, p, plan, e, block, b, h, hb, w.keys)) continue;
               w.offset = p.head_branches[hb].offset;
               const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
                                                        p.shard_begin, own_end);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "expect.h"
 #include "src/problem.h"
 #include "src/reference.h"
 #include "test_util.h"
@@ -103,21 +104,7 @@ void check_case(const Case& c, uint32_t seed) {
   attn.forward(in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view());
   attn.backward(in.dout.view(), in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view(),
                 in.dq.view(), in.dk.view(), in.dv.view());
-  const ReferenceGrads ref = reference_backward(in.problem());
-  const double tol = c.dtype == DType::kF32 ? 2e-5 : c.dtype == DType::kF16 ? 4e-3 : 3e-2;
-  const struct {
-    const Tensor& x;
-    const std::vector<double>& ref;
-    const char* name;
-  } grads[] = {{in.dq, ref.dq, "dq"}, {in.dk, ref.dk, "dk"}, {in.dv, ref.dv, "dv"}};
-  for (const auto& g : grads) {
-    const Stats s = compare_bnhd(g.x, g.ref);
-    EXPECT_EQ(s.nonfinite, 0) << g.name;
-    EXPECT_GT(s.ref_nonzero, 0) << g.name;
-    EXPECT_EQ(s.missing, 0) << g.name << ": zeros where the reference is not";
-    EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref))
-        << g.name << " max |ref| " << s.max_ref;
-  }
+  expect_grads_close(c.dtype, in.dq, in.dk, in.dv, reference_backward(in.problem()));
 }
 
 TEST(Backward, CpuMatchesReference) {

@@ -4,8 +4,8 @@
 
 #include <cmath>
 
+#include "expect.h"
 #include "oracle.h"
-#include "src/dtype.h"
 #include "src/problem.h"
 #include "src/reference.h"
 #include "test_util.h"
@@ -44,19 +44,6 @@ void run_cpu(Inputs& run, int threads = 0) {
   attn.forward(run.q.view(), run.k.view(), run.v.view(), run.out.view(), run.lse.view());
 }
 
-double round_to(DType dtype, double x) {
-  const float f = static_cast<float>(x);
-  switch (dtype) {
-    case DType::kF16:
-      return to_f32(from_f32<fp16_t>(f));
-    case DType::kBF16:
-      return to_f32(from_f32<bf16_t>(f));
-    case DType::kF32:
-      break;
-  }
-  return f;
-}
-
 // Checks one case: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error
 // of the naive computation in the same precision. Inputs and outputs non-zero and finite.
 void check_case(const Case& c, uint32_t seed) {
@@ -64,25 +51,7 @@ void check_case(const Case& c, uint32_t seed) {
   Inputs run = make_run(c, seed);
   const ReferenceResult ref = reference_of(run);
   run_cpu(run);
-  const Stats so = compare_bnhd(run.out, ref.out);
-  const Stats sl = compare_lse(run.lse, ref.lse);
-  EXPECT_EQ(so.nonfinite, 0);
-  EXPECT_EQ(sl.nonfinite, 0);
-  EXPECT_GT(so.ref_nonzero, 0);
-  EXPECT_EQ(so.missing, 0) << "zeros where the reference is not";
-  EXPECT_GT(so.max_ref, 0.05);
-  EXPECT_LE(sl.max_abs_err, 2e-5 * std::max(1.0, sl.max_ref));
-  if (c.dtype == DType::kF32) {
-    EXPECT_LE(so.max_abs_err, 1e-5);
-  } else {
-    const OracleResult naive = oracle_forward(run.cfg, run.q, run.k, run.v,
-                                              [&](double x) { return round_to(c.dtype, x); });
-    double naive_err = 0.0;
-    for (size_t i = 0; i < ref.out.size(); ++i)
-      naive_err = std::max(naive_err, std::abs(naive.out[i] - ref.out[i]));
-    EXPECT_GT(naive_err, 0.0);
-    EXPECT_LE(so.max_abs_err, 2.0 * naive_err) << "naive low-precision error " << naive_err;
-  }
+  expect_forward_close(run.cfg, run.q, run.k, run.v, run.out, run.lse, ref);
 }
 
 TEST(CpuForward, SeedLikeConfigurations) {

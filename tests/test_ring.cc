@@ -312,6 +312,21 @@ TEST(Ring, RanksThatDisagreeFailTogether) {
   RingDilatedAttention ring(DilatedConfig{{32}, {1}, Mode::kGroups, false, std::nullopt}, comm);
   expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), bad_out.view()); },
                           ErrorCode::kInvalidArgument, "out");
+  // Rank 0 marks its tensors as CUDA tensors (host memory, never read): its device check
+  // fails (no CUDA backend in this build, no device, or not device memory; the code depends
+  // on which), so every rank throws, before any transfer.
+  TensorView q_gpu = q.view(), out_gpu = out.view();
+  q_gpu.device = out_gpu.device = Device::kCUDA;
+  const bool gpu_here = rank == 0;
+  bool thrown = false;
+  try {
+    ring.forward(gpu_here ? q_gpu : q.view(), gpu_here ? q_gpu : q.view(),
+                 gpu_here ? q_gpu : q.view(), gpu_here ? out_gpu : out.view());
+  } catch (const Error& e) {
+    thrown = true;
+    EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(thrown);
   // A bad configuration on one rank fails every rank's constructor.
   expect_error_everywhere(
       [&] {

@@ -30,15 +30,18 @@ class RingDilatedAttention {
   // lse: [B, H, N_loc] fp32  written when given
   // The global sequence is N = size * N_loc. Every branch must fit the shards: a segment
   // either lies inside one rank (N_loc % s == 0) or covers whole ranks (s % N_loc == 0).
-  // Ranks check at the start that they agree on configuration and shapes; any bad input
-  // or disagreement throws Error on every rank, before any compute.
+  // Ranks check at the start that they agree on configuration, shapes and device; any bad
+  // input or disagreement throws Error on every rank, before any compute.
+  // CUDA tensors (every tensor of the call, on every rank) run the GPU ring on the current
+  // device and ExecOptions::cuda_stream; the call returns when out and lse are written.
   void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const std::optional<TensorView>& lse = std::nullopt);
 
   // The exact gradient of forward, collective like it. Shapes as in forward (local shards)
   // and as in DilatedAttention::backward; out and lse are this rank's forward results.
   // K/V blocks travel as in forward; the gradients of received keys travel back to the
-  // rank that owns them (fp32) and are added there in a fixed order.
+  // rank that owns them (fp32) and are added there in a fixed order. Host tensors only in
+  // this version: CUDA tensors are Error(kUnsupported) on every rank.
   void backward(const TensorView& dout, const TensorView& q, const TensorView& k,
                 const TensorView& v, const TensorView& out, const TensorView& lse,
                 const TensorView& dq, const TensorView& dk, const TensorView& dv);

@@ -11,21 +11,24 @@ namespace {
 
 struct ForwardArgs {
   const void* q;
-  const void* k;
+  const void* k;  // base pointers of the tasks' row sources
   const void* v;
-  Strides3 q_st, k_st, v_st;
   int64_t head_dim;
   float scale_log2;  // scale * log2(e): scores in log2 units
   bool causal;
   const Task* tasks;
-  const int* heads;
   float* part_o;    // [part_rows][head_dim]
   float* part_lse;  // [part_rows], natural log
 };
 
+__device__ __forceinline__ int64_t source_offset(const RowSource& src, int64_t b, int64_t seg,
+                                                 int64_t t) {
+  return src.off + b * src.b_st + seg * src.seg_st + t * src.t_st;
+}
+
 // One block: query tile [q0, q0 + BQ) (kept indices) of segment `seg` of task blockIdx.y,
-// batch blockIdx.z, against every key tile it can see (causal: tiles past the last query
-// are skipped, the diagonal tile is masked).
+// batch blockIdx.z, against every key tile of [k_lo, k_hi) it can see (causal: tiles past
+// the last query are skipped, the diagonal tile is masked).
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   using Layout = ForwardLayout<T, kDim>;
@@ -34,9 +37,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   const int64_t b = blockIdx.z;
   if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return;
   const int64_t seg = blockIdx.x / task.tiles_per_seg;
-  const int64_t q0 = (blockIdx.x % task.tiles_per_seg) * BQ;
-  const int nq = static_cast<int>(min64(BQ, task.m - q0));
-  const int64_t h = a.heads[task.head_first];
+  const int64_t q0 = task.q_lo + (blockIdx.x % task.tiles_per_seg) * BQ;
+  const int nq = static_cast<int>(min64(BQ, task.q_hi - q0));
 
   extern __shared__ __align__(128) char smem[];
   const Layout L(a.head_dim);
@@ -50,9 +52,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   float* ls = smem_at<float>(smem, L.l);
   float* alphas = smem_at<float>(smem, L.alpha);
 
-  load_rows(qs, L.ldt, BQ, L.dp,
-            static_cast<const T*>(a.q) + kept_row_offset(task, a.q_st, b, seg, q0, h),
-            task.r * a.q_st.n, nq, a.head_dim);
+  load_rows(qs, L.ldt, BQ, L.dp, static_cast<const T*>(a.q) + source_offset(task.q_src, b, seg, q0),
+            task.q_src.t_st, nq, a.head_dim);
   fill_tile(os, L.ldo, BQ, L.dp, 0.0f);
   for (int i = threadIdx.x; i < BQ; i += kThreads) {
     ms[i] = kNegInf;
@@ -60,15 +61,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   }
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t k_end = a.causal ? min64(task.m, q0 + nq) : task.m;
-  for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
-    const int nk = static_cast<int>(min64(BK, task.m - k0));
+  const int64_t k_end = a.causal ? min64(task.k_hi, q0 + nq) : task.k_hi;
+  for (int64_t k0 = task.k_lo; k0 < k_end; k0 += BK) {
+    const int nk = static_cast<int>(min64(BK, task.k_hi - k0));
     load_rows(ks, L.ldt, BK, L.dp,
-              static_cast<const T*>(a.k) + kept_row_offset(task, a.k_st, b, seg, k0, task.kv_head),
-              task.r * a.k_st.n, nk, a.head_dim);
+              static_cast<const T*>(a.k) + source_offset(task.k_src, b, seg, k0), task.k_src.t_st,
+              nk, a.head_dim);
     load_rows(vs, L.ldt, BK, L.dp,
-              static_cast<const T*>(a.v) + kept_row_offset(task, a.v_st, b, seg, k0, task.kv_head),
-              task.r * a.v_st.n, nk, a.head_dim);
+              static_cast<const T*>(a.v) + source_offset(task.v_src, b, seg, k0), task.v_src.t_st,
+              nk, a.head_dim);
     __syncthreads();
     gemm_tile<T, false, true>(qs, L.ldt, ks, L.ldt, ss, L.lds, BQ, BK, L.dp, false);  // S = Q K^T
     __syncthreads();
@@ -112,9 +113,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
     gemm_tile<T, false, false>(ps, L.ldp, vs, L.ldt, os, L.ldo, BQ, L.dp, BK, true);  // O += P V
     __syncthreads();
   }
-  __syncthreads();  // (the loop runs at least once; this keeps the final reads safe regardless)
+  __syncthreads();  // the final reads see the initial values when no key tile was visible
 
-  const int64_t row0 = task.part_row0 + b * task.rows_per_batch + seg * task.m + q0;
+  const int64_t row0 =
+      task.part_row0 + b * task.rows_per_batch + seg * (task.q_hi - task.q_lo) + q0 - task.q_lo;
   for (int idx = threadIdx.x; idx < nq * a.head_dim; idx += kThreads) {
     const int i = idx / static_cast<int>(a.head_dim), d = idx % static_cast<int>(a.head_dim);
     const float l = ls[i];
@@ -135,37 +137,38 @@ struct MergeArgs {
   Strides3 out_st;
   float* lse;  // optional
   Strides3 lse_st;
-  int64_t batch, seq, heads, head_dim;
+  int64_t batch, rows, row0, heads, head_dim;  // local rows n hold global rows row0 + n
   float out_factor;
 };
 
 // The partial row of task `t` holding global row n of batch b, or -1 if t does not keep n.
 __device__ __forceinline__ int64_t partial_row(const Task& t, int64_t b, int64_t n) {
   const int64_t kept = kept_index_of_row(n, t.s, t.r, t.o);
-  if (kept < 0) return -1;
-  return t.part_row0 + b * t.rows_per_batch + (n / t.s) * t.m + kept;
+  if (kept < t.q_lo || kept >= t.q_hi) return -1;  // also kept < 0: not kept
+  return t.part_row0 + b * t.rows_per_batch + (n / t.s - t.seg0) * (t.q_hi - t.q_lo) + kept -
+         t.q_lo;
 }
 
-// One warp per output row (b, n, h); lanes over D. Branches are merged in task order:
+// One warp per output row (b, n, h); lanes over D. Partials are merged in task order:
 // L = log sum_i exp(L_i), O = sum_i exp(L_i - L) O_i (a row no branch keeps: 0 and -inf).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs a) {
   constexpr int kPerLane = static_cast<int>(kMaxHeadDim / 32);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  if (row >= a.batch * a.seq * a.heads) return;
-  const int64_t h = row % a.heads, n = row / a.heads % a.seq, b = row / a.heads / a.seq;
+  if (row >= a.batch * a.rows * a.heads) return;
+  const int64_t h = row % a.heads, n = row / a.heads % a.rows, b = row / a.heads / a.rows;
 
   float mx = kNegInf;
   for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
-    const int64_t pr = partial_row(a.tasks[t], b, n);
+    const int64_t pr = partial_row(a.tasks[t], b, a.row0 + n);
     if (pr >= 0) mx = fmaxf(mx, a.part_lse[pr]);
   }
   float acc[kPerLane] = {};
   float sum = 0.0f;
   if (mx != kNegInf) {
     for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
-      const int64_t pr = partial_row(a.tasks[t], b, n);
+      const int64_t pr = partial_row(a.tasks[t], b, a.row0 + n);
       if (pr < 0 || a.part_lse[pr] == kNegInf) continue;
       const float w = expf(a.part_lse[pr] - mx);
       sum += w;
@@ -187,61 +190,72 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs a) {
 }
 
 template <typename T, int kDim>
-struct Forward {
-  static void run(const Problem& p, cudaStream_t stream) {
-    const TaskList list = forward_tasks(p, TileShape<T, kDim>::kBQ);
-    const DeviceBuffer tasks = upload(list.tasks, stream);
-    const DeviceBuffer heads = upload(list.heads, stream);
-    const DeviceBuffer head_begin = upload(p.head_begin, stream);
-    const DeviceBuffer part_o(static_cast<size_t>(list.part_rows * p.head_dim) * sizeof(float),
-                              stream);
-    const DeviceBuffer part_lse(static_cast<size_t>(list.part_rows) * sizeof(float), stream);
+struct TileRows {
+  static void run(int64_t& rows) { rows = TileShape<T, kDim>::kBQ; }
+};
 
-    ForwardArgs fa{p.q,
-                   p.k,
-                   p.v,
-                   p.q_st,
-                   p.k_st,
-                   p.v_st,
-                   p.head_dim,
-                   p.scale * kLog2e,
-                   p.causal,
-                   tasks.as<Task>(),
-                   heads.as<int>(),
-                   part_o.as<float>(),
-                   part_lse.as<float>()};
+template <typename T, int kDim>
+struct LaunchForward {
+  static void run(const Problem& p, const TaskList& list, const void* k, const void* v,
+                  float* part_o, float* part_lse, cudaStream_t stream) {
+    if (list.tasks.empty() || list.max_tiles == 0) return;
+    const DeviceBuffer tasks = upload(list.tasks, stream);
+    const ForwardArgs fa{
+        p.q, k, v, p.head_dim, p.scale * kLog2e, p.causal, tasks.as<Task>(), part_o, part_lse};
     const int64_t smem = ForwardLayout<T, kDim>(p.head_dim).bytes;
     allow_shared_memory(reinterpret_cast<const void*>(&forward_kernel<T, kDim>), smem,
                         "the CUDA forward kernel");
     forward_kernel<T, kDim>
         <<<task_grid(list, p.batch), kThreads, static_cast<size_t>(smem), stream>>>(fa);
     RA_CUDA_CHECK_LAUNCH("forward_kernel");
+  }
+};
 
-    MergeArgs ma{tasks.as<Task>(),
-                 head_begin.as<int>(),
-                 part_o.as<float>(),
-                 part_lse.as<float>(),
-                 p.out,
-                 p.out_st,
-                 p.lse,
-                 p.lse_st,
-                 p.batch,
-                 p.seq,
-                 p.heads,
-                 p.head_dim,
-                 p.out_factor};
-    merge_kernel<T><<<blocks_for(p.batch * p.seq * p.heads, kWarps), kThreads, 0, stream>>>(ma);
+template <typename T, int kDim>
+struct LaunchMerge {
+  static void run(const Problem& p, const std::vector<Task>& order,
+                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
+                  cudaStream_t stream) {
+    const DeviceBuffer tasks = upload(order, stream);
+    const DeviceBuffer begin = upload(head_begin, stream);
+    const MergeArgs ma{tasks.as<Task>(), begin.as<int>(), part_o,     part_lse,    p.out,
+                       p.out_st,         p.lse,           p.lse_st,   p.batch,     p.shard_rows,
+                       p.shard_begin,    p.heads,         p.head_dim, p.out_factor};
+    merge_kernel<T>
+        <<<blocks_for(p.batch * p.shard_rows * p.heads, kWarps), kThreads, 0, stream>>>(ma);
     RA_CUDA_CHECK_LAUNCH("merge_kernel");
-    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 };
 
 }  // namespace
 
+int64_t forward_tile_rows(const Problem& p) {
+  int64_t rows = 0;
+  dispatch<TileRows>(p.dtype, p.head_dim, rows);
+  return rows;
+}
+
+void launch_forward(const Problem& p, const TaskList& list, const void* k, const void* v,
+                    float* part_o, float* part_lse, cudaStream_t stream) {
+  dispatch<LaunchForward>(p.dtype, p.head_dim, p, list, k, v, part_o, part_lse, stream);
+}
+
+void launch_merge(const Problem& p, const std::vector<Task>& order,
+                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
+                  cudaStream_t stream) {
+  dispatch<LaunchMerge>(p.dtype, p.head_dim, p, order, head_begin, part_o, part_lse, stream);
+}
+
 void forward(const Problem& p, void* stream) {
   require(p.shard_begin == 0 && p.shard_rows == p.seq,
           "the CUDA backend runs whole sequences on one device (no shards)");
-  dispatch<Forward>(p.dtype, p.head_dim, p, static_cast<cudaStream_t>(stream));
+  const auto s = static_cast<cudaStream_t>(stream);
+  const TaskList list = forward_tasks(p, forward_tile_rows(p));
+  const DeviceBuffer part_o(static_cast<size_t>(list.part_rows * p.head_dim) * sizeof(float), s);
+  const DeviceBuffer part_lse(static_cast<size_t>(list.part_rows) * sizeof(float), s);
+  launch_forward(p, list, p.k, p.v, part_o.as<float>(), part_lse.as<float>(), s);
+  launch_merge(p, list.tasks, p.head_begin, part_o.as<float>(), part_lse.as<float>(), s);
+  RA_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
 }  // namespace ringattn::cuda

@@ -84,4 +84,16 @@ inline unsigned blocks_for(int64_t items, int64_t per_block) {
 // The grid of a task list: x = tiles (segments x tiles per segment), y = task, z = batch.
 dim3 task_grid(const TaskList& list, int64_t batch);
 
+// Forward building blocks (forward.cu), shared by the single-GPU forward and the GPU ring.
+// The query tile rows of p's forward kernel (the tile_rows of forward_tasks / block_tasks).
+int64_t forward_tile_rows(const Problem& p);
+// Launches the forward kernel over `list` (queries p.q; keys and values at the base
+// pointers k and v of the tasks' row sources), writing fp32 (O, lse) partial rows.
+void launch_forward(const Problem& p, const TaskList& list, const void* k, const void* v,
+                    float* part_o, float* part_lse, cudaStream_t stream);
+// Launches the merge of the partials of `order` (merge_order) into p.out and p.lse.
+void launch_merge(const Problem& p, const std::vector<Task>& order,
+                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
+                  cudaStream_t stream);
+
 }  // namespace ringattn::cuda

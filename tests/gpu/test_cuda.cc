@@ -7,10 +7,9 @@
 #include <cmath>
 
 #include "gpu_util.h"
-#include "src/dtype.h"
 #include "src/problem.h"
 #include "src/reference.h"
-#include "tests/oracle.h"
+#include "tests/expect.h"
 
 namespace ringattn::test {
 namespace {
@@ -73,62 +72,16 @@ struct DeviceCase {
   }
 };
 
-double round_to(DType dtype, double x) {
-  const float f = static_cast<float>(x);
-  switch (dtype) {
-    case DType::kF16:
-      return to_f32(from_f32<fp16_t>(f));
-    case DType::kBF16:
-      return to_f32(from_f32<bf16_t>(f));
-    case DType::kF32:
-      break;
-  }
-  return f;
-}
-
 // Forward: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error of the
 // naive computation in the same precision (SPEC.md); lse close; non-zero and finite.
 void check_forward(const HostCase& h) {
-  const ReferenceResult ref = reference_forward(h.problem().fwd);
-  const Stats so = compare_bnhd(h.out, ref.out);
-  const Stats sl = compare_lse(h.lse, ref.lse);
-  EXPECT_EQ(so.nonfinite, 0);
-  EXPECT_EQ(sl.nonfinite, 0);
-  EXPECT_GT(so.ref_nonzero, 0);
-  EXPECT_EQ(so.missing, 0) << "zeros where the reference is not";
-  EXPECT_GT(so.max_ref, 0.05);
-  EXPECT_LE(sl.max_abs_err, 2e-5 * std::max(1.0, sl.max_ref));
-  if (h.c.dtype == DType::kF32) {
-    EXPECT_LE(so.max_abs_err, 1e-5);
-    return;
-  }
-  const OracleResult naive =
-      oracle_forward(h.c.config(), h.q, h.k, h.v, [&](double x) { return round_to(h.c.dtype, x); });
-  double naive_err = 0.0;
-  for (size_t i = 0; i < ref.out.size(); ++i) {
-    naive_err = std::max(naive_err, std::abs(naive.out[i] - ref.out[i]));
-  }
-  EXPECT_GT(naive_err, 0.0);
-  EXPECT_LE(so.max_abs_err, 2.0 * naive_err) << "naive low-precision error " << naive_err;
+  expect_forward_close(h.c.config(), h.q, h.k, h.v, h.out, h.lse,
+                       reference_forward(h.problem().fwd));
 }
 
 // Backward: dq, dk, dv against the fp64 reference gradients (the CPU backend's bounds).
 void check_backward(const HostCase& h) {
-  const ReferenceGrads ref = reference_backward(h.problem());
-  const double tol = h.c.dtype == DType::kF32 ? 2e-5 : h.c.dtype == DType::kF16 ? 4e-3 : 3e-2;
-  const struct {
-    const Tensor& x;
-    const std::vector<double>& ref;
-    const char* name;
-  } grads[] = {{h.dq, ref.dq, "dq"}, {h.dk, ref.dk, "dk"}, {h.dv, ref.dv, "dv"}};
-  for (const auto& g : grads) {
-    const Stats s = compare_bnhd(g.x, g.ref);
-    EXPECT_EQ(s.nonfinite, 0) << g.name;
-    EXPECT_GT(s.ref_nonzero, 0) << g.name;
-    EXPECT_EQ(s.missing, 0) << g.name << ": zeros where the reference is not";
-    EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref))
-        << g.name << " max |ref| " << s.max_ref;
-  }
+  expect_grads_close(h.c.dtype, h.dq, h.dk, h.dv, reference_backward(h.problem()));
 }
 
 void check_case(const Case& c, uint32_t seed, bool backward) {
@@ -246,8 +199,8 @@ TEST(CudaForward, RunsOnTheGivenStream) {
 }
 
 // Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
-// backend on host tensors, the ring on CUDA tensors; and without a GPU, CUDA tensors are a
-// device error.
+// backend on host tensors, the ring mixing devices or running a backward on CUDA tensors;
+// and without a GPU, CUDA tensors are a device error (the ring's too).
 TEST(CudaApi, DeviceErrors) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
   HostCase h(c, 100);
@@ -273,22 +226,42 @@ TEST(CudaApi, DeviceErrors) {
   const std::unique_ptr<Communicator> self = make_self_communicator();
   RingDilatedAttention ring(c.config(), *self);
   e = error_of([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
-  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
-  EXPECT_NE(std::string(e.what()).find("RingDilatedAttention runs on host tensors only"),
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(e.what()).find("k lives on the CPU (host memory) but this call runs on "
+                                       "a CUDA device"),
             std::string::npos)
       << e.what();
+  e = error_of([&] {
+    ring.backward(h.out.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
+                  h.out.view(), h.k.view(), h.v.view());
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+  EXPECT_NE(std::string(e.what()).find("the GPU ring has a forward only"), std::string::npos)
+      << e.what();
+  e = error_of([&] {
+    RingDilatedAttention(c.config(), *self, ExecOptions{Backend::kReference, 0});
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
   TensorView k_gpu = h.k.view(), v_gpu = h.v.view(), out_gpu = h.out.view();
   k_gpu.device = v_gpu.device = out_gpu.device = Device::kCUDA;
-  e = error_of([&] { cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu); });
-  if (no_gpu_reason().empty()) {
-    // Host memory marked kCUDA is caught before any kernel runs.
-    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
-    EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
-        << e.what();
-  } else {
-    EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();
-    EXPECT_NE(std::string(e.what()).find("no CUDA device is usable"), std::string::npos)
-        << e.what();
+  for (const bool use_ring : {false, true}) {
+    e = error_of([&] {
+      if (use_ring) {
+        ring.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+      } else {
+        cuda.forward(q_gpu, k_gpu, v_gpu, out_gpu);
+      }
+    });
+    if (no_gpu_reason().empty()) {
+      // Host memory marked kCUDA is caught before any kernel runs.
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("q.data is not CUDA device memory"), std::string::npos)
+          << e.what();
+    } else {
+      EXPECT_EQ(e.code(), ErrorCode::kDevice) << e.what();
+      EXPECT_NE(std::string(e.what()).find("no CUDA device is usable"), std::string::npos)
+          << e.what();
+    }
   }
 }
 

@@ -5,12 +5,15 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
 #include <set>
 #include <tuple>
 
 #include "src/cuda/tasks.h"
 #include "src/index_math.h"
 #include "src/problem.h"
+#include "src/ring_plan.h"
 #include "tests/test_util.h"
 
 namespace ringattn::test {
@@ -121,6 +124,156 @@ TEST(CudaPlan, BackwardTasksOwnDisjointRows) {
         }
         EXPECT_EQ(std::set<int64_t>(heads.begin(), heads.end()), users);
         EXPECT_EQ(heads.size(), users.size()) << "a head appears in two tasks";
+      }
+    }
+  }
+}
+
+// The GPU ring's host plan, simulated on the CPU for every rank of a ring: the local tasks
+// (forward_tasks of a shard), the tasks of every received block (block_tasks) and the packing
+// of the blocks (pack_runs) address exactly the (query row, key row) pairs of SPEC.md's
+// dilated attention, each once: query and key rows are decoded from the element offsets the
+// kernels compute (packed blocks through the sender's pack runs).
+struct Coord {
+  int64_t b, n, h;  // batch, global row, head (of q, or kv head of k/v)
+};
+
+// Decodes an element offset into a contiguous [B, N_loc, heads, D] shard of rank `rank`.
+Coord decode(int64_t off, int64_t n_loc, int64_t heads, int64_t D, int rank) {
+  EXPECT_EQ(off % D, 0);
+  const int64_t row = off / D;
+  return {row / heads / n_loc, rank * n_loc + row / heads % n_loc, row % heads};
+}
+
+TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
+  const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
+  for (int P : {2, 3, 4}) {
+    const int64_t N = P * n_loc;
+    for (const auto& [s, r] : std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>{
+             {{4, N}, {1, 2}}, {{8, N}, {2, 3}}, {{n_loc * P}, {1}}}) {
+      for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
+        for (bool causal : {false, true}) {
+          const DilatedConfig cfg{s, r, mode, causal, std::nullopt};
+          SCOPED_TRACE(::testing::Message() << "P=" << P << " s.back()=" << s.back() << " "
+                                            << mode_name(mode) << " causal=" << causal);
+          Tensor q(DType::kF32, {B, n_loc, H, D}), k(DType::kF32, {B, n_loc, Hkv, D}),
+              out(DType::kF32, {B, n_loc, H, D});
+          std::vector<Problem> ps;
+          std::vector<RingPlan> plans;
+          for (int rank = 0; rank < P; ++rank) {
+            ps.push_back(make_problem(cfg, q.view(), k.view(), k.view(), out.view(), std::nullopt,
+                                      1 << 20, "cuda", Shard{rank, P}));
+            plans.push_back(plan_ring(ps.back(), rank, P));
+          }
+          // (b, h, query row, key row, s, r, o) computed by any rank.
+          std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, int>
+              pairs;
+          for (int rank = 0; rank < P; ++rank) {
+            const Problem& p = ps[static_cast<size_t>(rank)];
+            const RingPlan& plan = plans[static_cast<size_t>(rank)];
+            std::vector<cuda::TaskList> lists = {cuda::forward_tasks(p, tile)};
+            std::vector<int> senders = {rank};
+            for (const RingStep& st : plan.steps) {
+              if (st.recv_from < 0) continue;
+              EXPECT_TRUE(!causal || st.recv_from < rank);
+              lists.push_back(
+                  cuda::block_tasks(p, plan, st.span, st.recv_from, tile, lists.back().part_rows));
+              senders.push_back(st.recv_from);
+            }
+            std::vector<int> seen(static_cast<size_t>(lists.back().part_rows), 0);
+            for (size_t li = 0; li < lists.size(); ++li) {
+              const int sender = senders[li];
+              // Block element offset -> the sender's K (or V) coordinates, from its pack runs.
+              std::map<int64_t, Coord> block_k, block_v;
+              for (size_t si = 0; li > 0 && si < plans[sender].spans.size(); ++si) {
+                for (const cuda::PackRun& run :
+                     cuda::pack_runs(ps[sender], plans[sender], static_cast<int>(si))) {
+                  for (int64_t t = 0; t < run.rows; ++t) {
+                    block_k[run.dst_k + t * D] =
+                        decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, sender);
+                    block_v[run.dst_v + t * D] =
+                        decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, sender);
+                  }
+                }
+              }
+              const cuda::TaskList& list = lists[li];
+              for (const cuda::Task& t : list.tasks) {
+                const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
+                EXPECT_EQ(t.tiles_per_seg, ceil_div(t.q_hi - t.q_lo, tile));
+                EXPECT_LE(t.segments * t.tiles_per_seg, list.max_tiles);
+                for (int64_t b = 0; b < B; ++b)
+                  for (int64_t seg = 0; seg < t.segments; ++seg)
+                    for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
+                      const int64_t n = (t.seg0 + seg) * t.s + t.o + tq * t.r;
+                      const auto at = [&](const cuda::RowSource& x, int64_t row) {
+                        return x.off + b * x.b_st + seg * x.seg_st + row * x.t_st;
+                      };
+                      const Coord qc = decode(at(t.q_src, tq), n_loc, H, D, rank);
+                      ASSERT_TRUE(qc.b == b && qc.n == n && qc.h == h) << "query " << n;
+                      const int64_t row = t.part_row0 + b * t.rows_per_batch +
+                                          seg * (t.q_hi - t.q_lo) + tq - t.q_lo;
+                      ASSERT_GE(row, 0);
+                      ASSERT_LT(row, list.part_rows);
+                      ++seen[static_cast<size_t>(row)];
+                      for (int64_t tk = t.k_lo; tk < t.k_hi; ++tk) {
+                        if (causal && tk > tq) continue;
+                        Coord kc, vc;
+                        if (li == 0) {
+                          kc = decode(at(t.k_src, tk), n_loc, Hkv, D, rank);
+                          vc = decode(at(t.v_src, tk), n_loc, Hkv, D, rank);
+                        } else {
+                          ASSERT_EQ(block_k.count(at(t.k_src, tk)), 1u);
+                          ASSERT_EQ(block_v.count(at(t.v_src, tk)), 1u);
+                          kc = block_k[at(t.k_src, tk)];
+                          vc = block_v[at(t.v_src, tk)];
+                        }
+                        const int64_t m = (t.seg0 + seg) * t.s + t.o + tk * t.r;
+                        ASSERT_TRUE(kc.b == b && kc.n == m && kc.h == p.kv_head(h)) << "key " << m;
+                        ASSERT_TRUE(vc.b == b && vc.n == m && vc.h == p.kv_head(h))
+                            << "value " << m;
+                        ++pairs[{b, h, n, m, t.s, t.r, t.o}];
+                      }
+                    }
+              }
+            }
+            // Partial rows are distinct, the queries of one launch never overlap.
+            EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
+            // The merge order: head by head, each head's tasks in launch order.
+            std::vector<int> head_begin;
+            const std::vector<cuda::Task> order = cuda::merge_order(p, lists, head_begin);
+            ASSERT_EQ(head_begin.size(), static_cast<size_t>(H + 1));
+            size_t total = 0;
+            for (const cuda::TaskList& list : lists) total += list.tasks.size();
+            EXPECT_EQ(order.size(), total);
+            for (int64_t h = 0; h < H; ++h) {
+              for (int i = head_begin[h]; i + 1 < head_begin[h + 1]; ++i) {
+                EXPECT_LT(order[static_cast<size_t>(i)].part_row0,
+                          order[static_cast<size_t>(i) + 1].part_row0);
+              }
+            }
+          }
+          // Every pair SPEC.md's dilated attention has, once.
+          const Problem& p0 = ps[0];
+          size_t expected = 0;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = 0; h < H; ++h)
+              for (int hb = p0.head_begin[h]; hb < p0.head_begin[h + 1]; ++hb) {
+                const Branch br = p0.branches[static_cast<size_t>(p0.head_branches[hb].branch)];
+                const int64_t o = p0.head_branches[hb].offset;
+                for (int64_t n = 0; n < N; ++n) {
+                  if (kept_index_of_row(n, br.segment, br.rate, o) < 0) continue;
+                  for (int64_t m = n / br.segment * br.segment;
+                       m < (n / br.segment + 1) * br.segment; ++m) {
+                    if (kept_index_of_row(m, br.segment, br.rate, o) < 0 || (causal && m > n))
+                      continue;
+                    ++expected;
+                    EXPECT_EQ((pairs[{b, h, n, m, br.segment, br.rate, o}]), 1)
+                        << "b=" << b << " h=" << h << " n=" << n << " m=" << m;
+                  }
+                }
+              }
+          EXPECT_EQ(pairs.size(), expected);
+        }
       }
     }
   }

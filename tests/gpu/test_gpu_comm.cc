@@ -1,14 +1,20 @@
 // Communicators with CUDA device buffers, in the MPI test binary ringattn_gpu_mpi_tests
 // (launched at several rank counts, label gpu): the mpi communicator (host staging, so ranks
-// may share one GPU) and the nccl communicator (one GPU per rank). Every rank takes the same
-// skip decision (agreed over MPI), so a skip never leaves a rank waiting.
+// may share one GPU) and the nccl communicator (one GPU per rank), and RingDilatedAttention
+// on CUDA tensors over both. Every rank takes the same skip decision (agreed over MPI), so a
+// skip never leaves a rank waiting.
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "gpu_util.h"
+#include "src/reference.h"
+#include "tests/expect.h"
 #include "tests/mpi_main.h"
 #ifdef RINGATTN_HAVE_NCCL
 #include "ringattn/comm_nccl.h"
@@ -119,6 +125,145 @@ TEST(GpuMpi, DeviceBuffersThroughHostStaging) {
   ring_exchange(world(), 3 << 20, 2);  // 12 MiB blocks
 }
 
+// One GPU ring case: every rank's rows of the GPU ring forward (this rank's shard on the
+// device) against the fp64 reference of the whole sequence, within SPEC.md's tolerances
+// (fp32: 1e-5; bf16/fp16: twice the error of the naive computation in that precision), and
+// against the CPU single-device result within the same bound.
+struct GpuRingCase {
+  int64_t B, n_loc, H, Hkv, D;
+  std::vector<int64_t> s, r;
+  Mode mode;
+  bool causal;
+  DType dtype;
+};
+
+// Rows [row0, row0 + rows) of a [B, N, heads, D] host tensor, as a new host tensor.
+Tensor shard_of(const Tensor& full, int64_t row0, int64_t rows) {
+  const auto& sh = full.view().shape;
+  Tensor t(full.dtype(), {sh[0], rows, sh[2], sh[3]});
+  for (int64_t b = 0; b < sh[0]; ++b)
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t h = 0; h < sh[2]; ++h)
+        for (int64_t d = 0; d < sh[3]; ++d) t.set(b, n, h, d, full.get(b, row0 + n, h, d));
+  return t;
+}
+
+void check_gpu_ring(Communicator& comm, const GpuRingCase& c, uint32_t seed) {
+  const int P = comm.size(), rank = comm.rank();
+  const int64_t N = P * c.n_loc, row0 = rank * c.n_loc;
+  SCOPED_TRACE(::testing::Message() << "P=" << P << " D=" << c.D << " s.back()=" << c.s.back()
+                                    << " " << mode_name(c.mode) << " causal=" << c.causal << " "
+                                    << dtype_name(c.dtype) << " " << comm.name());
+  std::mt19937 rng(seed);  // the same inputs on every rank
+  Tensor q(c.dtype, {c.B, N, c.H, c.D}), k(c.dtype, {c.B, N, c.Hkv, c.D}),
+      v(c.dtype, {c.B, N, c.Hkv, c.D}), full_out(c.dtype, {c.B, N, c.H, c.D}),
+      out(c.dtype, {c.B, c.n_loc, c.H, c.D}), lse(DType::kF32, {c.B, c.H, c.n_loc});
+  q.fill_normal(rng);
+  k.fill_normal(rng);
+  v.fill_normal(rng);
+  const DilatedConfig cfg{c.s, c.r, c.mode, c.causal, std::nullopt};
+  DilatedAttention(cfg).forward(q.view(), k.view(), v.view(), full_out.view(), std::nullopt);
+  const ReferenceResult ref = reference_forward(make_problem(
+      cfg, q.view(), k.view(), v.view(), full_out.view(), std::nullopt, 1 << 20, "reference"));
+  const double bound = forward_error_bound(cfg, q, k, v, ref);
+
+  const DeviceCopy dq(shard_of(q, row0, c.n_loc)), dk(shard_of(k, row0, c.n_loc)),
+      dv(shard_of(v, row0, c.n_loc)), dout(out), dlse(lse);
+  RingDilatedAttention ring(cfg, comm, ExecOptions{Backend::kCuda, 0});
+  ring.forward(dq.view(), dk.view(), dv.view(), dout.view(), dlse.view());
+  dout.download(out);
+  dlse.download(lse);
+
+  double err = 0.0, single_err = 0.0, lse_err = 0.0, max_ref = 0.0, max_lse = 0.0;
+  int64_t bad = 0, missing = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t n = 0; n < c.n_loc; ++n)
+      for (int64_t h = 0; h < c.H; ++h) {
+        for (int64_t d = 0; d < c.D; ++d) {
+          const double x = out.get(b, n, h, d), y = full_out.get(b, row0 + n, h, d);
+          const double r = ref.out[static_cast<size_t>(((b * N + row0 + n) * c.H + h) * c.D + d)];
+          bad += !std::isfinite(x);
+          missing += x == 0.0 && std::abs(r) > kClearlyNonZero;
+          err = std::max(err, std::abs(x - r));
+          single_err = std::max(single_err, std::abs(x - y));
+          max_ref = std::max(max_ref, std::abs(r));
+        }
+        const double lr = ref.lse[static_cast<size_t>((b * c.H + h) * N + row0 + n)];
+        const double lx = lse.get(b, h, n);
+        if (std::isinf(lr)) {
+          bad += lx != lr;
+        } else {
+          lse_err = std::max(lse_err, std::abs(lx - lr));
+          max_lse = std::max(max_lse, std::abs(lr));
+        }
+      }
+  EXPECT_EQ(bad, 0);
+  EXPECT_EQ(missing, 0) << "zeros where the reference is not";
+  EXPECT_GT(max_ref, 0.05);
+  EXPECT_LE(err, bound) << "against the fp64 reference";
+  EXPECT_LE(single_err, 2.0 * bound) << "against the CPU single-device result";
+  EXPECT_LE(lse_err, 2e-5 * std::max(1.0, max_lse));
+  if (P > 1) {
+    EXPECT_GT(ring.last_stats().bytes_sent, 0);  // the spanning branch's blocks moved
+  }
+}
+
+// Both modes, causal on and off, fp32 and bf16; a segment spanning all ranks (and one
+// inside a rank), D = 64; then D = 80 (generic kernel) with rates that leave uneven rows.
+void check_gpu_ring_cases(Communicator& comm) {
+  const int64_t n_loc = 32;
+  const int P = comm.size();
+  uint32_t seed = 50;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
+      for (bool causal : {false, true}) {
+        check_gpu_ring(comm,
+                       {2, n_loc, 4, 2, 64, {n_loc / 2, P * n_loc}, {1, 2}, mode, causal, dtype},
+                       seed++);
+      }
+    }
+  }
+  check_gpu_ring(
+      comm, {1, n_loc, 3, 1, 80, {n_loc, P * n_loc}, {2, 3}, Mode::kLongNet, true, DType::kF32},
+      seed++);
+}
+
+// Ranks sharing one GPU: the mpi communicator stages the device blocks through host memory.
+TEST(GpuRing, MatchesTheReferenceOverMpi) {
+  RA_SKIP_UNLESS_GPUS(1, "no CUDA device: the GPU ring over the mpi communicator skipped");
+  check_gpu_ring_cases(world());
+}
+
+// q on the GPU on rank 0 only, or k on the host while q is on the GPU: an Error on every
+// rank, before any transfer; the GPU ring's backward is unsupported (on every rank).
+TEST(GpuRing, DeviceMismatchAndBackwardFailOnEveryRank) {
+  RA_SKIP_UNLESS_GPUS(1, "no CUDA device: the GPU ring's device checks skipped");
+  const int64_t n_loc = 16;
+  const DilatedConfig cfg{
+      {n_loc, world().size() * n_loc}, {1, 2}, Mode::kGroups, false, std::nullopt};
+  std::mt19937 rng(3);
+  Tensor q(DType::kF32, {1, n_loc, 2, 32}), out(DType::kF32, {1, n_loc, 2, 32}),
+      lse(DType::kF32, {1, 2, n_loc});
+  q.fill_normal(rng);
+  const DeviceCopy dq(q), dout(out), dlse(lse);
+  RingDilatedAttention ring(cfg, world());
+  if (world().size() > 1) {
+    const bool gpu_here = world().rank() == 0;
+    const TensorView x = gpu_here ? dq.view() : q.view(), o = gpu_here ? dout.view() : out.view();
+    const Error mixed_ranks = error_of([&] { ring.forward(x, x, x, o, std::nullopt); });
+    EXPECT_NE(std::string(mixed_ranks.what()).find("device"), std::string::npos)
+        << mixed_ranks.what();
+  }
+  const Error mixed_tensors =
+      error_of([&] { ring.forward(dq.view(), q.view(), dq.view(), dout.view(), std::nullopt); });
+  EXPECT_EQ(mixed_tensors.code(), ErrorCode::kInvalidArgument) << mixed_tensors.what();
+  const Error backward = error_of([&] {
+    ring.backward(dout.view(), dq.view(), dq.view(), dq.view(), dout.view(), dlse.view(), dq.view(),
+                  dq.view(), dq.view());
+  });
+  EXPECT_EQ(backward.code(), ErrorCode::kUnsupported) << backward.what();
+}
+
 #ifdef RINGATTN_HAVE_NCCL
 
 // NCCL refuses two ranks on one GPU: one GPU per rank (select_local_gpu picks it).
@@ -165,6 +310,14 @@ TEST(Nccl, RejectsHostBuffers) {
   const Error e = error_of([&] { nccl->isend(host.data(), host.size(), 0, 0); });
   EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
   EXPECT_NE(std::string(e.what()).find("device buffers only"), std::string::npos) << e.what();
+}
+
+// One GPU per rank: the same cases over NCCL (device buffers moved directly).
+TEST(Nccl, GpuRingMatchesTheReference) {
+  RA_SKIP_UNLESS_GPUS(world().size(), "NCCL needs one GPU per rank on every node");
+  select_local_gpu(MPI_COMM_WORLD);
+  const std::unique_ptr<Communicator> nccl = make_nccl_communicator(MPI_COMM_WORLD);
+  check_gpu_ring_cases(*nccl);
 }
 
 #endif

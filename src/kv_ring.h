@@ -1,0 +1,88 @@
+#pragma once
+// The K/V traffic of a ring, shared by the CPU and GPU rings, forward and backward: every
+// rank's packed blocks of the spanning branches go out per RingPlan; step e's incoming block
+// lands in one of two buffers while the previous one is being computed on (double
+// buffering). Where the blocks live (host or device memory) is the KvStore's business.
+
+#include <chrono>
+#include <vector>
+
+#include "kv_store.h"
+#include "problem.h"
+#include "ring_plan.h"
+#include "ringattn/comm.h"
+#include "ringattn/ring_attention.h"
+
+namespace ringattn {
+
+using Clock = std::chrono::steady_clock;
+
+inline double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+class KvRing {
+ public:
+  KvRing(Communicator& comm, const Problem& p, const RingPlan& plan, RingStats& stats,
+         KvStore& store)
+      : comm_(comm), p_(p), plan_(plan), stats_(stats), store_(store), recvs_(plan.steps.size()) {
+    post(0);
+    post(1);
+  }
+
+  // Waits for step e's block (nullptr when the step receives nothing). Call for e = 0, 1,
+  // ... in order, each followed by release(e).
+  const void* receive(size_t e) {
+    const RingStep& st = plan_.steps[e];
+    if (st.recv_from < 0) return nullptr;
+    wait(recvs_[e]);
+    layout_ = plan_.layout(p_, st.span, st.recv_from);
+    return inbox_[e % 2];
+  }
+  // Step e's buffer is free again: post step e + 2 into it.
+  void release(size_t e) { post(e + 2); }
+
+  // Where stream `stream` of batch b lies in the block last received.
+  const BlockPiece& piece(int stream, int64_t b) const {
+    return layout_[static_cast<size_t>(stream * p_.batch + b)];
+  }
+
+  void wait(CommRequest& req) {
+    const Clock::time_point t0 = Clock::now();
+    comm_.wait(req);
+    stats_.comm_wait_ms += ms_since(t0);
+  }
+  void finish() {
+    for (CommRequest& req : sends_) wait(req);
+  }
+
+ private:
+  size_t block_bytes(int span, int sender) const {
+    return static_cast<size_t>(plan_.block_elements(p_, span, sender)) * dtype_size(p_.dtype);
+  }
+  void post(size_t e) {
+    if (e >= plan_.steps.size()) return;
+    const RingStep& st = plan_.steps[e];
+    if (st.recv_from >= 0) {
+      const size_t bytes = block_bytes(st.span, st.recv_from);
+      inbox_[e % 2] = store_.inbox(static_cast<int>(e % 2), bytes);
+      recvs_[e] = comm_.irecv(inbox_[e % 2], bytes, st.recv_from, st.tag);
+    }
+    if (st.send_to >= 0) {
+      sends_.push_back(
+          comm_.isend(store_.own(st.span), block_bytes(st.span, plan_.rank), st.send_to, st.tag));
+      ++stats_.messages_sent;
+    }
+  }
+
+  Communicator& comm_;
+  const Problem& p_;
+  const RingPlan& plan_;
+  RingStats& stats_;
+  KvStore& store_;
+  void* inbox_[2] = {nullptr, nullptr};
+  std::vector<CommRequest> sends_, recvs_;
+  std::vector<BlockPiece> layout_;  // of the block last received
+};
+
+}  // namespace ringattn
