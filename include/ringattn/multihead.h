@@ -81,7 +81,8 @@ struct MultiheadSaved {
   std::vector<float> lse;           // [B, H, N]
   std::vector<float> q_stats, k_stats, attn_stats;  // [B*N, 2] mean and 1/std per row
   // Of a forward on CUDA tensors: the buffers above live on the device, in the order listed,
-  // in one allocation of device_floats floats (the vectors stay empty).
+  // in one allocation of device_floats floats (the vectors stay empty; a copy of this struct
+  // shares that allocation).
   Device device = Device::kCPU;
   std::shared_ptr<float[]> device_buffer;
   int64_t device_floats = 0;
