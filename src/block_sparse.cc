@@ -21,6 +21,10 @@
 #include "dtype.h"
 #include "problem.h"
 #include "ringattn/block_sparse.h"
+#if defined(RINGATTN_HAVE_CUDA)
+#include "cuda/attention_cuda.h"
+#include "cuda/block_sparse_cuda.h"
+#endif
 
 namespace ringattn {
 
@@ -390,6 +394,41 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
       poll);
 }
 
+// The device a call runs on: q's. CUDA tensors run the CUDA backend, on one device only
+// (world size 1); every other tensor must be on q's device too (make_problem checks).
+Device sparse_device(const TensorView& q, Backend backend, int world) {
+  if (q.device == Device::kCUDA) {
+#if !defined(RINGATTN_HAVE_CUDA)
+    fail(ErrorCode::kUnsupported,
+         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
+         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
+#endif
+    if (world > 1) {
+      fail(ErrorCode::kUnsupported, "q lives on a CUDA device but the communicator has ", world,
+           " ranks; BlockSparseRingDilatedAttention runs CUDA tensors on one device only in this "
+           "version: use a communicator of one rank, or pass host tensors");
+    }
+    return Device::kCUDA;
+  }
+  require(backend != Backend::kCuda,
+          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
+          "tensors (Device::kCUDA) or use backend = cpu");
+  return Device::kCPU;
+}
+
+int64_t max_head_dim(Device device) {
+#if defined(RINGATTN_HAVE_CUDA)
+  if (device == Device::kCUDA) return cuda::kMaxHeadDim;
+#endif
+  (void)device;
+  return cpu::kMaxHeadDim;
+}
+
+// The backend name errors mention.
+const char* backend_of(Device device) {
+  return device == Device::kCUDA ? "cuda" : "cpu";
+}
+
 // Validates on every rank together, agrees on the configuration, and plans.
 Plan agree_and_plan(Communicator& comm, const BlockSparseConfig& config, const Problem& p) {
   check_same_on_all_ranks(comm,
@@ -408,9 +447,14 @@ BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConf
     : config_(std::move(config)), comm_(comm), options_(options) {
   check_on_all_ranks(comm_, [&] {
     config_.validate();
-    if (options_.backend != Backend::kCpu) {
+    bool supported = options_.backend == Backend::kCpu;
+#if defined(RINGATTN_HAVE_CUDA)
+    supported |= options_.backend == Backend::kCuda;
+#endif
+    if (!supported) {
       fail(ErrorCode::kUnsupported, "backend = ", backend_name(options_.backend),
-           " cannot run BlockSparseRingDilatedAttention; use backend = cpu");
+           " cannot run BlockSparseRingDilatedAttention in this build; use backend = cpu (host "
+           "tensors) or, in a build with CUDA, backend = cuda (CUDA tensors)");
     }
   });
 }
@@ -421,13 +465,29 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
   const Clock::time_point t_start = Clock::now();
   const int rank = comm_.rank(), world = comm_.size();
   Problem p;
+  Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, cpu::kMaxHeadDim, "cpu",
-                     Shard{rank, world});
+    device = sparse_device(q, options_.backend, world);
+    p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, max_head_dim(device),
+                     backend_of(device), Shard{rank, world}, device);
+#if defined(RINGATTN_HAVE_CUDA)
+    if (device == Device::kCUDA) {
+      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
+    }
+#endif
   });
   const Plan plan = agree_and_plan(comm_, config_, p);
 
   stats_ = RingStats{};
+#if defined(RINGATTN_HAVE_CUDA)
+  if (device == Device::kCUDA) {
+    cuda::block_sparse_forward(p, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
+                               options_.cuda_stream);
+    stats_.total_ms = ms_since(t_start);
+    return;
+  }
+#endif
   const int64_t sent_before = comm_.bytes_sent();
   const auto poll = [this] { comm_.progress(); };
   cpu::ShardForward shard(p, options_.num_threads);
@@ -457,14 +517,39 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
   const Clock::time_point t_start = Clock::now();
   const int rank = comm_.rank(), world = comm_.size();
   BackwardProblem bp;
+  Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    bp = make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk, dv,
-                               cpu::kMaxHeadDim, "cpu", Shard{rank, world});
+    device = sparse_device(q, options_.backend, world);
+    bp =
+        make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk, dv,
+                              max_head_dim(device), backend_of(device), Shard{rank, world}, device);
+#if defined(RINGATTN_HAVE_CUDA)
+    if (device == Device::kCUDA) {
+      cuda::check_device_tensors({{"dout", &dout},
+                                  {"q", &q},
+                                  {"k", &k},
+                                  {"v", &v},
+                                  {"out", &out},
+                                  {"lse", &lse},
+                                  {"dq", &dq},
+                                  {"dk", &dk},
+                                  {"dv", &dv}});
+    }
+#endif
   });
   const Problem& p = bp.fwd;
   const Plan plan = agree_and_plan(comm_, config_, p);
 
   stats_ = RingStats{};
+#if defined(RINGATTN_HAVE_CUDA)
+  if (device == Device::kCUDA) {
+    cuda::block_sparse_backward(bp, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
+                                cuda::key_major_csr(plan.layouts, plan.head_layout, p.causal),
+                                options_.cuda_stream);
+    stats_.total_ms = ms_since(t_start);
+    return;
+  }
+#endif
   const int64_t sent_before = comm_.bytes_sent();
   const auto poll = [this] { comm_.progress(); };
   const int64_t D = p.head_dim;

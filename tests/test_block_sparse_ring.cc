@@ -240,5 +240,27 @@ TEST(BlockSparseRing, BadOrDisagreeingInputFailsOnEveryRank) {
   }
 }
 
+// CUDA tensors over several ranks are not supported: the ranks passing them get kUnsupported
+// and every other rank fails with them, before any transfer (also when rank 0 alone passes
+// them). The views are host memory marked Device::kCUDA, never read.
+TEST(BlockSparseRing, CudaTensorsOnSeveralRanksFailOnEveryRank) {
+  Communicator& comm = world();
+  if (comm.size() == 1) GTEST_SKIP() << "needs several ranks";
+  SparseInputs in(DType::kF32, 1, 32, 2, 1, 16, 41);
+  BlockSparseRingDilatedAttention attn(one(BlockPattern::local_window(16, 0), false), comm);
+  TensorView q = in.q.view(), k = in.k.view(), v = in.v.view(), out = in.out.view();
+  q.device = k.device = v.device = out.device = Device::kCUDA;
+  for (bool every_rank : {true, false}) {
+    const bool mine = every_rank || comm.rank() == 0;
+    const Error e = error_of([&] {
+      attn.forward(mine ? q : in.q.view(), mine ? k : in.k.view(), mine ? v : in.v.view(),
+                   mine ? out : in.out.view());
+    });
+    if (!mine) continue;
+    EXPECT_EQ(e.code(), ErrorCode::kUnsupported) << e.what();
+    EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace ringattn::test

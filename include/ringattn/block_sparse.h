@@ -86,8 +86,9 @@ double block_sparse_density(const BlockSparseConfig& config, int64_t seq, int64_
 // gets the same rows of the single-device result; N = size * N_loc, N_loc % block_size == 0.
 class BlockSparseRingDilatedAttention {
  public:
-  // Borrows `comm` (it must outlive this object). Validates the configuration. Only the cpu
-  // backend runs it.
+  // Borrows `comm` (it must outlive this object). Validates the configuration. Backends: cpu
+  // (host tensors, any number of ranks) and, in builds with CUDA, cuda (CUDA tensors, one
+  // rank only; q's device decides).
   BlockSparseRingDilatedAttention(BlockSparseConfig config, Communicator& comm,
                                   ExecOptions options = {});
 

@@ -1,0 +1,244 @@
+// The CUDA backend of BlockSparseRingDilatedAttention: its host-side planning (the CSR by
+// query block and the transposed one) and the errors that need no device run anywhere; on a
+// GPU, forward and backward against the fp64 oracle with the materialised token mask (every
+// pattern kind, causal on and off, every dtype, GQA, per-head patterns, rows that see nothing).
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <sstream>
+
+#include "gpu_util.h"
+#include "src/cuda/block_sparse_cuda.h"
+#include "tests/block_sparse_oracle.h"
+
+namespace ringattn::test {
+namespace {
+
+// A fixed block list over 8 blocks: an empty row, rows before and after the diagonal, a full row.
+BlockPattern fixed_list(int64_t bs) {
+  return BlockPattern::block_list(bs, {0, 2, 2, 5, 6, 8, 9, 17, 18},
+                                  {0, 5, 1, 3, 7, 4, 2, 6, 4, 0, 1, 2, 3, 4, 5, 6, 7, 3});
+}
+
+std::vector<BlockPattern> every_kind(int64_t bs) {
+  return {BlockPattern::local_window(bs, bs + 1), BlockPattern::dilated(bs, {2, 3}),
+          BlockPattern::global_local(bs, 1, bs / 2), fixed_list(bs)};
+}
+
+// Whether row `row` of head h of `csr` lists `entry`; checks the row is strictly ascending.
+bool csr_lists(const cuda::BlockCsr& csr, int64_t h, int64_t row, int64_t entry) {
+  const int at = csr.head[static_cast<size_t>(h)] + static_cast<int>(row);
+  const auto begin = csr.idx.begin() + csr.ptr[static_cast<size_t>(at)];
+  const auto end = csr.idx.begin() + csr.ptr[static_cast<size_t>(at) + 1];
+  EXPECT_TRUE(std::adjacent_find(begin, end, std::greater_equal<int>()) == end) << "row " << row;
+  return std::find(begin, end, static_cast<int>(entry)) != end;
+}
+
+TEST(BlockSparseCudaPlan, BothCsrsListExactlyThePatternsPairs) {
+  const int64_t bs = 16, nb = 8;
+  const std::vector<BlockPattern> kinds = every_kind(bs);
+  std::vector<BlockLayout> layouts;
+  for (const BlockPattern& x : kinds) layouts.push_back(x.layout(nb * bs));
+  const std::vector<size_t> head_layout = {0, 1, 2, 3, 3};
+  for (bool causal : {false, true}) {
+    const cuda::BlockCsr by_query = cuda::query_major_csr(layouts, head_layout, causal);
+    const cuda::BlockCsr by_key = cuda::key_major_csr(layouts, head_layout, causal);
+    ASSERT_EQ(by_query.head.size(), head_layout.size());
+    ASSERT_EQ(by_key.ptr.size(), layouts.size() * (nb + 1));
+    EXPECT_EQ(by_query.head[4], by_query.head[3]);  // heads sharing a layout share rows
+    EXPECT_EQ(by_query.idx.size(), by_key.idx.size());
+    for (size_t h = 0; h < head_layout.size(); ++h) {
+      for (int64_t qb = 0; qb < nb; ++qb) {
+        for (int64_t kb = 0; kb < nb; ++kb) {
+          const bool listed =
+              pattern_lists(kinds[head_layout[h]], nb, qb, kb) && (!causal || kb <= qb);
+          EXPECT_EQ(csr_lists(by_query, static_cast<int64_t>(h), qb, kb), listed)
+              << "causal " << causal << " head " << h << " qb " << qb << " kb " << kb;
+          EXPECT_EQ(csr_lists(by_key, static_cast<int64_t>(h), kb, qb), listed)
+              << "causal " << causal << " head " << h << " qb " << qb << " kb " << kb;
+        }
+      }
+    }
+  }
+  // The fixed list with causal: key block 4 is listed by query blocks 5 and 6 (3 lists it too,
+  // but it lies after 3); key block 7 by none.
+  const cuda::BlockCsr by_key = cuda::key_major_csr(layouts, {3}, true);
+  const auto row = [&](int64_t kb) {
+    const size_t at = static_cast<size_t>(by_key.head[0] + kb);
+    return std::vector<int>(by_key.idx.begin() + by_key.ptr[at],
+                            by_key.idx.begin() + by_key.ptr[at + 1]);
+  };
+  EXPECT_EQ(row(4), std::vector<int>({5, 6}));
+  EXPECT_TRUE(row(7).empty());
+}
+
+// Host memory marked Device::kCUDA (never read): the views a call without a device sees.
+TensorView on_cuda(const Tensor& t) {
+  TensorView v = t.view();
+  v.device = Device::kCUDA;
+  return v;
+}
+
+TEST(BlockSparseCudaPlan, DeviceErrorsNameTheTensorOrTheMissingDevice) {
+  auto comm = make_self_communicator();
+  const BlockSparseConfig cfg{{BlockPattern::local_window(16, 0)}, false, {}};
+  SparseInputs in(DType::kF32, 1, 64, 2, 1, 16, 3);
+  BlockSparseRingDilatedAttention attn(cfg, *comm);
+  // Mixed devices: q on the GPU, k on the host.
+  const Error mixed = error_of([&] {
+    attn.forward(on_cuda(in.q), in.k.view(), on_cuda(in.v), on_cuda(in.out), on_cuda(in.lse));
+  });
+  EXPECT_EQ(mixed.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(mixed.what()).find("k lives on the CPU"), std::string::npos)
+      << mixed.what();
+  // backend = cuda with host tensors.
+  BlockSparseRingDilatedAttention cuda_attn(cfg, *comm, ExecOptions{Backend::kCuda, 0});
+  const Error host = error_of([&] { in.forward(cuda_attn); });
+  EXPECT_EQ(host.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(host.what()).find("backend = cuda"), std::string::npos) << host.what();
+  // Every tensor marked CUDA: no device here (kDevice), or host memory (names q).
+  const Error marked = error_of([&] {
+    attn.backward(on_cuda(in.dout), on_cuda(in.q), on_cuda(in.k), on_cuda(in.v), on_cuda(in.out),
+                  on_cuda(in.lse), on_cuda(in.dq), on_cuda(in.dk), on_cuda(in.dv));
+  });
+  if (no_gpu_reason().empty()) {
+    EXPECT_EQ(marked.code(), ErrorCode::kInvalidArgument) << marked.what();
+  } else {
+    EXPECT_EQ(marked.code(), ErrorCode::kDevice) << marked.what();
+  }
+}
+
+// SparseInputs on the device: runs forward and backward there and downloads the results.
+struct DeviceInputs {
+  DeviceCopy q, k, v, dout, out, lse, dq, dk, dv;
+  explicit DeviceInputs(const SparseInputs& h)
+      : q(h.q),
+        k(h.k),
+        v(h.v),
+        dout(h.dout),
+        out(h.out),
+        lse(h.lse),
+        dq(h.dq),
+        dk(h.dk),
+        dv(h.dv) {}
+
+  void run(BlockSparseRingDilatedAttention& attn, SparseInputs& h) {
+    attn.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    out.download(h.out);
+    lse.download(h.lse);
+    attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                  dk.view(), dv.view());
+    dq.download(h.dq);
+    dk.download(h.dk);
+    dv.download(h.dv);
+  }
+};
+
+struct GpuCase {
+  int64_t B, N, H, Hkv, D;
+  BlockSparseConfig cfg;
+  DType dtype;
+};
+
+std::string describe(const GpuCase& c) {
+  std::ostringstream os;
+  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " "
+     << dtype_name(c.dtype) << (c.cfg.causal ? " causal" : " full") << " patterns:";
+  for (const BlockPattern& x : c.cfg.patterns) {
+    os << " " << block_pattern_kind_name(x.kind) << "(bs=" << x.block_size << ")";
+  }
+  return os.str();
+}
+
+void expect_close(const Stats& s, double tol, const char* name) {
+  EXPECT_EQ(s.nonfinite, 0) << name;
+  EXPECT_GT(s.ref_nonzero, 0) << name;
+  EXPECT_EQ(s.missing, 0) << name << ": zeros where the reference is not";
+  EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref)) << name << " max |ref| " << s.max_ref;
+}
+
+// Forward and backward of one case on the GPU against the fp64 oracle.
+void check_gpu_case(const GpuCase& c, uint32_t seed) {
+  SCOPED_TRACE(describe(c));
+  auto comm = make_self_communicator();
+  BlockSparseRingDilatedAttention attn(c.cfg, *comm, ExecOptions{Backend::kCuda, 0});
+  SparseInputs in(c.dtype, c.B, c.N, c.H, c.Hkv, c.D, seed);
+  DeviceInputs dev(in);
+  dev.run(attn, in);
+  const SparseOracle ref = sparse_oracle(c.cfg, in.q, in.k, in.v, &in.dout);
+  expect_close(compare_bnhd(in.out, ref.out), out_tol(c.dtype), "out");
+  const Stats l = compare_lse(in.lse, ref.lse);
+  EXPECT_EQ(l.nonfinite, 0);
+  EXPECT_LE(l.max_abs_err, 1e-4 * std::max(1.0, l.max_ref)) << "lse";
+  const double tol = grad_tol(c.dtype);
+  expect_close(compare_bnhd(in.dq, ref.dq), tol, "dq");
+  expect_close(compare_bnhd(in.dk, ref.dk), tol, "dk");
+  expect_close(compare_bnhd(in.dv, ref.dv), tol, "dv");
+}
+
+const DType kDtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+
+// Every kind alone and all four as per-head patterns, causal on and off, every dtype, GQA;
+// head dims 64 (own kernel) and 48 (generic).
+TEST(BlockSparseCuda, EveryKindCausalDtypesGqa) {
+  RA_SKIP_WITHOUT_GPU();
+  uint32_t seed = 1;
+  const int64_t bs = 32, N = 8 * bs;
+  for (DType dt : kDtypes) {
+    for (bool causal : {false, true}) {
+      for (const BlockPattern& x : every_kind(bs)) {
+        check_gpu_case({1, N, 4, 2, 64, {{x}, causal, {}}, dt}, seed++);
+      }
+      check_gpu_case({2, N, 4, 1, 48, {every_kind(bs), causal, {}}, dt}, seed++);
+    }
+  }
+}
+
+// Block sizes that are not multiples of the tiles (partial tiles) or span several tiles,
+// head dim 128, a given scale.
+TEST(BlockSparseCuda, BlockSizesAndHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  uint32_t seed = 20;
+  for (DType dt : kDtypes) {
+    check_gpu_case({1, 8 * 24, 2, 2, 128, {every_kind(24), true, 0.3f}, dt}, seed++);
+    check_gpu_case({1, 8 * 96, 2, 1, 64, {{fixed_list(96)}, false, {}}, dt}, seed++);
+    check_gpu_case({1, 8 * 16, 3, 3, 80, {{BlockPattern::dilated(16, {1, 4})}, true, {}}, dt},
+                   seed++);
+  }
+}
+
+// Rows that see nothing: out 0, lse -inf, dq 0; bitwise deterministic across runs.
+TEST(BlockSparseCuda, RowsThatSeeNothingAndDeterminism) {
+  RA_SKIP_WITHOUT_GPU();
+  // Query block 1 lists nothing; with causal, query block 0 lists only a later block.
+  const BlockSparseConfig cfg{
+      {BlockPattern::block_list(16, {0, 1, 1, 3, 4}, {2, 0, 2, 3})}, true, {}};
+  auto comm = make_self_communicator();
+  BlockSparseRingDilatedAttention attn(cfg, *comm, ExecOptions{Backend::kCuda, 0});
+  SparseInputs a(DType::kF32, 1, 64, 2, 1, 16, 50), b(DType::kF32, 1, 64, 2, 1, 16, 50);
+  DeviceInputs da(a), db(b);
+  da.run(attn, a);
+  db.run(attn, b);
+  for (int64_t n = 0; n < 32; ++n) {
+    for (int64_t h = 0; h < 2; ++h) {
+      EXPECT_EQ(a.lse.get(0, h, n), -std::numeric_limits<float>::infinity()) << n;
+      for (int64_t d = 0; d < 16; ++d) {
+        EXPECT_EQ(a.out.get(0, n, h, d), 0.0f);
+        EXPECT_EQ(a.dq.get(0, n, h, d), 0.0f);
+      }
+    }
+  }
+  const SparseOracle ref = sparse_oracle(cfg, a.q, a.k, a.v, &a.dout);
+  expect_close(compare_bnhd(a.out, ref.out), 1e-5, "out");
+  expect_close(compare_bnhd(a.dk, ref.dk), 2e-5, "dk");
+  EXPECT_EQ(a.out.bytes(), b.out.bytes());
+  EXPECT_EQ(a.dq.bytes(), b.dq.bytes());
+  EXPECT_EQ(a.dk.bytes(), b.dk.bytes());
+  EXPECT_EQ(a.dv.bytes(), b.dv.bytes());
+}
+
+}  // namespace
+}  // namespace ringattn::test
