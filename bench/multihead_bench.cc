@@ -168,6 +168,12 @@ void validate_layer(const DilatedShape& s, const RunOptions& options, const std:
     throw std::invalid_argument(format("--impl %s computes in fp32; use --dtype fp32, not %s",
                                        impl.c_str(), dtype_name(s.dtype)));
   }
+  if (options.backend == Backend::kCuda) {
+    throw std::invalid_argument(format(
+        "--impl %s times host tensors; the layer on CUDA tensors is not benchmarked yet (its "
+        "tests are MultiheadCuda.*): use --backend cpu, or --impl dilated for the GPU",
+        impl.c_str()));
+  }
   if (impl == "distributed") {
     const int t = options.head_ranks;
     if (ranks % t != 0 || s.heads % t != 0 || s.kv_heads % t != 0) {

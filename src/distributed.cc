@@ -1,6 +1,7 @@
 #include "ringattn/distributed.h"
 
 #include <cstring>
+#include <initializer_list>
 #include <utility>
 
 #include "agreement.h"
@@ -151,6 +152,20 @@ void DistributedDilatedAttention::set_weights(MultiheadWeights weights) {
 
 namespace {
 
+// Until the ring's backward runs on CUDA tensors (sequence parallel; its forward does) and the
+// head group's sums reach device memory (head parallel), the distributed layer takes host
+// tensors only.
+void reject_cuda(std::initializer_list<const TensorView*> views) {
+  for (const TensorView* t : views) {
+    if (t->device == Device::kCUDA) {
+      fail(ErrorCode::kUnsupported,
+           "DistributedDilatedAttention runs on host tensors only: the ring's backward "
+           "(sequence parallel) and the head-parallel sums are not available on CUDA tensors "
+           "yet; pass host tensors (MultiheadDilatedAttention takes CUDA tensors on one GPU)");
+    }
+  }
+}
+
 detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAttention& ring,
                                   Communicator& seq, Communicator& head, int threads) {
   detail::AttentionCore core;
@@ -196,6 +211,7 @@ void DistributedDilatedAttention::forward(const TensorView& query, const TensorV
       make_layer(config_, ring_, seq_comm_, head_comm_, options_.num_threads);
   detail::ForwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
+    reject_cuda({&query, &key, &value, &y});
     call = detail::forward_call(config_.embed_dim, query, key, value, y);
     layer.prepare(call.in, s);
   });
@@ -219,6 +235,7 @@ void DistributedDilatedAttention::backward(const TensorView& query, const Tensor
       make_layer(config_, ring_, seq_comm_, head_comm_, options_.num_threads);
   detail::BackwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
+    reject_cuda({&query, &key, &value, &dy, &dquery, &dkey, &dvalue});
     call = detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
     layer.check_saved(call.in, saved);
   });

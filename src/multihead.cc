@@ -7,6 +7,9 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#if defined(RINGATTN_HAVE_CUDA)
+#include "cuda/attention_cuda.h"
+#endif
 #include "multihead_layer.h"
 #include "problem.h"
 
@@ -88,7 +91,7 @@ size_t MultiheadSaved::bytes() const {
        {&q, &k, &v, &q_n, &k_n, &attn, &attn_n, &lse, &q_stats, &k_stats, &attn_stats}) {
     n += buf->size();
   }
-  return n * sizeof(float);
+  return (n + static_cast<size_t>(device_floats)) * sizeof(float);
 }
 
 namespace {
@@ -98,6 +101,19 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAt
   detail::AttentionCore core;
   core.check = [&](const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse) {
+    // DilatedAttention's rule: the tensors' device picks the backend.
+    if (q.device == Device::kCUDA) {
+      require(options.backend != Backend::kReference,
+              "backend = reference runs on the CPU but the inputs live on a CUDA device; pass "
+              "host tensors or use backend = cpu or cuda");
+#if defined(RINGATTN_HAVE_CUDA)
+      make_problem(attention.config(), q, k, v, out, lse, cuda::kMaxHeadDim, "cuda");
+#endif
+      return;
+    }
+    require(options.backend != Backend::kCuda,
+            "backend = cuda needs tensors on a CUDA device but the inputs live on the CPU; pass "
+            "CUDA tensors (Device::kCUDA) or use backend = cpu");
     make_problem(attention.config(), q, k, v, out, lse, cpu::kMaxHeadDim,
                  backend_name(options.backend));
   };
@@ -110,7 +126,7 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAt
     attention.backward(dout, q, k, v, out, lse, dq, dk, dv);
   };
   return detail::MultiheadLayer(config, detail::LayerShape::of(config), std::move(core), {},
-                                options.num_threads);
+                                options.num_threads, options.cuda_stream);
 }
 
 }  // namespace

@@ -2,8 +2,13 @@
 
 #include <algorithm>
 #include <memory>
+#include <utility>
 
 #include "check.h"
+#if defined(RINGATTN_HAVE_CUDA)
+#include "cuda/attention_cuda.h"
+#include "cuda/layer_backend.h"
+#endif
 
 namespace ringattn::detail {
 
@@ -76,12 +81,17 @@ void check_weights(const MultiheadConfig& config, const LayerShape& shape,
 
 namespace {
 
-float* embed_rows(const TensorView& t, const char* name, int64_t embed, int64_t& batch,
-                  int64_t& seq) {
+float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInputs& call,
+                  const char*& first) {
   require(t.ndim == 3, name, " has ", t.ndim, " dimensions; it must be [B, N, E] with E = ", embed);
   require(t.data != nullptr, name, ".data is null; pass a buffer holding [B, N, E]");
-  require(t.device == Device::kCPU, name,
-          " lives on a CUDA device, but the multihead layers run on the CPU; pass a host buffer");
+#if !defined(RINGATTN_HAVE_CUDA)
+  if (t.device == Device::kCUDA) {
+    fail(ErrorCode::kUnsupported, name,
+         " lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
+         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
+  }
+#endif
   if (t.dtype != DType::kF32) {
     fail(ErrorCode::kUnsupported, name, " is ", dtype_name(t.dtype),
          "; the multihead layers compute in fp32: pass fp32 tensors");
@@ -93,25 +103,53 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, int64_t&
   require(t.strides[2] == 1 && t.strides[1] == embed && t.strides[0] == t.shape[1] * embed, name,
           " has strides [", t.strides[0], ", ", t.strides[1], ", ", t.strides[2],
           "]; it must be contiguous [B, N, E]: make a contiguous copy");
-  if (batch == 0) {
-    batch = t.shape[0];
-    seq = t.shape[1];
+  if (first == nullptr) {
+    first = name;
+    call.batch = t.shape[0];
+    call.seq = t.shape[1];
+    call.device = t.device;
   }
-  require(t.shape[0] == batch && t.shape[1] == seq, name, " is [", t.shape[0], ", ", t.shape[1],
-          ", ", embed, "] but the call's first tensor is [", batch, ", ", seq, ", ", embed,
-          "]; every tensor of one call has the same B and N");
+  require(t.shape[0] == call.batch && t.shape[1] == call.seq, name, " is [", t.shape[0], ", ",
+          t.shape[1], ", ", embed, "] but the call's first tensor is [", call.batch, ", ", call.seq,
+          ", ", embed, "]; every tensor of one call has the same B and N");
+  const auto where = [](Device d) { return d == Device::kCUDA ? "a CUDA device" : "the CPU"; };
+  require(t.device == call.device, name, " lives on ", where(t.device), " but ", first, " on ",
+          where(call.device),
+          "; every tensor of one call lives on the same device: copy them to one");
   return static_cast<float*>(t.data);
+}
+
+// CUDA tensors: their memory must be the current device's.
+void check_device_memory(std::initializer_list<std::pair<const char*, const TensorView*>> views) {
+#if defined(RINGATTN_HAVE_CUDA)
+  if (views.begin()->second->device == Device::kCUDA) cuda::check_device_tensors(views);
+#else
+  (void)views;
+#endif
+}
+
+}  // namespace
+
+namespace {
+
+// forward_call's checks but the device memory's.
+ForwardCall forward_rows(int64_t embed, const TensorView& query, const TensorView& key,
+                         const TensorView& value, const TensorView& y, const char* y_name) {
+  ForwardCall c;
+  const char* first = nullptr;
+  c.in.query = embed_rows(query, "query", embed, c.in, first);
+  c.in.key = embed_rows(key, "key", embed, c.in, first);
+  c.in.value = embed_rows(value, "value", embed, c.in, first);
+  c.y = embed_rows(y, y_name, embed, c.in, first);
+  return c;
 }
 
 }  // namespace
 
 ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
                          const TensorView& value, const TensorView& y, const char* y_name) {
-  ForwardCall c;
-  c.in.query = embed_rows(query, "query", embed, c.in.batch, c.in.seq);
-  c.in.key = embed_rows(key, "key", embed, c.in.batch, c.in.seq);
-  c.in.value = embed_rows(value, "value", embed, c.in.batch, c.in.seq);
-  c.y = embed_rows(y, y_name, embed, c.in.batch, c.in.seq);
+  const ForwardCall c = forward_rows(embed, query, key, value, y, y_name);
+  check_device_memory({{"query", &query}, {"key", &key}, {"value", &value}, {y_name, &y}});
   return c;
 }
 
@@ -119,143 +157,270 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
                            const TensorView& value, const TensorView& dy, const TensorView& dquery,
                            const TensorView& dkey, const TensorView& dvalue) {
   BackwardCall c;
-  const ForwardCall f = forward_call(embed, query, key, value, dy, "dy");
+  const ForwardCall f = forward_rows(embed, query, key, value, dy, "dy");
   c.in = f.in;
   c.dy = f.y;
-  c.dquery = embed_rows(dquery, "dquery", embed, c.in.batch, c.in.seq);
-  c.dkey = embed_rows(dkey, "dkey", embed, c.in.batch, c.in.seq);
-  c.dvalue = embed_rows(dvalue, "dvalue", embed, c.in.batch, c.in.seq);
+  const char* first = "query";
+  c.dquery = embed_rows(dquery, "dquery", embed, c.in, first);
+  c.dkey = embed_rows(dkey, "dkey", embed, c.in, first);
+  c.dvalue = embed_rows(dvalue, "dvalue", embed, c.in, first);
+  check_device_memory({{"query", &query},
+                       {"key", &key},
+                       {"value", &value},
+                       {"dy", &dy},
+                       {"dquery", &dquery},
+                       {"dkey", &dkey},
+                       {"dvalue", &dvalue}});
   return c;
 }
 
 namespace {
 
-TensorView bnhd(const float* data, int64_t b, int64_t n, int64_t h, int64_t d) {
-  return TensorView::contiguous(const_cast<float*>(data), DType::kF32, {b, n, h, d});
+TensorView bnhd(const float* data, int64_t b, int64_t n, int64_t h, int64_t d, Device device) {
+  return TensorView::contiguous(const_cast<float*>(data), DType::kF32, {b, n, h, d}, device);
 }
+
+using SavedMember = std::vector<float> MultiheadSaved::*;
+
+// The buffers of MultiheadSaved with their sizes for `rows` rows, in the order of the device
+// allocation.
+std::vector<std::pair<SavedMember, int64_t>> saved_layout(const LayerShape& shape, bool ln,
+                                                          int64_t rows) {
+  using S = MultiheadSaved;
+  const int64_t fq = rows * shape.q_features(), fk = rows * shape.kv_features();
+  const int64_t norm = ln ? 1 : 0;
+  return {{&S::q, fq},
+          {&S::k, fk},
+          {&S::v, fk},
+          {&S::q_n, norm * fq},
+          {&S::k_n, norm * fk},
+          {&S::attn, fq},
+          {&S::attn_n, norm * fq},
+          {&S::lse, rows * shape.heads},
+          {&S::q_stats, norm * 2 * rows},
+          {&S::k_stats, norm * 2 * rows},
+          {&S::attn_stats, norm * 2 * rows}};
+}
+
+// The parameter buffers of `specs` where `ops` computes: the host vectors of `host`
+// themselves on the CPU; on CUDA one device allocation (uploaded from `host` when `upload`).
+class ParamBuffers {
+ public:
+  ParamBuffers(const LayerBackend& ops, const std::vector<ParamSpec>& specs,
+               const MultiheadWeights& host, bool upload) {
+    int64_t total = 0;
+    for (const ParamSpec& p : specs) total += p.size;
+    if (ops.device() != Device::kCPU) storage_ = ops.allocate(total);
+    int64_t at = 0;
+    for (const ParamSpec& p : specs) {
+      const std::vector<float>& h = host.*p.member;
+      float* ptr = storage_ ? storage_.get() + at : const_cast<float*>(h.data());
+      if (storage_ && upload) ops.upload(ptr, h.data(), p.size);
+      buffers_.push_back({p.member, ptr, p.size});
+      at += p.size;
+    }
+  }
+  // The buffer of `member` (nullptr when the layer has none).
+  float* operator[](std::vector<float> MultiheadWeights::*member) const {
+    for (const Buffer& b : buffers_) {
+      if (b.member == member) return b.data;
+    }
+    return nullptr;
+  }
+  // On CUDA: copies every buffer into the (sized) host vectors of `host`.
+  void download(const LayerBackend& ops, MultiheadWeights& host) const {
+    if (!storage_) return;
+    for (const Buffer& b : buffers_) ops.download((host.*b.member).data(), b.data, b.size);
+  }
+
+ private:
+  struct Buffer {
+    std::vector<float> MultiheadWeights::*member;
+    float* data;
+    int64_t size;
+  };
+  std::shared_ptr<float[]> storage_;
+  std::vector<Buffer> buffers_;
+};
 
 }  // namespace
 
-MultiheadLayer::Views MultiheadLayer::attention_views(MultiheadSaved& s) const {
+const LayerBackend& MultiheadLayer::backend(Device device) const {
+  if (backend_ && backend_->device() == device) return *backend_;
+  if (device == Device::kCPU) {
+    backend_ = cpu_layer_backend(threads_);
+    return *backend_;
+  }
+  if (group_.sum || group_.sum_norm_stats) {
+    fail(ErrorCode::kUnsupported,
+         "head parallelism on CUDA tensors is not available (the head group's sums move host "
+         "memory); pass host tensors");
+  }
+#if defined(RINGATTN_HAVE_CUDA)
+  backend_ = cuda::layer_backend(cuda_stream_);
+  return *backend_;
+#else
+  fail(ErrorCode::kUnsupported,
+       "the inputs live on a CUDA device but this build of ringattn has no CUDA backend; "
+       "rebuild with -DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
+#endif
+}
+
+MultiheadLayer::SavedBuffers MultiheadLayer::saved_buffers(const MultiheadSaved& s) const {
+  const auto layout = saved_layout(shape_, config_.layer_norm, s.batch * s.seq);
+  const auto ptr = [&](SavedMember member) {
+    if (s.device == Device::kCPU) return const_cast<float*>((s.*member).data());
+    int64_t at = 0;
+    for (const auto& [m, size] : layout) {
+      if (m == member) break;
+      at += size;
+    }
+    return s.device_buffer.get() + at;
+  };
+  using S = MultiheadSaved;
+  return {ptr(&S::q),       ptr(&S::k),       ptr(&S::v),         ptr(&S::q_n),
+          ptr(&S::k_n),     ptr(&S::attn),    ptr(&S::attn_n),    ptr(&S::lse),
+          ptr(&S::q_stats), ptr(&S::k_stats), ptr(&S::attn_stats)};
+}
+
+MultiheadLayer::Views MultiheadLayer::attention_views(const MultiheadSaved& s) const {
   const int64_t b = s.batch, n = s.seq, d = shape_.head_dim;
   const bool ln = config_.layer_norm;
-  return {bnhd(ln ? s.q_n.data() : s.q.data(), b, n, shape_.heads, d),
-          bnhd(ln ? s.k_n.data() : s.k.data(), b, n, shape_.kv_heads, d),
-          bnhd(s.v.data(), b, n, shape_.kv_heads, d), bnhd(s.attn.data(), b, n, shape_.heads, d),
-          TensorView::contiguous(s.lse.data(), DType::kF32, {b, shape_.heads, n})};
+  const SavedBuffers p = saved_buffers(s);
+  return {bnhd(ln ? p.q_n : p.q, b, n, shape_.heads, d, s.device),
+          bnhd(ln ? p.k_n : p.k, b, n, shape_.kv_heads, d, s.device),
+          bnhd(p.v, b, n, shape_.kv_heads, d, s.device),
+          bnhd(p.attn, b, n, shape_.heads, d, s.device),
+          TensorView::contiguous(p.lse, DType::kF32, {b, shape_.heads, n}, s.device)};
 }
 
 void MultiheadLayer::prepare(const LayerInputs& in, MultiheadSaved& s) const {
+  const LayerBackend& ops = backend(in.device);
   s.batch = in.batch;
   s.seq = in.seq;
-  const size_t rows = static_cast<size_t>(in.batch * in.seq);
-  const size_t fq = static_cast<size_t>(shape_.q_features());
-  const size_t fk = static_cast<size_t>(shape_.kv_features());
-  const bool ln = config_.layer_norm;
-  s.q.resize(rows * fq);
-  s.k.resize(rows * fk);
-  s.v.resize(rows * fk);
-  s.attn.resize(rows * fq);
-  s.lse.resize(rows * static_cast<size_t>(shape_.heads));
-  s.q_n.resize(ln ? rows * fq : 0);
-  s.k_n.resize(ln ? rows * fk : 0);
-  s.attn_n.resize(ln ? rows * fq : 0);
-  for (std::vector<float>* stats : {&s.q_stats, &s.k_stats, &s.attn_stats}) {
-    stats->resize(ln ? 2 * rows : 0);
+  s.device = in.device;
+  const auto layout = saved_layout(shape_, config_.layer_norm, in.batch * in.seq);
+  int64_t total = 0;
+  for (const auto& [member, size] : layout) {
+    if (in.device == Device::kCPU) {
+      (s.*member).resize(static_cast<size_t>(size));
+    } else {
+      s.*member = {};
+    }
+    total += size;
+  }
+  if (in.device == Device::kCPU) {
+    s.device_buffer.reset();
+    s.device_floats = 0;
+  } else if (!s.device_buffer || s.device_floats != total) {
+    s.device_buffer.reset();
+    s.device_buffer = ops.allocate(total);
+    s.device_floats = total;
   }
   const Views v = attention_views(s);
   core_.check(v.q, v.k, v.v, v.out, v.lse);
 }
 
-void MultiheadLayer::forward(const MultiheadWeights& w, const LayerInputs& in, float* y,
+void MultiheadLayer::forward(const MultiheadWeights& weights, const LayerInputs& in, float* y,
                              MultiheadSaved& s) const {
+  const LayerBackend& ops = backend(in.device);
+  const ParamBuffers w(ops, param_specs(config_, shape_), weights, true);
+  const SavedBuffers b = saved_buffers(s);
   const int64_t rows = in.batch * in.seq, e = shape_.embed, d = shape_.head_dim;
   const int64_t fq = shape_.q_features(), fk = shape_.kv_features();
-  const auto project = [&](const float* x, const std::vector<float>& weight,
-                           const std::vector<float>& bias, int64_t f, float* out) {
-    cpu::gemm(false, true, rows, f, e, x, e, weight.data(), e, 0.0f, out, f, threads_);
-    if (config_.bias) cpu::add_rows(bias.data(), rows, f, out, threads_);
+  using W = MultiheadWeights;
+  const auto project = [&](const float* x, std::vector<float> W::*weight,
+                           std::vector<float> W::*bias, int64_t f, float* out) {
+    ops.gemm(false, true, rows, f, e, x, e, w[weight], e, 0.0f, out, f);
+    if (config_.bias) ops.add_rows(w[bias], rows, f, out);
   };
-  project(in.query, w.wq, w.bq, fq, s.q.data());
-  project(in.key, w.wk, w.bk, fk, s.k.data());
-  project(in.value, w.wv, w.bv, fk, s.v.data());
+  project(in.query, &W::wq, &W::bq, fq, b.q);
+  project(in.key, &W::wk, &W::bk, fk, b.k);
+  project(in.value, &W::wv, &W::bv, fk, b.v);
   const float eps = config_.layer_norm_eps;
   if (config_.layer_norm) {
-    cpu::layer_norm_forward(s.q.data(), rows, fq, shape_.total_heads * d, w.q_norm_weight.data(),
-                            w.q_norm_bias.data(), eps, s.q_n.data(), s.q_stats.data(),
-                            group_.sum_norm_stats, threads_);
-    cpu::layer_norm_forward(s.k.data(), rows, fk, shape_.total_kv_heads * d, w.k_norm_weight.data(),
-                            w.k_norm_bias.data(), eps, s.k_n.data(), s.k_stats.data(),
-                            group_.sum_norm_stats, threads_);
+    ops.layer_norm_forward(b.q, rows, fq, shape_.total_heads * d, w[&W::q_norm_weight],
+                           w[&W::q_norm_bias], eps, b.q_n, b.q_stats, group_.sum_norm_stats);
+    ops.layer_norm_forward(b.k, rows, fk, shape_.total_kv_heads * d, w[&W::k_norm_weight],
+                           w[&W::k_norm_bias], eps, b.k_n, b.k_stats, group_.sum_norm_stats);
   }
   const Views v = attention_views(s);
   core_.forward(v.q, v.k, v.v, v.out, v.lse);
   if (config_.layer_norm) {
-    cpu::layer_norm_forward(s.attn.data(), rows, fq, shape_.total_heads * d,
-                            w.out_norm_weight.data(), w.out_norm_bias.data(), eps, s.attn_n.data(),
-                            s.attn_stats.data(), group_.sum_norm_stats, threads_);
+    ops.layer_norm_forward(b.attn, rows, fq, shape_.total_heads * d, w[&W::out_norm_weight],
+                           w[&W::out_norm_bias], eps, b.attn_n, b.attn_stats,
+                           group_.sum_norm_stats);
   }
-  const float* o = config_.layer_norm ? s.attn_n.data() : s.attn.data();
-  cpu::gemm(false, true, rows, e, fq, o, fq, w.wo.data(), fq, 0.0f, y, e, threads_);
+  const float* o = config_.layer_norm ? b.attn_n : b.attn;
+  ops.gemm(false, true, rows, e, fq, o, fq, w[&W::wo], fq, 0.0f, y, e);
   if (group_.sum) group_.sum(y, rows * e);  // row-parallel output projection
-  if (config_.bias) cpu::add_rows(w.bo.data(), rows, e, y, threads_);
+  if (config_.bias) ops.add_rows(w[&W::bo], rows, e, y);
+  ops.finish();
 }
 
 void MultiheadLayer::check_saved(const LayerInputs& in, const MultiheadSaved& saved) const {
-  const int64_t rows = in.batch * in.seq;
-  require(saved.batch == in.batch && saved.seq == in.seq &&
-              static_cast<int64_t>(saved.q.size()) == rows * shape_.q_features() &&
-              saved.q_n.size() == (config_.layer_norm ? saved.q.size() : 0),
-          "saved holds a forward of B = ", saved.batch, ", N = ", saved.seq,
-          " but backward's inputs have B = ", in.batch, ", N = ", in.seq,
-          "; pass the MultiheadSaved that this layer's forward filled for these inputs");
+  const auto layout = saved_layout(shape_, config_.layer_norm, in.batch * in.seq);
+  int64_t total = 0;
+  bool sizes = true;
+  for (const auto& [member, size] : layout) {
+    total += size;
+    sizes = sizes && static_cast<int64_t>((saved.*member).size()) ==
+                         (saved.device == Device::kCPU ? size : 0);
+  }
+  if (saved.device != Device::kCPU) sizes = sizes && saved.device_floats == total;
+  require(saved.batch == in.batch && saved.seq == in.seq && saved.device == in.device && sizes,
+          "saved holds a forward of B = ", saved.batch, ", N = ", saved.seq, " on ",
+          saved.device == Device::kCUDA ? "CUDA" : "CPU",
+          " tensors but backward's inputs have B = ", in.batch, ", N = ", in.seq, " on ",
+          in.device == Device::kCUDA ? "CUDA" : "CPU",
+          " tensors; pass the MultiheadSaved that this layer's forward filled for these inputs");
 }
 
-void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, const float* dy,
-                              const MultiheadSaved& saved, float* dquery, float* dkey,
-                              float* dvalue, MultiheadWeights& grads) const {
+void MultiheadLayer::backward(const MultiheadWeights& weights, const LayerInputs& in,
+                              const float* dy, const MultiheadSaved& saved, float* dquery,
+                              float* dkey, float* dvalue, MultiheadWeights& grads) const {
   const int64_t rows = in.batch * in.seq, e = shape_.embed, d = shape_.head_dim;
   const int64_t fq = shape_.q_features(), fk = shape_.kv_features();
   check_saved(in, saved);
+  const LayerBackend& ops = backend(in.device);
+  const std::vector<ParamSpec> specs = param_specs(config_, shape_);
   for (const ParamSpec& p : every_param(config_, shape_)) (grads.*p.member).clear();
-  for (const ParamSpec& p : param_specs(config_, shape_)) {
-    (grads.*p.member).resize(static_cast<size_t>(p.size));
-  }
+  for (const ParamSpec& p : specs) (grads.*p.member).resize(static_cast<size_t>(p.size));
+  const ParamBuffers w(ops, specs, weights, true);
+  const ParamBuffers g(ops, specs, grads, false);
   const bool ln = config_.layer_norm;
-  MultiheadSaved& s = const_cast<MultiheadSaved&>(saved);  // views only; nothing is written
+  const SavedBuffers s = saved_buffers(saved);  // read only
+  using W = MultiheadWeights;
 
   // Output projection and the sub-LayerNorm.
-  if (config_.bias) cpu::column_sums(dy, rows, e, grads.bo.data(), threads_);
-  const float* o = ln ? s.attn_n.data() : s.attn.data();
-  cpu::gemm(true, false, e, fq, rows, dy, e, o, fq, 0.0f, grads.wo.data(), fq, threads_);
+  if (config_.bias) ops.column_sums(dy, rows, e, g[&W::bo]);
+  const float* o = ln ? s.attn_n : s.attn;
+  ops.gemm(true, false, e, fq, rows, dy, e, o, fq, 0.0f, g[&W::wo], fq);
   // Scratch, fully written before it is read (not zero-filled).
-  const auto scratch = [](int64_t n) { return std::make_unique_for_overwrite<float[]>(n); };
-  const std::unique_ptr<float[]> d_attn = scratch(rows * fq);
-  cpu::gemm(false, false, rows, fq, e, dy, e, w.wo.data(), fq, 0.0f, d_attn.get(), fq, threads_);
+  const std::shared_ptr<float[]> d_attn = ops.allocate(rows * fq);
+  ops.gemm(false, false, rows, fq, e, dy, e, w[&W::wo], fq, 0.0f, d_attn.get(), fq);
   if (ln) {
-    cpu::layer_norm_backward(d_attn.get(), s.attn.data(), s.attn_stats.data(), rows, fq,
-                             shape_.total_heads * d, w.out_norm_weight.data(), d_attn.get(),
-                             grads.out_norm_weight.data(), grads.out_norm_bias.data(),
-                             group_.sum_norm_stats, threads_);
+    ops.layer_norm_backward(d_attn.get(), s.attn, s.attn_stats, rows, fq, shape_.total_heads * d,
+                            w[&W::out_norm_weight], d_attn.get(), g[&W::out_norm_weight],
+                            g[&W::out_norm_bias], group_.sum_norm_stats);
   }
 
   // Attention.
-  const std::unique_ptr<float[]> dq = scratch(rows * fq), dk = scratch(rows * fk),
-                                 dv = scratch(rows * fk);
-  const Views v = attention_views(s);
-  core_.backward(bnhd(d_attn.get(), in.batch, in.seq, shape_.heads, d), v.q, v.k, v.v, v.out, v.lse,
-                 bnhd(dq.get(), in.batch, in.seq, shape_.heads, d),
-                 bnhd(dk.get(), in.batch, in.seq, shape_.kv_heads, d),
-                 bnhd(dv.get(), in.batch, in.seq, shape_.kv_heads, d));
+  const std::shared_ptr<float[]> dq = ops.allocate(rows * fq), dk = ops.allocate(rows * fk),
+                                 dv = ops.allocate(rows * fk);
+  const Views v = attention_views(saved);
+  const Device dev = in.device;
+  core_.backward(bnhd(d_attn.get(), in.batch, in.seq, shape_.heads, d, dev), v.q, v.k, v.v, v.out,
+                 v.lse, bnhd(dq.get(), in.batch, in.seq, shape_.heads, d, dev),
+                 bnhd(dk.get(), in.batch, in.seq, shape_.kv_heads, d, dev),
+                 bnhd(dv.get(), in.batch, in.seq, shape_.kv_heads, d, dev));
   if (ln) {
-    cpu::layer_norm_backward(dq.get(), s.q.data(), s.q_stats.data(), rows, fq,
-                             shape_.total_heads * d, w.q_norm_weight.data(), dq.get(),
-                             grads.q_norm_weight.data(), grads.q_norm_bias.data(),
-                             group_.sum_norm_stats, threads_);
-    cpu::layer_norm_backward(dk.get(), s.k.data(), s.k_stats.data(), rows, fk,
-                             shape_.total_kv_heads * d, w.k_norm_weight.data(), dk.get(),
-                             grads.k_norm_weight.data(), grads.k_norm_bias.data(),
-                             group_.sum_norm_stats, threads_);
+    ops.layer_norm_backward(dq.get(), s.q, s.q_stats, rows, fq, shape_.total_heads * d,
+                            w[&W::q_norm_weight], dq.get(), g[&W::q_norm_weight],
+                            g[&W::q_norm_bias], group_.sum_norm_stats);
+    ops.layer_norm_backward(dk.get(), s.k, s.k_stats, rows, fk, shape_.total_kv_heads * d,
+                            w[&W::k_norm_weight], dk.get(), g[&W::k_norm_weight],
+                            g[&W::k_norm_bias], group_.sum_norm_stats);
   }
 
   // Input projections: weight and bias gradients, and the inputs' gradients (accumulated
@@ -263,27 +428,27 @@ void MultiheadLayer::backward(const MultiheadWeights& w, const LayerInputs& in, 
   const struct {
     const float* grad;
     const float* x;
-    const std::vector<float>& weight;
-    std::vector<float>& dweight;
-    std::vector<float>& dbias;
+    std::vector<float> W::*weight;
+    std::vector<float> W::*bias;
     int64_t f;
     float* dx;
-  } projections[] = {{dq.get(), in.query, w.wq, grads.wq, grads.bq, fq, dquery},
-                     {dk.get(), in.key, w.wk, grads.wk, grads.bk, fk, dkey},
-                     {dv.get(), in.value, w.wv, grads.wv, grads.bv, fk, dvalue}};
+  } projections[] = {{dq.get(), in.query, &W::wq, &W::bq, fq, dquery},
+                     {dk.get(), in.key, &W::wk, &W::bk, fk, dkey},
+                     {dv.get(), in.value, &W::wv, &W::bv, fk, dvalue}};
   std::vector<float*> written;  // in the same order on every rank (the sums below)
   for (const auto& p : projections) {
-    cpu::gemm(true, false, p.f, e, rows, p.grad, p.f, p.x, e, 0.0f, p.dweight.data(), e, threads_);
-    if (config_.bias) cpu::column_sums(p.grad, rows, p.f, p.dbias.data(), threads_);
+    ops.gemm(true, false, p.f, e, rows, p.grad, p.f, p.x, e, 0.0f, g[p.weight], e);
+    if (config_.bias) ops.column_sums(p.grad, rows, p.f, g[p.bias]);
     const bool again = std::find(written.begin(), written.end(), p.dx) != written.end();
-    cpu::gemm(false, false, rows, e, p.f, p.grad, p.f, p.weight.data(), e, again ? 1.0f : 0.0f,
-              p.dx, e, threads_);
+    ops.gemm(false, false, rows, e, p.f, p.grad, p.f, w[p.weight], e, again ? 1.0f : 0.0f, p.dx, e);
     if (!again) written.push_back(p.dx);
   }
   // Column-parallel input projections: the inputs' gradients are sums over the head slices.
   if (group_.sum) {
     for (float* dx : written) group_.sum(dx, rows * e);
   }
+  g.download(ops, grads);
+  ops.finish();
 }
 
 }  // namespace ringattn::detail

@@ -4,9 +4,11 @@
 // projections, LayerNorms, the attention core, and their gradients.
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "cpu/layer_ops.h"
+#include "layer_backend.h"
 #include "ringattn/multihead.h"
 
 namespace ringattn::detail {
@@ -55,16 +57,20 @@ struct HeadGroup {
   std::function<void(float* data, int64_t n)> sum;  // y and dx partial sums
 };
 
-// The [B, N, E] inputs of one call (query, key, value: the same pointer for self-attention).
+// The [B, N, E] inputs of one call (query, key, value: the same pointer for self-attention),
+// on `device` (every tensor of the call lives there).
 struct LayerInputs {
   const float* query = nullptr;
   const float* key = nullptr;
   const float* value = nullptr;
   int64_t batch = 0, seq = 0;
+  Device device = Device::kCPU;
 };
 
-// The tensors of a forward or backward call, each checked: [B, N, E] fp32, contiguous, on
-// the CPU, one B and N for all. Throws Error naming the tensor.
+// The tensors of a forward or backward call, each checked: [B, N, E] fp32, contiguous, one B
+// and N and one device for all (CUDA: only in builds with the CUDA backend, else
+// Error(kUnsupported); the memory must be the current device's). Throws Error naming the
+// tensor.
 struct ForwardCall {
   LayerInputs in;
   float* y = nullptr;
@@ -82,39 +88,55 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
 
 class MultiheadLayer {
  public:
+  // threads: the CPU backend's OpenMP threads; cuda_stream: the CUDA backend's stream (a
+  // cudaStream_t, nullptr = the default stream). The inputs' device picks the backend.
   MultiheadLayer(const MultiheadConfig& config, const LayerShape& shape, AttentionCore core,
-                 HeadGroup group, int threads)
+                 HeadGroup group, int threads, void* cuda_stream = nullptr)
       : config_(config),
         shape_(shape),
         core_(std::move(core)),
         group_(std::move(group)),
-        threads_(threads) {}
+        threads_(threads),
+        cuda_stream_(cuda_stream) {}
 
-  // Sizes `saved` for the inputs and runs every check (the attention core's too). No compute.
+  // Sizes `saved` for the inputs (host vectors, or one device allocation for CUDA inputs)
+  // and runs every check (the attention core's too). No compute.
   void prepare(const LayerInputs& in, MultiheadSaved& saved) const;
-  // After prepare(): y [B, N, E] written.
+  // After prepare(): y [B, N, E] written. On CUDA inputs the weights are uploaded for the
+  // call (one device allocation) and the call waits for its work before returning.
   void forward(const MultiheadWeights& w, const LayerInputs& in, float* y,
                MultiheadSaved& saved) const;
   // Checks that `saved` holds a forward of these inputs' shape. Throws Error.
   void check_saved(const LayerInputs& in, const MultiheadSaved& saved) const;
   // The gradient of forward: dquery, dkey, dvalue [B, N, E] written (pointers that are
   // equal receive the sum of their gradients); grads overwritten (sized by the caller).
-  // Checks that `saved` matches the inputs first.
+  // Checks that `saved` matches the inputs first. On CUDA inputs the gradients are computed
+  // on the device and copied into the host vectors of `grads`.
   void backward(const MultiheadWeights& w, const LayerInputs& in, const float* dy,
                 const MultiheadSaved& saved, float* dquery, float* dkey, float* dvalue,
                 MultiheadWeights& grads) const;
 
  private:
+  // Pointers to the buffers of a MultiheadSaved (host vectors or the device allocation).
+  struct SavedBuffers {
+    float *q, *k, *v, *q_n, *k_n, *attn, *attn_n, *lse, *q_stats, *k_stats, *attn_stats;
+  };
+  SavedBuffers saved_buffers(const MultiheadSaved& saved) const;
   struct Views {
     TensorView q, k, v, out, lse;
   };
-  Views attention_views(MultiheadSaved& saved) const;
+  Views attention_views(const MultiheadSaved& saved) const;
+  // The backend of `device`, made on first use. Throws Error(kUnsupported) for CUDA inputs
+  // with a head group (the group's sums move host memory) or without the CUDA backend.
+  const LayerBackend& backend(Device device) const;
 
   MultiheadConfig config_;
   LayerShape shape_;
   AttentionCore core_;
   HeadGroup group_;
   int threads_;
+  void* cuda_stream_;
+  mutable std::unique_ptr<LayerBackend> backend_;
 };
 
 }  // namespace ringattn::detail

@@ -9,11 +9,16 @@
 //   o = LayerNorm_o(o)                                 (layer_norm: the sub-LayerNorm, over H*D)
 //   y = o Wo^T + bo             [B, N, E]
 //
-// Everything is fp32 and computed on the CPU; the four projections go through the BLAS the
-// library was built with (CMake's FindBLAS; OpenBLAS by default), the attention through the
-// fused CPU kernel of DilatedAttention.
+// Everything is fp32. On host tensors the four projections go through the BLAS the library
+// was built with (CMake's FindBLAS; OpenBLAS by default), the attention through the fused CPU
+// kernel of DilatedAttention. On CUDA tensors (Device::kCUDA, builds with the CUDA backend)
+// everything runs on the current device: the projections through cuBLAS SGEMM (fp32, no
+// TF32), LayerNorms, biases and their gradients as deterministic kernels, the attention
+// through DilatedAttention's CUDA backend; the weights stay host vectors (uploaded for each
+// call) and gradients come back into host vectors.
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "ringattn/config.h"
@@ -75,6 +80,12 @@ struct MultiheadSaved {
   std::vector<float> attn, attn_n;  // attention output [B, N, H, D] and its sub-LayerNorm
   std::vector<float> lse;           // [B, H, N]
   std::vector<float> q_stats, k_stats, attn_stats;  // [B*N, 2] mean and 1/std per row
+  // Of a forward on CUDA tensors: the buffers above live on the device, in the order listed,
+  // in one allocation of device_floats floats (the vectors stay empty; a copy of this struct
+  // shares that allocation).
+  Device device = Device::kCPU;
+  std::shared_ptr<float[]> device_buffer;
+  int64_t device_floats = 0;
   size_t bytes() const;
 };
 
@@ -87,8 +98,10 @@ class MultiheadDilatedAttention {
                             ExecOptions options = {});
 
   // Self-attention. x: [B, N, E] fp32 contiguous, read. y: [B, N, E] fp32 contiguous,
-  // written. `saved` (optional) is filled for backward. Every shape, dtype and attention rule
-  // (DilatedAttention's: N % s_i, ...) is checked before any compute; a violation throws.
+  // written. Every tensor of a call lives on the CPU, or every one on the current CUDA device
+  // (ExecOptions::cuda_stream; the call waits for its work); mixing throws. `saved` (optional) is
+  // filled for backward. Every shape, dtype and attention rule (DilatedAttention's: N % s_i, ...)
+  // is checked before any compute; a violation throws.
   void forward(const TensorView& x, const TensorView& y, MultiheadSaved* saved = nullptr) const;
   // query, key, value: [B, N, E] each, read (same B and N).
   void forward(const TensorView& query, const TensorView& key, const TensorView& value,
