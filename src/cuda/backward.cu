@@ -56,34 +56,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// For query tile [q0, q0 + nq) and key tile [k0, k0 + nk) (kept indices; Q, dO, K, V and the
-// row statistics in shared memory): P = exp2(S scale_log2 - lse2) on visible pairs (0
-// elsewhere) and dS = P (f dP - Dr), where S = Q K^T and dP = dO V^T. Writes P and dS (T).
-template <typename T, int kDim>
-__device__ void probabilities(const BackwardArgs& a, const BackwardLayout<T, kDim>& L, char* smem,
-                              int64_t q0, int nq, int64_t k0, int nk) {
-  constexpr int BQ = BackwardLayout<T, kDim>::kBQ, BK = BackwardLayout<T, kDim>::kBK;
-  float* ss = smem_at<float>(smem, L.s);
-  float* dps = smem_at<float>(smem, L.dp_tile);
-  gemm_tile<T, false, true>(smem_at<T>(smem, L.q), L.ldt, smem_at<T>(smem, L.k), L.ldt, ss, L.lds,
-                            BQ, BK, L.dp, false);
-  gemm_tile<T, false, true>(smem_at<T>(smem, L.dout), L.ldt, smem_at<T>(smem, L.v), L.ldt, dps,
-                            L.lds, BQ, BK, L.dp, false);
-  __syncthreads();
-  const float* lse2 = smem_at<float>(smem, L.lse2);
-  const float* dr = smem_at<float>(smem, L.dr);
-  T* ps = smem_at<T>(smem, L.p);
-  T* dss = smem_at<T>(smem, L.ds);
-  for (int idx = threadIdx.x; idx < BQ * BK; idx += kThreads) {
-    const int i = idx / BK, j = idx % BK;
-    const bool visible = i < nq && j < nk && (!a.causal || k0 + j <= q0 + i) && lse2[i] != kNegInf;
-    const float p = visible ? exp2f(ss[i * L.lds + j] * a.scale_log2 - lse2[i]) : 0.0f;
-    const float ds = visible ? p * (a.out_factor * dps[i * L.lds + j] - dr[i]) : 0.0f;
-    ps[i * L.ldp + j] = from_float<T>(p);
-    dss[i * L.ldp + j] = from_float<T>(ds);
-  }
-}
-
 // Loads query tile [q0, q0 + nq) of head h (Q, dO, lse2, Dr; local rows) into shared memory.
 template <typename T, int kDim>
 __device__ void load_queries(const BackwardArgs& a, const BackwardLayout<T, kDim>& L, char* smem,
@@ -160,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BackwardArgs a) {
       __syncthreads();  // the previous products are done with Q, dO, P and dS
       load_queries(a, L, smem, task, b, seg, h, q0, nq);
       __syncthreads();
-      probabilities(a, L, smem, q0, nq, k0, nk);
+      probabilities(L, smem, q0, nq, k0, nk, a.causal, a.scale_log2, a.out_factor);
       __syncthreads();
       // dV += P^T dO, dK += dS^T Q (scale and the output factor are applied at the end).
       gemm_tile<T, true, false>(smem_at<T>(smem, L.p), L.ldp, smem_at<T>(smem, L.dout), L.ldt, dvs,
@@ -201,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs a) {
     __syncthreads();  // the previous product is done with K and dS
     load_keys(a, L, smem, task, b, seg, k0, nk);
     __syncthreads();
-    probabilities(a, L, smem, q0, nq, k0, nk);
+    probabilities(L, smem, q0, nq, k0, nk, a.causal, a.scale_log2, a.out_factor);
     __syncthreads();
     gemm_tile<T, false, false>(smem_at<T>(smem, L.ds), L.ldp, smem_at<T>(smem, L.k), L.ldt, dqs,
                                L.lda, BQ, L.dp, BK, true);  // dQ += dS K

@@ -68,73 +68,21 @@ __global__ void __launch_bounds__(kThreads) sparse_forward_kernel(SparseArgs a) 
   const int nq = static_cast<int>(min64(BQ, (qb + 1) * a.bs - q0));
 
   extern __shared__ __align__(128) char smem[];
-  const Layout L(a.head_dim);
-  T* qs = smem_at<T>(smem, L.q);
-  T* ks = smem_at<T>(smem, L.k);
-  T* vs = smem_at<T>(smem, L.v);
-  float* ss = smem_at<float>(smem, L.s);
-  T* ps = smem_at<T>(smem, L.p);
-  float* os = smem_at<float>(smem, L.o);
-  float* ms = smem_at<float>(smem, L.m);
-  float* ls = smem_at<float>(smem, L.l);
-  float* alphas = smem_at<float>(smem, L.alpha);
-
-  load_rows(qs, L.ldt, BQ, L.dp, static_cast<const T*>(a.q) + row_at(a.q_st, b, q0, h), a.q_st.n,
+  FlashTile<T, kDim> f(smem, a.head_dim);
+  const Layout& L = f.L;
+  load_rows(f.qs, L.ldt, BQ, L.dp, static_cast<const T*>(a.q) + row_at(a.q_st, b, q0, h), a.q_st.n,
             nq, a.head_dim);
-  fill_tile(os, L.ldo, BQ, L.dp, 0.0f);
-  for (int i = threadIdx.x; i < BQ; i += kThreads) {
-    ms[i] = kNegInf;
-    ls[i] = 0.0f;
-  }
+  f.reset();
 
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int2 list = csr_row(a, h, qb);
   for (int e = list.x; e < list.y; ++e) {
     const int64_t kb = a.idx[e];
     for (int64_t k0 = kb * a.bs; k0 < (kb + 1) * a.bs && !tile_hidden(a, q0 + nq, k0); k0 += BK) {
       const int nk = static_cast<int>(min64(BK, (kb + 1) * a.bs - k0));
       __syncthreads();  // the previous tile's products are done with K, V and P
-      load_kv(a, ks, vs, L.ldt, BK, L.dp, b, h / a.group, k0, nk);
+      load_kv(a, f.ks, f.vs, L.ldt, BK, L.dp, b, h / a.group, k0, nk);
       __syncthreads();
-      gemm_tile<T, false, true>(qs, L.ldt, ks, L.ldt, ss, L.lds, BQ, BK, L.dp, false);  // S = QK^T
-      __syncthreads();
-      // Online softmax, one warp per query row (SPEC.md's m_ref guard for hidden rows).
-      constexpr int kPerLane = (BK + 31) / 32;
-      for (int i = warp; i < BQ; i += kWarps) {
-        float sv[kPerLane];
-        float mx = kNegInf;
-        for (int c = 0; c < kPerLane; ++c) {
-          const int j = lane + 32 * c;
-          const bool visible = i < nq && j < nk && (!a.causal || k0 + j <= q0 + i);
-          sv[c] = visible ? ss[i * L.lds + j] * a.scale_log2 : kNegInf;
-          mx = fmaxf(mx, sv[c]);
-        }
-        mx = warp_max(mx);
-        const float m_old = ms[i];
-        const float m_new = fmaxf(m_old, mx);
-        const float m_ref = m_new == kNegInf ? 0.0f : m_new;
-        float sum = 0.0f;
-        for (int c = 0; c < kPerLane; ++c) {
-          const int j = lane + 32 * c;
-          const float p = exp2f(sv[c] - m_ref);
-          if (j < BK) ps[i * L.ldp + j] = from_float<T>(p);
-          sum += p;
-        }
-        sum = warp_sum(sum);
-        __syncwarp();  // every lane has read ms[i] before lane 0 updates it
-        if (lane == 0) {
-          const float alpha = exp2f(m_old - m_ref);
-          alphas[i] = alpha;
-          ls[i] = ls[i] * alpha + sum;
-          ms[i] = m_new;
-        }
-      }
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < BQ * L.dp; idx += kThreads) {
-        os[(idx / L.dp) * L.ldo + idx % L.dp] *= alphas[idx / L.dp];
-      }
-      __syncthreads();
-      gemm_tile<T, false, false>(ps, L.ldp, vs, L.ldt, os, L.ldo, BQ, L.dp, BK, true);  // O += PV
+      f.attend(nq, nk, q0, k0, a.causal, a.scale_log2);
     }
   }
   __syncthreads();  // the final reads see the initial values when no key tile was visible
@@ -142,15 +90,10 @@ __global__ void __launch_bounds__(kThreads) sparse_forward_kernel(SparseArgs a) 
   T* out = static_cast<T*>(a.out);
   for (int idx = threadIdx.x; idx < nq * a.head_dim; idx += kThreads) {
     const int i = idx / static_cast<int>(a.head_dim), d = idx % static_cast<int>(a.head_dim);
-    const float l = ls[i];
-    out[row_at(a.out_st, b, q0 + i, h) + d] =
-        from_float<T>(l > 0.0f ? os[i * L.ldo + d] / l : 0.0f);
+    out[row_at(a.out_st, b, q0 + i, h) + d] = from_float<T>(f.out(i, d));
   }
   if (a.lse == nullptr) return;
-  for (int i = threadIdx.x; i < nq; i += kThreads) {
-    const float l = ls[i];
-    a.lse[row_at(a.lse_st, b, q0 + i, h)] = l > 0.0f ? (ms[i] + log2f(l)) * kLn2 : kNegInf;
-  }
+  for (int i = threadIdx.x; i < nq; i += kThreads) a.lse[row_at(a.lse_st, b, q0 + i, h)] = f.lse(i);
 }
 
 // One warp per row (b, h, n): dr = sum_d dout * out, lse2 = lse * log2(e).
@@ -193,33 +136,6 @@ __device__ void load_query_tile(const SparseArgs& a, const BackwardLayout<T, kDi
   }
 }
 
-// For query rows [q0, q0 + nq) and key rows [k0, k0 + nk) (Q, dO, K, V, lse2, Dr in shared
-// memory): P = exp2(S scale_log2 - lse2) on visible pairs (0 elsewhere) and dS = P (dP - Dr),
-// where S = Q K^T and dP = dO V^T. Writes P and dS (T).
-template <typename T, int kDim>
-__device__ void probabilities(const SparseArgs& a, const BackwardLayout<T, kDim>& L, char* smem,
-                              int64_t q0, int nq, int64_t k0, int nk) {
-  constexpr int BQ = BackwardLayout<T, kDim>::kBQ, BK = BackwardLayout<T, kDim>::kBK;
-  float* ss = smem_at<float>(smem, L.s);
-  float* dps = smem_at<float>(smem, L.dp_tile);
-  gemm_tile<T, false, true>(smem_at<T>(smem, L.q), L.ldt, smem_at<T>(smem, L.k), L.ldt, ss, L.lds,
-                            BQ, BK, L.dp, false);
-  gemm_tile<T, false, true>(smem_at<T>(smem, L.dout), L.ldt, smem_at<T>(smem, L.v), L.ldt, dps,
-                            L.lds, BQ, BK, L.dp, false);
-  __syncthreads();
-  const float* lse2 = smem_at<float>(smem, L.lse2);
-  const float* dr = smem_at<float>(smem, L.dr);
-  T* ps = smem_at<T>(smem, L.p);
-  T* dss = smem_at<T>(smem, L.ds);
-  for (int idx = threadIdx.x; idx < BQ * BK; idx += kThreads) {
-    const int i = idx / BK, j = idx % BK;
-    const bool visible = i < nq && j < nk && (!a.causal || k0 + j <= q0 + i) && lse2[i] != kNegInf;
-    const float p = visible ? exp2f(ss[i * L.lds + j] * a.scale_log2 - lse2[i]) : 0.0f;
-    ps[i * L.ldp + j] = from_float<T>(p);
-    dss[i * L.ldp + j] = from_float<T>(visible ? p * (dps[i * L.lds + j] - dr[i]) : 0.0f);
-  }
-}
-
 // Writes factor * tile rows [0, rows) into rows [n0, n0 + rows) of head h of a [B, N, H, D]
 // view (T).
 template <typename T>
@@ -257,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) sparse_dq_kernel(SparseArgs a) {
       load_kv(a, smem_at<T>(smem, L.k), smem_at<T>(smem, L.v), L.ldt, BK, L.dp, b, h / a.group, k0,
               nk);
       __syncthreads();
-      probabilities(a, L, smem, q0, nq, k0, nk);
+      probabilities(L, smem, q0, nq, k0, nk, a.causal, a.scale_log2, 1.0f);
       __syncthreads();
       gemm_tile<T, false, false>(smem_at<T>(smem, L.ds), L.ldp, smem_at<T>(smem, L.k), L.ldt, dqs,
                                  L.lda, BQ, L.dp, BK, true);  // dQ += dS K
@@ -296,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) sparse_dkdv_kernel(SparseArgs a) {
         __syncthreads();  // the previous products are done with Q, dO, P and dS
         load_query_tile(a, L, smem, b, h, q0, nq);
         __syncthreads();
-        probabilities(a, L, smem, q0, nq, k0, nk);
+        probabilities(L, smem, q0, nq, k0, nk, a.causal, a.scale_log2, 1.0f);
         __syncthreads();
         // dV += P^T dO, dK += dS^T Q (the scale is applied at the end).
         gemm_tile<T, true, false>(smem_at<T>(smem, L.p), L.ldp, smem_at<T>(smem, L.dout), L.ldt,

@@ -36,76 +36,24 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   const int nq = static_cast<int>(min64(BQ, task.q_hi - q0));
 
   extern __shared__ __align__(128) char smem[];
-  const Layout L(a.head_dim);
-  T* qs = smem_at<T>(smem, L.q);
-  T* ks = smem_at<T>(smem, L.k);
-  T* vs = smem_at<T>(smem, L.v);
-  float* ss = smem_at<float>(smem, L.s);
-  T* ps = smem_at<T>(smem, L.p);
-  float* os = smem_at<float>(smem, L.o);
-  float* ms = smem_at<float>(smem, L.m);
-  float* ls = smem_at<float>(smem, L.l);
-  float* alphas = smem_at<float>(smem, L.alpha);
+  FlashTile<T, kDim> f(smem, a.head_dim);
+  const Layout& L = f.L;
+  load_rows(f.qs, L.ldt, BQ, L.dp,
+            static_cast<const T*>(a.q) + source_offset(task.q_src, b, seg, q0), task.q_src.t_st, nq,
+            a.head_dim);
+  f.reset();
 
-  load_rows(qs, L.ldt, BQ, L.dp, static_cast<const T*>(a.q) + source_offset(task.q_src, b, seg, q0),
-            task.q_src.t_st, nq, a.head_dim);
-  fill_tile(os, L.ldo, BQ, L.dp, 0.0f);
-  for (int i = threadIdx.x; i < BQ; i += kThreads) {
-    ms[i] = kNegInf;
-    ls[i] = 0.0f;
-  }
-
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t k_end = a.causal ? min64(task.k_hi, q0 + nq) : task.k_hi;
   for (int64_t k0 = task.k_lo; k0 < k_end; k0 += BK) {
     const int nk = static_cast<int>(min64(BK, task.k_hi - k0));
-    load_rows(ks, L.ldt, BK, L.dp,
+    load_rows(f.ks, L.ldt, BK, L.dp,
               static_cast<const T*>(a.k) + source_offset(task.k_src, b, seg, k0), task.k_src.t_st,
               nk, a.head_dim);
-    load_rows(vs, L.ldt, BK, L.dp,
+    load_rows(f.vs, L.ldt, BK, L.dp,
               static_cast<const T*>(a.v) + source_offset(task.v_src, b, seg, k0), task.v_src.t_st,
               nk, a.head_dim);
     __syncthreads();
-    gemm_tile<T, false, true>(qs, L.ldt, ks, L.ldt, ss, L.lds, BQ, BK, L.dp, false);  // S = Q K^T
-    __syncthreads();
-
-    // Online softmax, one warp per query row, in log2 units (SPEC.md's m_ref guard).
-    constexpr int kPerLane = (BK + 31) / 32;
-    for (int i = warp; i < BQ; i += kWarps) {
-      float sv[kPerLane];
-      float mx = kNegInf;
-      for (int c = 0; c < kPerLane; ++c) {
-        const int j = lane + 32 * c;
-        const bool visible = i < nq && j < nk && (!a.causal || k0 + j <= q0 + i);
-        sv[c] = visible ? ss[i * L.lds + j] * a.scale_log2 : kNegInf;
-        mx = fmaxf(mx, sv[c]);
-      }
-      mx = warp_max(mx);
-      const float m_old = ms[i];
-      const float m_new = fmaxf(m_old, mx);
-      const float m_ref = m_new == kNegInf ? 0.0f : m_new;
-      float sum = 0.0f;
-      for (int c = 0; c < kPerLane; ++c) {
-        const int j = lane + 32 * c;
-        const float p = exp2f(sv[c] - m_ref);  // 0 for hidden keys
-        if (j < BK) ps[i * L.ldp + j] = from_float<T>(p);
-        sum += p;
-      }
-      sum = warp_sum(sum);
-      __syncwarp();  // every lane has read ms[i] before lane 0 updates it
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - m_ref);
-        alphas[i] = alpha;
-        ls[i] = ls[i] * alpha + sum;
-        ms[i] = m_new;
-      }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < BQ * L.dp; idx += kThreads) {
-      os[(idx / L.dp) * L.ldo + idx % L.dp] *= alphas[idx / L.dp];
-    }
-    __syncthreads();
-    gemm_tile<T, false, false>(ps, L.ldp, vs, L.ldt, os, L.ldo, BQ, L.dp, BK, true);  // O += P V
+    f.attend(nq, nk, q0, k0, a.causal, a.scale_log2);
     __syncthreads();
   }
   __syncthreads();  // the final reads see the initial values when no key tile was visible
@@ -114,13 +62,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
       task.part_row0 + b * task.rows_per_batch + seg * (task.q_hi - task.q_lo) + q0 - task.q_lo;
   for (int idx = threadIdx.x; idx < nq * a.head_dim; idx += kThreads) {
     const int i = idx / static_cast<int>(a.head_dim), d = idx % static_cast<int>(a.head_dim);
-    const float l = ls[i];
-    a.part_o[(row0 + i) * a.head_dim + d] = l > 0.0f ? os[i * L.ldo + d] / l : 0.0f;
+    a.part_o[(row0 + i) * a.head_dim + d] = f.out(i, d);
   }
-  for (int i = threadIdx.x; i < nq; i += kThreads) {
-    const float l = ls[i];
-    a.part_lse[row0 + i] = l > 0.0f ? (ms[i] + log2f(l)) * kLn2 : kNegInf;
-  }
+  for (int i = threadIdx.x; i < nq; i += kThreads) a.part_lse[row0 + i] = f.lse(i);
 }
 
 struct MergeArgs {

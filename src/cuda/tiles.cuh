@@ -230,4 +230,123 @@ __device__ __forceinline__ int64_t source_offset(const RowSource& src, int64_t b
   return src.off + b * src.b_st + seg * src.seg_st + t * src.t_st;
 }
 
+// The shared-memory state of one query tile of the flash forward (ForwardLayout): Q, K, V
+// tiles, S, P, the fp32 output accumulator O and per query row the running max m, sum l (log2
+// units) and rescale factor alpha. Used by every forward kernel; all threads call each step.
+template <typename T, int kDim>
+struct FlashTile {
+  using Layout = ForwardLayout<T, kDim>;
+  static constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
+  Layout L;
+  T *qs, *ks, *vs, *ps;
+  float *ss, *os, *ms, *ls, *alphas;
+
+  __device__ FlashTile(char* smem, int64_t head_dim)
+      : L(head_dim),
+        qs(smem_at<T>(smem, L.q)),
+        ks(smem_at<T>(smem, L.k)),
+        vs(smem_at<T>(smem, L.v)),
+        ps(smem_at<T>(smem, L.p)),
+        ss(smem_at<float>(smem, L.s)),
+        os(smem_at<float>(smem, L.o)),
+        ms(smem_at<float>(smem, L.m)),
+        ls(smem_at<float>(smem, L.l)),
+        alphas(smem_at<float>(smem, L.alpha)) {}
+
+  // O = 0, m = -inf, l = 0.
+  __device__ void reset() {
+    fill_tile(os, L.ldo, BQ, L.dp, 0.0f);
+    for (int i = threadIdx.x; i < BQ; i += kThreads) {
+      ms[i] = kNegInf;
+      ls[i] = 0.0f;
+    }
+  }
+
+  // One key tile, K and V already in shared memory (the caller syncs after loading them):
+  // S = Q K^T; per query row (one warp each) the online-softmax update in log2 units with
+  // SPEC.md's m_ref guard, hiding rows i >= nq, keys j >= nk and, with causal, keys after the
+  // query (kept index k0 + j > q0 + i); then O = alpha O + P V. Ends after the P V product:
+  // the caller syncs before it overwrites K or V.
+  __device__ void attend(int nq, int nk, int64_t q0, int64_t k0, bool causal, float scale_log2) {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    gemm_tile<T, false, true>(qs, L.ldt, ks, L.ldt, ss, L.lds, BQ, BK, L.dp, false);  // S = QK^T
+    __syncthreads();
+    constexpr int kPerLane = (BK + 31) / 32;
+    for (int i = warp; i < BQ; i += kWarps) {
+      float sv[kPerLane];
+      float mx = kNegInf;
+      for (int c = 0; c < kPerLane; ++c) {
+        const int j = lane + 32 * c;
+        const bool visible = i < nq && j < nk && (!causal || k0 + j <= q0 + i);
+        sv[c] = visible ? ss[i * L.lds + j] * scale_log2 : kNegInf;
+        mx = fmaxf(mx, sv[c]);
+      }
+      mx = warp_max(mx);
+      const float m_old = ms[i];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_ref = m_new == kNegInf ? 0.0f : m_new;
+      float sum = 0.0f;
+      for (int c = 0; c < kPerLane; ++c) {
+        const int j = lane + 32 * c;
+        const float p = exp2f(sv[c] - m_ref);  // 0 for hidden keys
+        if (j < BK) ps[i * L.ldp + j] = from_float<T>(p);
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      __syncwarp();  // every lane has read ms[i] before lane 0 updates it
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_ref);
+        alphas[i] = alpha;
+        ls[i] = ls[i] * alpha + sum;
+        ms[i] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BQ * L.dp; idx += kThreads) {
+      os[(idx / L.dp) * L.ldo + idx % L.dp] *= alphas[idx / L.dp];
+    }
+    __syncthreads();
+    gemm_tile<T, false, false>(ps, L.ldp, vs, L.ldt, os, L.ldo, BQ, L.dp, BK, true);  // O += PV
+  }
+
+  // Row i's normalised output entry d and its lse (natural log): 0 and -inf for a row that
+  // saw no key.
+  __device__ float out(int i, int d) const {
+    return ls[i] > 0.0f ? os[i * L.ldo + d] / ls[i] : 0.0f;
+  }
+  __device__ float lse(int i) const {
+    return ls[i] > 0.0f ? (ms[i] + log2f(ls[i])) * kLn2 : kNegInf;
+  }
+};
+
+// For query tile [q0, q0 + nq) and key tile [k0, k0 + nk) of the flash backward (Q, dO, K,
+// V, lse2 and Dr in shared memory, BackwardLayout): P = exp2(S scale_log2 - lse2) on visible
+// pairs (0 elsewhere: rows i >= nq or with lse -inf, keys j >= nk, with causal keys after
+// the query) and dS = P (out_factor dP - Dr), where S = Q K^T and dP = dO V^T. Writes P and
+// dS (T). All threads call it.
+template <typename T, int kDim>
+__device__ void probabilities(const BackwardLayout<T, kDim>& L, char* smem, int64_t q0, int nq,
+                              int64_t k0, int nk, bool causal, float scale_log2, float out_factor) {
+  constexpr int BQ = BackwardLayout<T, kDim>::kBQ, BK = BackwardLayout<T, kDim>::kBK;
+  float* ss = smem_at<float>(smem, L.s);
+  float* dps = smem_at<float>(smem, L.dp_tile);
+  gemm_tile<T, false, true>(smem_at<T>(smem, L.q), L.ldt, smem_at<T>(smem, L.k), L.ldt, ss, L.lds,
+                            BQ, BK, L.dp, false);
+  gemm_tile<T, false, true>(smem_at<T>(smem, L.dout), L.ldt, smem_at<T>(smem, L.v), L.ldt, dps,
+                            L.lds, BQ, BK, L.dp, false);
+  __syncthreads();
+  const float* lse2 = smem_at<float>(smem, L.lse2);
+  const float* dr = smem_at<float>(smem, L.dr);
+  T* ps = smem_at<T>(smem, L.p);
+  T* dss = smem_at<T>(smem, L.ds);
+  for (int idx = threadIdx.x; idx < BQ * BK; idx += kThreads) {
+    const int i = idx / BK, j = idx % BK;
+    const bool visible = i < nq && j < nk && (!causal || k0 + j <= q0 + i) && lse2[i] != kNegInf;
+    const float p = visible ? exp2f(ss[i * L.lds + j] * scale_log2 - lse2[i]) : 0.0f;
+    const float ds = visible ? p * (out_factor * dps[i * L.lds + j] - dr[i]) : 0.0f;
+    ps[i * L.ldp + j] = from_float<T>(p);
+    dss[i * L.ldp + j] = from_float<T>(ds);
+  }
+}
+
 }  // namespace ringattn::cuda
