@@ -223,4 +223,16 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
   return bp;
 }
 
+void require_ring_backend(Backend backend, const char* what) {
+  bool supported = backend == Backend::kCpu;
+#if defined(RINGATTN_HAVE_CUDA)
+  supported |= backend == Backend::kCuda;
+#endif
+  if (!supported) {
+    fail(ErrorCode::kUnsupported, "backend = ", backend_name(backend), " cannot run ", what,
+         " in this build; use backend = cpu (host tensors) or, in a build with CUDA, backend = "
+         "cuda (CUDA tensors)");
+  }
+}
+
 }  // namespace ringattn

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ringattn/config.h"
+#include "ringattn/dilated_attention.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
@@ -81,6 +82,10 @@ struct Shard {
   int rank = 0;
   int world = 1;
 };
+
+// The ring classes (`what`) run on backend cpu, or cuda in a build with CUDA; anything else
+// throws Error(kUnsupported) naming the backend and the fix.
+void require_ring_backend(Backend backend, const char* what);
 
 // Validates everything SPEC.md lists (config, shapes, strides, dtypes, every tensor on
 // `device`, head dim limit `max_head_dim` of the backend) and returns the problem. Throws Error.

@@ -252,15 +252,7 @@ RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& c
     : config_(std::move(config)), comm_(comm), options_(options) {
   check_on_all_ranks(comm_, [&] {
     config_.validate();
-    bool supported = options_.backend == Backend::kCpu;
-#if defined(RINGATTN_HAVE_CUDA)
-    supported |= options_.backend == Backend::kCuda;
-#endif
-    if (!supported) {
-      fail(ErrorCode::kUnsupported, "backend = ", backend_name(options_.backend),
-           " cannot run RingDilatedAttention in this build; use backend = cpu (host tensors)",
-           " or, in a build with CUDA, backend = cuda (CUDA tensors)");
-    }
+    require_ring_backend(options_.backend, "RingDilatedAttention");
   });
 }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "ringattn/ringattn.h"
@@ -160,6 +162,24 @@ inline double out_tol(DType dtype) {
 }
 inline double grad_tol(DType dtype) {
   return dtype == DType::kF32 ? 2e-5 : dtype == DType::kF16 ? 4e-3 : 3e-2;
+}
+
+// One block-sparse test configuration.
+struct SparseCase {
+  int64_t B, N, H, Hkv, D;
+  BlockSparseConfig cfg;
+  DType dtype = DType::kF32;
+};
+
+// "B=1 N=256 ... fp32 causal patterns: local_window(bs=32)", for SCOPED_TRACE.
+inline std::string describe(const SparseCase& c) {
+  std::ostringstream os;
+  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " "
+     << dtype_name(c.dtype) << (c.cfg.causal ? " causal" : " full") << " patterns:";
+  for (const BlockPattern& x : c.cfg.patterns) {
+    os << " " << block_pattern_kind_name(x.kind) << "(bs=" << x.block_size << ")";
+  }
+  return os.str();
 }
 
 }  // namespace ringattn::test

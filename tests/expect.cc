@@ -60,14 +60,14 @@ void expect_grads_close(DType dtype, const Tensor& dq, const Tensor& dk, const T
     const std::vector<double>& ref;
     const char* name;
   } grads[] = {{dq, ref.dq, "dq"}, {dk, ref.dk, "dk"}, {dv, ref.dv, "dv"}};
-  for (const auto& g : grads) {
-    const Stats s = compare_bnhd(g.x, g.ref);
-    EXPECT_EQ(s.nonfinite, 0) << g.name;
-    EXPECT_GT(s.ref_nonzero, 0) << g.name;
-    EXPECT_EQ(s.missing, 0) << g.name << ": zeros where the reference is not";
-    EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref))
-        << g.name << " max |ref| " << s.max_ref;
-  }
+  for (const auto& g : grads) expect_close(compare_bnhd(g.x, g.ref), tol, g.name);
+}
+
+void expect_close(const Stats& s, double tol, const char* name) {
+  EXPECT_EQ(s.nonfinite, 0) << name;
+  EXPECT_GT(s.ref_nonzero, 0) << name;
+  EXPECT_EQ(s.missing, 0) << name << ": zeros where the reference is not";
+  EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref)) << name << " max |ref| " << s.max_ref;
 }
 
 }  // namespace ringattn::test

@@ -20,6 +20,10 @@ void expect_forward_close(const DilatedConfig& cfg, const Tensor& q, const Tenso
 double forward_error_bound(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,
                            const Tensor& v, const ReferenceResult& ref);
 
+// Stats of a result against its fp64 reference: finite, non-zero where the reference is
+// clearly non-zero, and within tol * max(1, max |ref|).
+void expect_close(const Stats& s, double tol, const char* name);
+
 // dq, dk, dv against the fp64 reference gradients: within 2e-5 (fp32), 4e-3 (fp16) or 3e-2
 // (bf16) of max(1, max |ref|); finite, non-zero where the reference is clearly non-zero.
 void expect_grads_close(DType dtype, const Tensor& dq, const Tensor& dk, const Tensor& dv,

@@ -9,32 +9,10 @@
 #include <sstream>
 
 #include "block_sparse_oracle.h"
+#include "expect.h"
 
 namespace ringattn::test {
 namespace {
-
-struct SparseCase {
-  int64_t B, N, H, Hkv, D;
-  BlockSparseConfig cfg;
-  DType dtype = DType::kF32;
-};
-
-std::string describe(const SparseCase& c) {
-  std::ostringstream os;
-  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " "
-     << dtype_name(c.dtype) << (c.cfg.causal ? " causal" : " full") << " patterns:";
-  for (const BlockPattern& x : c.cfg.patterns) {
-    os << " " << block_pattern_kind_name(x.kind) << "(bs=" << x.block_size << ")";
-  }
-  return os.str();
-}
-
-void expect_close(const Stats& s, double tol, const char* name) {
-  EXPECT_EQ(s.nonfinite, 0) << name;
-  EXPECT_GT(s.ref_nonzero, 0) << name;
-  EXPECT_EQ(s.missing, 0) << name << ": zeros where the reference is not";
-  EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref)) << name << " max |ref| " << s.max_ref;
-}
 
 // Forward (and with `grads` backward) of one case against the oracle.
 void check_case(const SparseCase& c, uint32_t seed, bool grads) {

@@ -110,10 +110,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BackwardArgs a) {
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
   const Task task = a.tasks[blockIdx.y];
   const int64_t b = blockIdx.z;
-  if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return;
-  const int64_t seg = blockIdx.x / task.tiles_per_seg;
-  const int64_t k0 = task.k_lo + (blockIdx.x % task.tiles_per_seg) * BK;
-  const int nk = static_cast<int>(min64(BK, task.k_hi - k0));
+  TaskTile tt;
+  if (!task_tile(task, task.k_lo, task.k_hi, BK, tt)) return;
+  const int64_t seg = tt.seg, k0 = tt.t0;
+  const int nk = tt.n;
 
   extern __shared__ __align__(128) char smem[];
   const Layout L(a.head_dim, true);
@@ -156,10 +156,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs a) {
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
   const Task task = a.tasks[blockIdx.y];
   const int64_t b = blockIdx.z;
-  if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return;
-  const int64_t seg = blockIdx.x / task.tiles_per_seg;
-  const int64_t q0 = task.q_lo + (blockIdx.x % task.tiles_per_seg) * BQ;
-  const int nq = static_cast<int>(min64(BQ, task.q_hi - q0));
+  TaskTile tt;
+  if (!task_tile(task, task.q_lo, task.q_hi, BQ, tt)) return;
+  const int64_t seg = tt.seg, q0 = tt.t0;
+  const int nq = tt.n;
   const int64_t h = a.heads_of[task.head_first];
 
   extern __shared__ __align__(128) char smem[];
@@ -272,30 +272,21 @@ struct LaunchPass {
                       acc_q,
                       acc_k,
                       acc_v};
-    if (!by_key.tasks.empty() && by_key.max_tiles > 0) {
-      const int64_t smem = BackwardLayout<T, kDim>(p.head_dim, true).bytes;
-      allow_shared_memory(reinterpret_cast<const void*>(&dkdv_kernel<T, kDim>), smem,
-                          "the CUDA dK/dV kernel");
-      const DeviceBuffer tasks = upload(by_key.tasks, stream);
-      const DeviceBuffer heads = upload(by_key.heads, stream);
+    // Kernel `kernel` over the tasks of `list`, with the shared memory of its layout.
+    const auto launch = [&](const TaskList& list, bool by_key_layout, auto kernel, const char* what,
+                            const char* launch_name) {
+      if (list.tasks.empty() || list.max_tiles == 0) return;
+      const int64_t smem = BackwardLayout<T, kDim>(p.head_dim, by_key_layout).bytes;
+      allow_shared_memory(reinterpret_cast<const void*>(kernel), smem, what);
+      const DeviceBuffer tasks = upload(list.tasks, stream);
+      const DeviceBuffer heads = upload(list.heads, stream);
       args.tasks = tasks.as<Task>();
       args.heads_of = heads.as<int>();
-      dkdv_kernel<T, kDim>
-          <<<task_grid(by_key, p.batch), kThreads, static_cast<size_t>(smem), stream>>>(args);
-      RA_CUDA_CHECK_LAUNCH("dkdv_kernel");
-    }
-    if (!by_query.tasks.empty() && by_query.max_tiles > 0) {
-      const int64_t smem = BackwardLayout<T, kDim>(p.head_dim, false).bytes;
-      allow_shared_memory(reinterpret_cast<const void*>(&dq_kernel<T, kDim>), smem,
-                          "the CUDA dQ kernel");
-      const DeviceBuffer tasks = upload(by_query.tasks, stream);
-      const DeviceBuffer heads = upload(by_query.heads, stream);
-      args.tasks = tasks.as<Task>();
-      args.heads_of = heads.as<int>();
-      dq_kernel<T, kDim>
-          <<<task_grid(by_query, p.batch), kThreads, static_cast<size_t>(smem), stream>>>(args);
-      RA_CUDA_CHECK_LAUNCH("dq_kernel");
-    }
+      kernel<<<task_grid(list, p.batch), kThreads, static_cast<size_t>(smem), stream>>>(args);
+      check_cuda(cudaGetLastError(), launch_name, __FILE__, __LINE__);
+    };
+    launch(by_key, true, &dkdv_kernel<T, kDim>, "the CUDA dK/dV kernel", "launch of dkdv_kernel");
+    launch(by_query, false, &dq_kernel<T, kDim>, "the CUDA dQ kernel", "launch of dq_kernel");
   }
 };
 

@@ -56,16 +56,27 @@ __device__ void load_kv(const SparseArgs& a, T* ks, T* vs, int ld, int rows, int
             a.head_dim);
 }
 
+// The rows [t0, t0 + n) of block `blk` that block blockIdx.x computes when every block of
+// bs rows is cut into tiles of `tile` rows.
+struct BlockTile {
+  int64_t blk, t0;
+  int n;
+};
+__device__ inline BlockTile block_tile(int64_t bs, int tile) {
+  const int64_t tiles = ceil_div(bs, tile);
+  const int64_t blk = blockIdx.x / tiles, t0 = blk * bs + (blockIdx.x % tiles) * tile;
+  return {blk, t0, static_cast<int>(min64(tile, (blk + 1) * bs - t0))};
+}
+
 // Forward, one block: query tile [q0, q0 + nq) of query block blockIdx.x / tiles, head
 // blockIdx.y, batch blockIdx.z, against every key tile of the key blocks it lists.
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads) sparse_forward_kernel(SparseArgs a) {
   using Layout = ForwardLayout<T, kDim>;
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
-  const int64_t tiles = ceil_div(a.bs, BQ);
-  const int64_t qb = blockIdx.x / tiles, h = blockIdx.y, b = blockIdx.z;
-  const int64_t q0 = qb * a.bs + (blockIdx.x % tiles) * BQ;
-  const int nq = static_cast<int>(min64(BQ, (qb + 1) * a.bs - q0));
+  const BlockTile bt = block_tile(a.bs, BQ);
+  const int64_t qb = bt.blk, q0 = bt.t0, h = blockIdx.y, b = blockIdx.z;
+  const int nq = bt.n;
 
   extern __shared__ __align__(128) char smem[];
   FlashTile<T, kDim> f(smem, a.head_dim);
@@ -154,10 +165,9 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads) sparse_dq_kernel(SparseArgs a) {
   using Layout = BackwardLayout<T, kDim>;
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
-  const int64_t tiles = ceil_div(a.bs, BQ);
-  const int64_t qb = blockIdx.x / tiles, h = blockIdx.y, b = blockIdx.z;
-  const int64_t q0 = qb * a.bs + (blockIdx.x % tiles) * BQ;
-  const int nq = static_cast<int>(min64(BQ, (qb + 1) * a.bs - q0));
+  const BlockTile bt = block_tile(a.bs, BQ);
+  const int64_t qb = bt.blk, q0 = bt.t0, h = blockIdx.y, b = blockIdx.z;
+  const int nq = bt.n;
 
   extern __shared__ __align__(128) char smem[];
   const Layout L(a.head_dim, false);
@@ -190,10 +200,9 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads) sparse_dkdv_kernel(SparseArgs a) {
   using Layout = BackwardLayout<T, kDim>;
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
-  const int64_t tiles = ceil_div(a.bs, BK);
-  const int64_t kb = blockIdx.x / tiles, hk = blockIdx.y, b = blockIdx.z;
-  const int64_t k0 = kb * a.bs + (blockIdx.x % tiles) * BK;
-  const int nk = static_cast<int>(min64(BK, (kb + 1) * a.bs - k0));
+  const BlockTile bt = block_tile(a.bs, BK);
+  const int64_t kb = bt.blk, k0 = bt.t0, hk = blockIdx.y, b = blockIdx.z;
+  const int nk = bt.n;
 
   extern __shared__ __align__(128) char smem[];
   const Layout L(a.head_dim, true);

@@ -30,10 +30,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
   constexpr int BQ = Layout::kBQ, BK = Layout::kBK;
   const Task task = a.tasks[blockIdx.y];
   const int64_t b = blockIdx.z;
-  if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return;
-  const int64_t seg = blockIdx.x / task.tiles_per_seg;
-  const int64_t q0 = task.q_lo + (blockIdx.x % task.tiles_per_seg) * BQ;
-  const int nq = static_cast<int>(min64(BQ, task.q_hi - q0));
+  TaskTile tt;
+  if (!task_tile(task, task.q_lo, task.q_hi, BQ, tt)) return;
+  const int64_t seg = tt.seg, q0 = tt.t0;
+  const int nq = tt.n;
 
   extern __shared__ __align__(128) char smem[];
   FlashTile<T, kDim> f(smem, a.head_dim);

@@ -230,6 +230,22 @@ __device__ __forceinline__ int64_t source_offset(const RowSource& src, int64_t b
   return src.off + b * src.b_st + seg * src.seg_st + t * src.t_st;
 }
 
+// The rows [t0, t0 + n) of segment `seg` that block blockIdx.x computes when a range
+// [lo, hi) of every segment of `task` is cut into tiles of `tile` rows (tiles_per_seg per
+// segment); false for a block past the task's tiles.
+struct TaskTile {
+  int64_t seg, t0;
+  int n;
+};
+__device__ inline bool task_tile(const Task& task, int64_t lo, int64_t hi, int tile,
+                                 TaskTile& out) {
+  if (static_cast<int64_t>(blockIdx.x) >= task.segments * task.tiles_per_seg) return false;
+  out.seg = blockIdx.x / task.tiles_per_seg;
+  out.t0 = lo + (blockIdx.x % task.tiles_per_seg) * tile;
+  out.n = static_cast<int>(min64(tile, hi - out.t0));
+  return true;
+}
+
 // The shared-memory state of one query tile of the flash forward (ForwardLayout): Q, K, V
 // tiles, S, P, the fp32 output accumulator O and per query row the running max m, sum l (log2
 // units) and rescale factor alpha. Used by every forward kernel; all threads call each step.

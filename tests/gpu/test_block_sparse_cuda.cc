@@ -13,6 +13,7 @@
 #include "gpu_util.h"
 #include "src/cuda/block_sparse_cuda.h"
 #include "tests/block_sparse_oracle.h"
+#include "tests/expect.h"
 
 namespace ringattn::test {
 namespace {
@@ -137,31 +138,8 @@ struct DeviceInputs {
   }
 };
 
-struct GpuCase {
-  int64_t B, N, H, Hkv, D;
-  BlockSparseConfig cfg;
-  DType dtype;
-};
-
-std::string describe(const GpuCase& c) {
-  std::ostringstream os;
-  os << "B=" << c.B << " N=" << c.N << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D << " "
-     << dtype_name(c.dtype) << (c.cfg.causal ? " causal" : " full") << " patterns:";
-  for (const BlockPattern& x : c.cfg.patterns) {
-    os << " " << block_pattern_kind_name(x.kind) << "(bs=" << x.block_size << ")";
-  }
-  return os.str();
-}
-
-void expect_close(const Stats& s, double tol, const char* name) {
-  EXPECT_EQ(s.nonfinite, 0) << name;
-  EXPECT_GT(s.ref_nonzero, 0) << name;
-  EXPECT_EQ(s.missing, 0) << name << ": zeros where the reference is not";
-  EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref)) << name << " max |ref| " << s.max_ref;
-}
-
 // Forward and backward of one case on the GPU against the fp64 oracle.
-void check_gpu_case(const GpuCase& c, uint32_t seed) {
+void check_gpu_case(const SparseCase& c, uint32_t seed) {
   SCOPED_TRACE(describe(c));
   auto comm = make_self_communicator();
   BlockSparseRingDilatedAttention attn(c.cfg, *comm, ExecOptions{Backend::kCuda, 0});
