@@ -102,7 +102,27 @@ void write_block(const Problem& p, const Task& t, const float* acc_o, int64_t ld
   }
 }
 
-// Tasks over (batch, head, row block of the shard) and the tile geometry they need.
+// (query, key) pairs of task t against the local keys: its cost, for the schedule.
+int64_t task_pairs(const Problem& p, const Task& t) {
+  int64_t pairs = 0;
+  for (int hb = p.head_begin[t.h]; hb < p.head_begin[t.h + 1]; ++hb) {
+    const Branch br = p.branches[p.head_branches[hb].branch];
+    const int64_t o = p.head_branches[hb].offset;
+    for (int64_t seg = t.n0 / br.segment; seg * br.segment < t.n1; ++seg) {
+      const KeptSpan q = kept_span_in_window(seg, br.segment, br.rate, o, t.n0, t.n1);
+      const KeptSpan k = kept_span_in_window(seg, br.segment, br.rate, o, p.shard_begin,
+                                             p.shard_begin + p.shard_rows);
+      const int64_t rows = q.t_end - q.t_begin;
+      // Causal: query t sees keys [k.t_begin, t], at most the local ones.
+      pairs += p.causal ? rows * max64(0, min64(k.t_end, (q.t_begin + q.t_end + 1) / 2) - k.t_begin)
+                        : rows * (k.t_end - k.t_begin);
+    }
+  }
+  return pairs;
+}
+
+// Tasks over (batch, head, row block of the shard) and the tile geometry they need, the
+// costliest first (so that the dynamic schedule does not end on one long task).
 // Blocks never straddle `split` (a global row; none when outside the shard).
 std::vector<Task> make_tasks(const Problem& p, Tiles& tiles, int64_t split = -1) {
   std::vector<Task> tasks;
@@ -120,7 +140,16 @@ std::vector<Task> make_tasks(const Problem& p, Tiles& tiles, int64_t split = -1)
       }
     }
   }
-  return tasks;
+  std::vector<int64_t> cost(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) cost[i] = task_pairs(p, tasks[i]);
+  std::vector<size_t> order(tasks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t c) { return cost[a] > cost[c]; });
+  std::vector<Task> sorted;
+  sorted.reserve(tasks.size());
+  for (size_t i : order) sorted.push_back(tasks[i]);
+  return sorted;
 }
 
 // Runs fn(task, scratch) for every task on `threads` OpenMP threads (dynamic schedule);

@@ -117,7 +117,7 @@ struct Tiles {
   static constexpr int64_t kMicroRows = 6;
   static constexpr int64_t kMicroVecs = 2;
   static constexpr int64_t kMaxPanel = kMicroVecs * 16;  // widest panel (AVX-512)
-  static constexpr int64_t kKeyTile = 128;               // key rows per tile
+  static constexpr int64_t kKeyTile = 21 * kMicroRows;   // key rows per tile (126: no padding)
   static constexpr int64_t kKeyRows = (kKeyTile + kMicroRows - 1) / kMicroRows * kMicroRows;
   int64_t padded_dim;                                        // D rounded up to kMicroRows
   int64_t row_block;                                         // sequence rows per task

@@ -6,12 +6,14 @@
 #define HWY_TARGET_INCLUDE "src/cpu/attention_kernels.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 //
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "src/cpu/attention_cpu.h"
 #include "src/dtype.h"
@@ -103,78 +105,103 @@ enum class Init {
 // Forward scores:  a = K rows (a_row = dp, a_step = 1), b = Q^T panel, c = S^T.
 // Forward output:  a = V columns (a_row = 1, a_step = dp), b = P^T panel, c = O^T.
 // Backward:        the same shapes for S^T and dP^T; dV, dK, dQ with b a row-major tile.
+// MicroTiles runs `count` of them down a column of tiles: tile i reads a + i * a_next and
+// writes c + i * c_next (same b). With `col_max`, the 2L maxima of every c written are
+// merged into col_max[0..2L) (the forward's row maxima for the online softmax).
 // Not inlined: inside the larger drivers the compiler ran out of registers for the twelve
 // accumulators and reloaded operands from the stack in the inner loop (the forward ran 35-50%
-// slower); as a function of its own the loop keeps everything in registers.
+// slower); as a function of its own the loop keeps everything in registers, and one call
+// per column of tiles keeps the call and epilogue overhead off short products (steps = D).
 template <Init kInit>
-HWY_NOINLINE void MicroTile(const float* HWY_RESTRICT a, int64_t a_row, int64_t a_step,
-                            const float* HWY_RESTRICT b, int64_t ldb, int64_t steps,
-                            const float* HWY_RESTRICT scale, float* HWY_RESTRICT c, int64_t ldc) {
+HWY_NOINLINE void MicroTiles(int64_t count, const float* HWY_RESTRICT a, int64_t a_next,
+                             int64_t a_row, int64_t a_step, const float* HWY_RESTRICT b,
+                             int64_t ldb, int64_t steps, const float* HWY_RESTRICT scale,
+                             float* HWY_RESTRICT c, int64_t c_next, int64_t ldc,
+                             float* HWY_RESTRICT col_max = nullptr) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  VF c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if constexpr (kInit == Init::kZero) {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = hn::Zero(df);
-  } else {
-    VF s0 = hn::Set(df, 1.0f), s1 = s0;
-    if constexpr (kInit == Init::kScale) {
-      s0 = hn::LoadU(df, scale);
-      s1 = hn::LoadU(df, scale + L);
+  VF max0 = hn::Set(df, kNegInf), max1 = max0;
+  if (col_max) {
+    max0 = hn::LoadU(df, col_max);
+    max1 = hn::LoadU(df, col_max + L);
+  }
+  for (int64_t i = 0; i < count; ++i, a += a_next, c += c_next) {
+    VF c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if constexpr (kInit == Init::kZero) {
+      c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = hn::Zero(df);
+    } else {
+      VF s0 = hn::Set(df, 1.0f), s1 = s0;
+      if constexpr (kInit == Init::kScale) {
+        s0 = hn::LoadU(df, scale);
+        s1 = hn::LoadU(df, scale + L);
+      }
+      c00 = hn::Mul(s0, hn::LoadU(df, c));
+      c01 = hn::Mul(s1, hn::LoadU(df, c + L));
+      c10 = hn::Mul(s0, hn::LoadU(df, c + ldc));
+      c11 = hn::Mul(s1, hn::LoadU(df, c + ldc + L));
+      c20 = hn::Mul(s0, hn::LoadU(df, c + 2 * ldc));
+      c21 = hn::Mul(s1, hn::LoadU(df, c + 2 * ldc + L));
+      c30 = hn::Mul(s0, hn::LoadU(df, c + 3 * ldc));
+      c31 = hn::Mul(s1, hn::LoadU(df, c + 3 * ldc + L));
+      c40 = hn::Mul(s0, hn::LoadU(df, c + 4 * ldc));
+      c41 = hn::Mul(s1, hn::LoadU(df, c + 4 * ldc + L));
+      c50 = hn::Mul(s0, hn::LoadU(df, c + 5 * ldc));
+      c51 = hn::Mul(s1, hn::LoadU(df, c + 5 * ldc + L));
     }
-    c00 = hn::Mul(s0, hn::LoadU(df, c));
-    c01 = hn::Mul(s1, hn::LoadU(df, c + L));
-    c10 = hn::Mul(s0, hn::LoadU(df, c + ldc));
-    c11 = hn::Mul(s1, hn::LoadU(df, c + ldc + L));
-    c20 = hn::Mul(s0, hn::LoadU(df, c + 2 * ldc));
-    c21 = hn::Mul(s1, hn::LoadU(df, c + 2 * ldc + L));
-    c30 = hn::Mul(s0, hn::LoadU(df, c + 3 * ldc));
-    c31 = hn::Mul(s1, hn::LoadU(df, c + 3 * ldc + L));
-    c40 = hn::Mul(s0, hn::LoadU(df, c + 4 * ldc));
-    c41 = hn::Mul(s1, hn::LoadU(df, c + 4 * ldc + L));
-    c50 = hn::Mul(s0, hn::LoadU(df, c + 5 * ldc));
-    c51 = hn::Mul(s1, hn::LoadU(df, c + 5 * ldc + L));
+    for (int64_t x = 0; x < steps; ++x) {
+      const float* bx = b + x * ldb;
+      const float* ax = a + x * a_step;
+      const VF b0 = hn::LoadU(df, bx), b1 = hn::LoadU(df, bx + L);
+      VF s = hn::Set(df, ax[0]);
+      c00 = hn::MulAdd(s, b0, c00);
+      c01 = hn::MulAdd(s, b1, c01);
+      s = hn::Set(df, ax[a_row]);
+      c10 = hn::MulAdd(s, b0, c10);
+      c11 = hn::MulAdd(s, b1, c11);
+      s = hn::Set(df, ax[2 * a_row]);
+      c20 = hn::MulAdd(s, b0, c20);
+      c21 = hn::MulAdd(s, b1, c21);
+      s = hn::Set(df, ax[3 * a_row]);
+      c30 = hn::MulAdd(s, b0, c30);
+      c31 = hn::MulAdd(s, b1, c31);
+      s = hn::Set(df, ax[4 * a_row]);
+      c40 = hn::MulAdd(s, b0, c40);
+      c41 = hn::MulAdd(s, b1, c41);
+      s = hn::Set(df, ax[5 * a_row]);
+      c50 = hn::MulAdd(s, b0, c50);
+      c51 = hn::MulAdd(s, b1, c51);
+    }
+    hn::StoreU(c00, df, c);
+    hn::StoreU(c01, df, c + L);
+    hn::StoreU(c10, df, c + ldc);
+    hn::StoreU(c11, df, c + ldc + L);
+    hn::StoreU(c20, df, c + 2 * ldc);
+    hn::StoreU(c21, df, c + 2 * ldc + L);
+    hn::StoreU(c30, df, c + 3 * ldc);
+    hn::StoreU(c31, df, c + 3 * ldc + L);
+    hn::StoreU(c40, df, c + 4 * ldc);
+    hn::StoreU(c41, df, c + 4 * ldc + L);
+    hn::StoreU(c50, df, c + 5 * ldc);
+    hn::StoreU(c51, df, c + 5 * ldc + L);
+    if (col_max) {
+      max0 = hn::Max(max0, hn::Max(hn::Max(c00, c10), hn::Max(c20, c30)));
+      max0 = hn::Max(max0, hn::Max(c40, c50));
+      max1 = hn::Max(max1, hn::Max(hn::Max(c01, c11), hn::Max(c21, c31)));
+      max1 = hn::Max(max1, hn::Max(c41, c51));
+    }
   }
-  for (int64_t x = 0; x < steps; ++x) {
-    const float* bx = b + x * ldb;
-    const float* ax = a + x * a_step;
-    const VF b0 = hn::LoadU(df, bx), b1 = hn::LoadU(df, bx + L);
-    VF s = hn::Set(df, ax[0]);
-    c00 = hn::MulAdd(s, b0, c00);
-    c01 = hn::MulAdd(s, b1, c01);
-    s = hn::Set(df, ax[a_row]);
-    c10 = hn::MulAdd(s, b0, c10);
-    c11 = hn::MulAdd(s, b1, c11);
-    s = hn::Set(df, ax[2 * a_row]);
-    c20 = hn::MulAdd(s, b0, c20);
-    c21 = hn::MulAdd(s, b1, c21);
-    s = hn::Set(df, ax[3 * a_row]);
-    c30 = hn::MulAdd(s, b0, c30);
-    c31 = hn::MulAdd(s, b1, c31);
-    s = hn::Set(df, ax[4 * a_row]);
-    c40 = hn::MulAdd(s, b0, c40);
-    c41 = hn::MulAdd(s, b1, c41);
-    s = hn::Set(df, ax[5 * a_row]);
-    c50 = hn::MulAdd(s, b0, c50);
-    c51 = hn::MulAdd(s, b1, c51);
+  if (col_max) {
+    hn::StoreU(max0, df, col_max);
+    hn::StoreU(max1, df, col_max + L);
   }
-  hn::StoreU(c00, df, c);
-  hn::StoreU(c01, df, c + L);
-  hn::StoreU(c10, df, c + ldc);
-  hn::StoreU(c11, df, c + ldc + L);
-  hn::StoreU(c20, df, c + 2 * ldc);
-  hn::StoreU(c21, df, c + 2 * ldc + L);
-  hn::StoreU(c30, df, c + 3 * ldc);
-  hn::StoreU(c31, df, c + 3 * ldc + L);
-  hn::StoreU(c40, df, c + 4 * ldc);
-  hn::StoreU(c41, df, c + 4 * ldc + L);
-  hn::StoreU(c50, df, c + 5 * ldc);
-  hn::StoreU(c51, df, c + 5 * ldc + L);
 }
 
-// Online-softmax step of one query panel: s is S^T [keys][panel] in log2 units; turns it
-// into P^T relative to the new running max, updates (m, l) and writes the factor that
-// rescales the old output accumulator into alpha. Vectorised across queries.
+// Online-softmax step of one query panel: s is S^T [keys][panel] in log2 units and
+// tile_max holds the maxima of its rows [0, max_from); turns S^T into P^T relative to the
+// new running max, updates (m, l) and writes the factor that rescales the old output
+// accumulator into alpha. Vectorised across queries.
 HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
+                             const float* HWY_RESTRICT tile_max, int64_t max_from,
                              float* HWY_RESTRICT m, float* HWY_RESTRICT l,
                              float* HWY_RESTRICT alpha) {
   const DF df;
@@ -182,10 +209,10 @@ HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
   const VF neg_inf = hn::Set(df, kNegInf);
   for (int64_t off = 0; off < panel; off += L) {
     const VF m_old = hn::LoadU(df, m + off);
-    VF tile_max = neg_inf;
-    for (int64_t j = 0; j < keys; ++j)
-      tile_max = hn::Max(tile_max, hn::LoadU(df, s + j * panel + off));
-    const VF m_new = hn::Max(m_old, tile_max);
+    VF t_max = hn::LoadU(df, tile_max + off);
+    for (int64_t j = max_from; j < keys; ++j)
+      t_max = hn::Max(t_max, hn::LoadU(df, s + j * panel + off));
+    const VF m_new = hn::Max(m_old, t_max);
     // Guard of SPEC.md: never (-inf) - (-inf).
     const VF m_ref = hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new);
     VF sum = hn::Zero(df);
@@ -212,7 +239,7 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
   const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows();
   const float q_mul = p.scale * 1.4426950408889634f;  // log2(e): scores in log2 units
   constexpr float kLn2 = 0.6931471805599453f;
-  float alpha[Tiles::kMaxPanel];
+  float alpha[Tiles::kMaxPanel], tile_max[Tiles::kMaxPanel];
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t t0 = qr.t_begin, rows = qr.t_end - qr.t_begin;
   // Keys of source x that some query may see: [t_begin, key_end(x)).
@@ -234,12 +261,27 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
     std::memset(sc.ot + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
   }
 
+  // The tile after (x, tk0), or x == num_srcs when there is none.
+  const auto next_tile = [&](int64_t x, int64_t tk0) {
+    tk0 += Tiles::kKeyTile;
+    while (x < num_srcs && tk0 >= key_end(srcs[x])) {
+      if (++x < num_srcs) tk0 = srcs[x].t_begin;
+    }
+    return std::pair<int64_t, int64_t>(x, tk0);
+  };
+  const int64_t row_bytes = esize * D, panels = ceil_div(rows, panel);
   for (int64_t x = 0; x < num_srcs; ++x) {
     const KeySource& src = srcs[x];
     const int64_t k_end = key_end(src);
     for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += Tiles::kKeyTile) {
       const int64_t nk = min64(Tiles::kKeyTile, k_end - tk0);
       const int64_t at = esize * (tk0 - src.t_begin);
+      // While this tile's panels run, the next tile's K and V rows are fetched into cache a
+      // few rows per panel (strided rows miss the hardware prefetcher and the TLB).
+      const auto [nx, ntk0] = next_tile(x, tk0);
+      const KeySource* nsrc = nx < num_srcs ? &srcs[nx] : nullptr;
+      const int64_t n_next = nsrc ? min64(Tiles::kKeyTile, key_end(*nsrc) - ntk0) : 0;
+      const int64_t pf_step = ceil_div(n_next, panels);
       WithType(p.dtype, static_cast<const char*>(src.k) + at * src.k_stride, [&](auto* k) {
         PackRows(k, src.k_stride, nk, round_up(nk, MR), D, dp, 1.0f, sc.k);
       });
@@ -247,14 +289,30 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
                [&](auto* v) { PackRows(v, src.v_stride, nk, nk, D, dp, 1.0f, sc.v); });
 
       for (int64_t ip = 0; ip < rows; ip += panel) {
+        for (int64_t j = ip / panel * pf_step; j < min64(n_next, (ip / panel + 1) * pf_step); ++j) {
+          const int64_t row = esize * (ntk0 - nsrc->t_begin + j);
+          const char* k_row = static_cast<const char*>(nsrc->k) + row * nsrc->k_stride;
+          const char* v_row = static_cast<const char*>(nsrc->v) + row * nsrc->v_stride;
+          for (int64_t c = 0; c < row_bytes; c += 64) {
+            hwy::Prefetch(k_row + c);
+            hwy::Prefetch(v_row + c);
+          }
+        }
         // Keys of this tile visible to the panel's last query (causal), or all of them.
         const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + panel, rows) - 1;
         const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
         if (keys <= 0) continue;
         const float* qt = sc.qt + ip;
-        for (int64_t j = 0; j < keys; j += MR) {
-          MicroTile<Init::kZero>(sc.k + j * dp, dp, 1, qt, ld, D, nullptr, sc.s + j * panel, panel);
-        }
+        // The first `fused` keys are visible to every query of the panel: their maxima come
+        // with the scores. The rest (the causal diagonal, the last tile's padding rows) are
+        // masked first and scanned by the softmax.
+        const int64_t all_see = p.causal ? min64(keys, max64(0, t_first - tk0 + 1)) : keys;
+        const int64_t fused = all_see / MR * MR;
+        std::fill_n(tile_max, panel, kNegInf);
+        MicroTiles<Init::kZero>(fused / MR, sc.k, MR * dp, dp, 1, qt, ld, D, nullptr, sc.s,
+                                MR * panel, panel, tile_max);
+        MicroTiles<Init::kZero>(ceil_div(keys - fused, MR), sc.k + fused * dp, MR * dp, dp, 1, qt,
+                                ld, D, nullptr, sc.s + fused * panel, MR * panel, panel);
         if (p.causal && tk0 + keys - 1 > t_first) {
           for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
             // Query w sees key j iff tk0 + j <= t_first + w.
@@ -262,11 +320,9 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
             for (int64_t w = 0; w < w_end; ++w) sc.s[j * panel + w] = kNegInf;
           }
         }
-        SoftmaxPanel(sc.s, panel, keys, sc.m + ip, sc.l + ip, alpha);
-        for (int64_t c = 0; c < dp; c += MR) {
-          MicroTile<Init::kScale>(sc.v + c, 1, dp, sc.s, panel, keys, alpha, sc.ot + c * ld + ip,
-                                  ld);
-        }
+        SoftmaxPanel(sc.s, panel, keys, tile_max, fused, sc.m + ip, sc.l + ip, alpha);
+        MicroTiles<Init::kScale>(dp / MR, sc.v, MR, 1, dp, sc.s, panel, keys, alpha, sc.ot + ip,
+                                 MR * ld, ld);
       }
     }
   }
@@ -386,13 +442,11 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
       const float* k = sc.k + (j0 - tk0) * dp;
       const float* v = sc.v + (j0 - tk0) * dp;
       // S^T = K Q^T and dP^T = V dO^T, [keys][queries].
-      for (int64_t j = 0; j < nk; j += MR) {
-        for (int64_t ip = 0; ip < QB; ip += panel) {
-          MicroTile<Init::kZero>(k + j * dp, dp, 1, sc.qt + ip, QB, D, nullptr, sc.p + j * QR + ip,
-                                 QR);
-          MicroTile<Init::kZero>(v + j * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
-                                 sc.ds + j * QR + ip, QR);
-        }
+      for (int64_t ip = 0; ip < QB; ip += panel) {
+        MicroTiles<Init::kZero>(ceil_div(nk, MR), k, MR * dp, dp, 1, sc.qt + ip, QB, D, nullptr,
+                                sc.p + ip, MR * QR, QR);
+        MicroTiles<Init::kZero>(ceil_div(nk, MR), v, MR * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
+                                sc.ds + ip, MR * QR, QR);
       }
       // P = exp(S - lse) (0 where masked), dS = P * (dP - Dr), vectorised across queries.
       const bool diagonal = p.causal && j0 + nk - 1 > i0;
@@ -412,18 +466,13 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
         }
       }
       // dV += P^T dO and dK += dS^T Q (rows: keys); dQ += dS K (rows: queries).
-      for (int64_t j = 0; j < nk; j += MR) {
-        for (int64_t c = 0; c < dp; c += panel) {
-          MicroTile<Init::kLoad>(sc.p + j * QR, QR, 1, sc.dout + c, dp, nq, nullptr,
-                                 sc.dv + (j0 - tk0 + j) * dp + c, dp);
-          MicroTile<Init::kLoad>(sc.ds + j * QR, QR, 1, sc.q + c, dp, nq, nullptr,
-                                 sc.dk + (j0 - tk0 + j) * dp + c, dp);
-        }
-      }
-      for (int64_t i = 0; i < nq; i += MR) {
-        for (int64_t c = 0; c < dp; c += panel) {
-          MicroTile<Init::kLoad>(sc.ds + i, 1, QR, k + c, dp, nk, nullptr, sc.dq + i * dp + c, dp);
-        }
+      for (int64_t c = 0; c < dp; c += panel) {
+        MicroTiles<Init::kLoad>(ceil_div(nk, MR), sc.p, MR * QR, QR, 1, sc.dout + c, dp, nq,
+                                nullptr, sc.dv + (j0 - tk0) * dp + c, MR * dp, dp);
+        MicroTiles<Init::kLoad>(ceil_div(nk, MR), sc.ds, MR * QR, QR, 1, sc.q + c, dp, nq, nullptr,
+                                sc.dk + (j0 - tk0) * dp + c, MR * dp, dp);
+        MicroTiles<Init::kLoad>(ceil_div(nq, MR), sc.ds, MR, 1, QR, k + c, dp, nk, nullptr,
+                                sc.dq + c, MR * dp, dp);
       }
     }
     for (int64_t i = 0; i < nq; ++i) {
