@@ -29,13 +29,15 @@ using VF = hn::Vec<DF>;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (x = -inf gives 0): 2^round(x) times a degree-6 polynomial on [-0.5, 0.5]
-// (relative error about 1.2e-7).
+// 2^x for x <= 0 (x = -inf gives 0): 2^n times a degree-6 polynomial of f = x - n on
+// [-0.5, 0.5] (relative error about 1.2e-7), n = round(x). Adding 1.5 * 2^23 rounds x into
+// the low mantissa bits, so n's bits shifted into the exponent field need no conversion.
 HWY_INLINE VF Exp2(DF df, VF x) {
   const hn::RebindToSigned<DF> di;
+  const VF round = hn::Set(df, 12582912.0f);
   x = hn::Max(x, hn::Set(df, -127.0f));
-  const VF n = hn::Round(x);
-  const VF f = hn::Sub(x, n);
+  const VF t = hn::Add(x, round);
+  const VF f = hn::Sub(x, hn::Sub(t, round));
   VF p = hn::Set(df, 1.5403530393381608e-4f);
   p = hn::MulAdd(p, f, hn::Set(df, 1.3333558146428443e-3f));
   p = hn::MulAdd(p, f, hn::Set(df, 9.6181291076284772e-3f));
@@ -43,7 +45,8 @@ HWY_INLINE VF Exp2(DF df, VF x) {
   p = hn::MulAdd(p, f, hn::Set(df, 2.4022650695910071e-1f));
   p = hn::MulAdd(p, f, hn::Set(df, 6.9314718055994531e-1f));
   p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
-  const auto e = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
+  // bits(t) = bits(1.5 * 2^23) + n; shifted by 23, the first term leaves 32 bits.
+  const auto e = hn::Add(hn::ShiftLeft<23>(hn::BitCast(di, t)), hn::Set(di, 127 << 23));
   return hn::Mul(p, hn::BitCast(df, e));
 }
 
@@ -199,11 +202,12 @@ HWY_NOINLINE void MicroTiles(int64_t count, const float* HWY_RESTRICT a, int64_t
 // Online-softmax step of one query panel: s is S^T [keys][panel] in log2 units and
 // tile_max holds the maxima of its rows [0, max_from); turns S^T into P^T relative to the
 // new running max, updates (m, l) and writes the factor that rescales the old output
-// accumulator into alpha. Vectorised across queries.
-HWY_INLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
-                             const float* HWY_RESTRICT tile_max, int64_t max_from,
-                             float* HWY_RESTRICT m, float* HWY_RESTRICT l,
-                             float* HWY_RESTRICT alpha) {
+// accumulator into alpha. Vectorised across queries. Not inlined, for the reason MicroTiles
+// isn't: inside the driver the polynomial's constants were reloaded from the stack.
+HWY_NOINLINE void SoftmaxPanel(float* HWY_RESTRICT s, int64_t panel, int64_t keys,
+                               const float* HWY_RESTRICT tile_max, int64_t max_from,
+                               float* HWY_RESTRICT m, float* HWY_RESTRICT l,
+                               float* HWY_RESTRICT alpha) {
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   const VF neg_inf = hn::Set(df, kNegInf);
