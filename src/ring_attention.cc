@@ -288,6 +288,13 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
     return;
   }
 #endif
+  if (plan.steps.empty()) {
+    // Nothing crosses the wire (one rank, or every segment inside this rank): the
+    // single-device kernel writes the output directly, without the shard's fp32 accumulators.
+    cpu::forward(p, options_.num_threads);
+    stats_.total_ms = ms_since(t_start);
+    return;
+  }
   const size_t esize = dtype_size(p.dtype);
   const Tags tags = tags_of(plan);
   cpu::ShardForward shard(p, options_.num_threads, plan.split);
