@@ -9,7 +9,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <functional>
 #include <utility>
@@ -20,6 +19,7 @@
 #include "cpu/attention_cpu.h"
 #include "dtype.h"
 #include "problem.h"
+#include "ring_timing.h"
 #include "ringattn/block_sparse.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
@@ -30,13 +30,8 @@ namespace ringattn {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using cpu::detail::BackwardWork;
 using cpu::detail::KeySource;
-
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
 
 // Rows of consecutive key blocks one kernel call takes at most (bounds backward scratch).
 constexpr int64_t kRunRows = 1024;
@@ -298,11 +293,7 @@ class BlockRing {
     wait(sends_[e % 2]);
     post(e + 2);
   }
-  void wait(CommRequest& req) {
-    const Clock::time_point t0 = Clock::now();
-    comm_.wait(req);
-    stats_.comm_wait_ms += ms_since(t0);
-  }
+  void wait(CommRequest& req) { timed_wait(comm_, req, stats_); }
   void finish() {
     for (CommRequest& req : sends_) wait(req);
   }
@@ -394,39 +385,15 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
       poll);
 }
 
-// The device a call runs on: q's. CUDA tensors run the CUDA backend, on one device only
-// (world size 1); every other tensor must be on q's device too (make_problem checks).
+// The device a call runs on (call_device); CUDA tensors on one device only (world size 1).
 Device sparse_device(const TensorView& q, Backend backend, int world) {
-  if (q.device == Device::kCUDA) {
-#if !defined(RINGATTN_HAVE_CUDA)
-    fail(ErrorCode::kUnsupported,
-         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-#endif
-    if (world > 1) {
-      fail(ErrorCode::kUnsupported, "q lives on a CUDA device but the communicator has ", world,
-           " ranks; BlockSparseRingDilatedAttention runs CUDA tensors on one device only in this "
-           "version: use a communicator of one rank, or pass host tensors");
-    }
-    return Device::kCUDA;
+  const Device device = call_device(backend, q);
+  if (device == Device::kCUDA && world > 1) {
+    fail(ErrorCode::kUnsupported, "q lives on a CUDA device but the communicator has ", world,
+         " ranks; BlockSparseRingDilatedAttention runs CUDA tensors on one device only in this "
+         "version: use a communicator of one rank, or pass host tensors");
   }
-  require(backend != Backend::kCuda,
-          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
-          "tensors (Device::kCUDA) or use backend = cpu");
-  return Device::kCPU;
-}
-
-int64_t max_head_dim(Device device) {
-#if defined(RINGATTN_HAVE_CUDA)
-  if (device == Device::kCUDA) return cuda::kMaxHeadDim;
-#endif
-  (void)device;
-  return cpu::kMaxHeadDim;
-}
-
-// The backend name errors mention.
-const char* backend_of(Device device) {
-  return device == Device::kCUDA ? "cuda" : "cpu";
+  return device;
 }
 
 // Validates on every rank together, agrees on the configuration, and plans.
@@ -463,10 +430,7 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
     p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, max_head_dim(device),
                      backend_of(device), Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) {
-      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
-      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
-    }
+    if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
 #endif
   });
   const Plan plan = agree_and_plan(comm_, config_, p);
@@ -516,17 +480,7 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
         make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk, dv,
                               max_head_dim(device), backend_of(device), Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) {
-      cuda::check_device_tensors({{"dout", &dout},
-                                  {"q", &q},
-                                  {"k", &k},
-                                  {"v", &v},
-                                  {"out", &out},
-                                  {"lse", &lse},
-                                  {"dq", &dq},
-                                  {"dk", &dk},
-                                  {"dv", &dv}});
-    }
+    if (device == Device::kCUDA) cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
 #endif
   });
   const Problem& p = bp.fwd;

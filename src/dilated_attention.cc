@@ -16,31 +16,7 @@ namespace {
 
 // The backend a call runs on: q's device decides (CUDA tensors run on the CUDA backend).
 Backend effective_backend(Backend requested, const TensorView& q) {
-  if (q.device == Device::kCUDA) {
-    if (requested == Backend::kReference) {
-      fail(ErrorCode::kInvalidArgument,
-           "backend = reference runs on the CPU but q lives on a CUDA device; pass host tensors "
-           "or use backend = cuda");
-    }
-#if !defined(RINGATTN_HAVE_CUDA)
-    fail(ErrorCode::kUnsupported,
-         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-#endif
-    return Backend::kCuda;
-  }
-  require(requested != Backend::kCuda,
-          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
-          "tensors (Device::kCUDA) or use backend = cpu");
-  return requested;
-}
-
-int64_t max_head_dim(Backend backend) {
-#if defined(RINGATTN_HAVE_CUDA)
-  if (backend == Backend::kCuda) return cuda::kMaxHeadDim;
-#endif
-  (void)backend;
-  return cpu::kMaxHeadDim;
+  return call_device(requested, q) == Device::kCUDA ? Backend::kCuda : requested;
 }
 
 }  // namespace
@@ -60,7 +36,7 @@ DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
 void DilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const std::optional<TensorView>& lse) const {
   const Backend backend = effective_backend(options_.backend, q);
-  const Problem p = make_problem(config_, q, k, v, out, lse, max_head_dim(backend),
+  const Problem p = make_problem(config_, q, k, v, out, lse, max_head_dim(q.device),
                                  backend_name(backend), Shard{}, q.device);
   switch (backend) {
     case Backend::kReference:
@@ -69,8 +45,7 @@ void DilatedAttention::forward(const TensorView& q, const TensorView& k, const T
       return cpu::forward(p, options_.num_threads);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
-      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
-      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
+      cuda::check_forward_tensors(q, k, v, out, lse);
       return cuda::forward(p, options_.cuda_stream);
 #endif
       break;
@@ -84,7 +59,7 @@ void DilatedAttention::backward(const TensorView& dout, const TensorView& q, con
                                 const TensorView& dv) const {
   const Backend backend = effective_backend(options_.backend, q);
   const BackwardProblem bp =
-      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(backend),
+      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(q.device),
                             backend_name(backend), Shard{}, q.device);
   switch (backend) {
     case Backend::kReference:

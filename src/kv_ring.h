@@ -4,22 +4,16 @@
 // lands in one of two buffers while the previous one is being computed on (double
 // buffering). Where the blocks live (host or device memory) is the KvStore's business.
 
-#include <chrono>
 #include <vector>
 
 #include "kv_store.h"
 #include "problem.h"
 #include "ring_plan.h"
+#include "ring_timing.h"
 #include "ringattn/comm.h"
 #include "ringattn/ring_attention.h"
 
 namespace ringattn {
-
-using Clock = std::chrono::steady_clock;
-
-inline double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
 
 class KvRing {
  public:
@@ -47,11 +41,7 @@ class KvRing {
     return layout_[static_cast<size_t>(stream * p_.batch + b)];
   }
 
-  void wait(CommRequest& req) {
-    const Clock::time_point t0 = Clock::now();
-    comm_.wait(req);
-    stats_.comm_wait_ms += ms_since(t0);
-  }
+  void wait(CommRequest& req) { timed_wait(comm_, req, stats_); }
   void finish() {
     for (CommRequest& req : sends_) wait(req);
   }

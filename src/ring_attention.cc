@@ -167,23 +167,6 @@ Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* 
   return f;
 }
 
-// The device a ring call runs on: q's (CUDA tensors run the GPU ring). Every other tensor
-// must be on it too (make_problem checks).
-Device ring_device(const TensorView& q, Backend backend) {
-  if (q.device == Device::kCUDA) {
-#if !defined(RINGATTN_HAVE_CUDA)
-    fail(ErrorCode::kUnsupported,
-         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-#endif
-    return Device::kCUDA;
-  }
-  require(backend != Backend::kCuda,
-          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
-          "tensors (Device::kCUDA) or use backend = cpu");
-  return Device::kCPU;
-}
-
 #if defined(RINGATTN_HAVE_CUDA)
 // The GPU ring forward: the CPU ring's plan and K/V traffic, blocks in device memory, the
 // CUDA forward kernel against the local keys and each received block, one merge at the end
@@ -263,17 +246,11 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
   Problem p;
   Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    device = ring_device(q, options_.backend);
-    if (device == Device::kCPU) {
-      p = make_problem(config_, q, k, v, out, lse, cpu::kMaxHeadDim, "cpu", Shard{rank, world});
-    }
+    device = call_device(options_.backend, q);
+    p = make_problem(config_, q, k, v, out, lse, max_head_dim(device), backend_of(device),
+                     Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) {
-      p = make_problem(config_, q, k, v, out, lse, cuda::kMaxHeadDim, "cuda", Shard{rank, world},
-                       device);
-      cuda::check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
-      if (lse) cuda::check_device_tensors({{"lse", &*lse}});
-    }
+    if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
 #endif
   });
   const RingPlan plan = agree_and_plan(comm_, config_, p, device);
@@ -386,17 +363,11 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
   BackwardProblem bp;
   Device device = Device::kCPU;
   check_on_all_ranks(comm_, [&] {
-    device = ring_device(q, options_.backend);
-    if (device == Device::kCPU) {
-      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cpu::kMaxHeadDim,
-                                 "cpu", Shard{rank, world});
-    }
+    device = call_device(options_.backend, q);
+    bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(device),
+                               backend_of(device), Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) {
-      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, cuda::kMaxHeadDim,
-                                 "cuda", Shard{rank, world}, device);
-      cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-    }
+    if (device == Device::kCUDA) cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
 #endif
   });
   const Problem& p = bp.fwd;

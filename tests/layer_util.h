@@ -31,6 +31,27 @@ struct LayerCase {
   }
 };
 
+// Every parameter of MultiheadWeights with its name, for loops over weights or gradients.
+struct WeightParam {
+  std::vector<float> MultiheadWeights::*member;
+  const char* name;
+};
+inline constexpr WeightParam kWeightParams[] = {
+    {&MultiheadWeights::wq, "wq"},
+    {&MultiheadWeights::bq, "bq"},
+    {&MultiheadWeights::wk, "wk"},
+    {&MultiheadWeights::bk, "bk"},
+    {&MultiheadWeights::wv, "wv"},
+    {&MultiheadWeights::bv, "bv"},
+    {&MultiheadWeights::wo, "wo"},
+    {&MultiheadWeights::bo, "bo"},
+    {&MultiheadWeights::q_norm_weight, "q_norm_weight"},
+    {&MultiheadWeights::q_norm_bias, "q_norm_bias"},
+    {&MultiheadWeights::k_norm_weight, "k_norm_weight"},
+    {&MultiheadWeights::k_norm_bias, "k_norm_bias"},
+    {&MultiheadWeights::out_norm_weight, "out_norm_weight"},
+    {&MultiheadWeights::out_norm_bias, "out_norm_bias"}};
+
 // Xavier weights from `seed`, with random biases and LayerNorm parameters (all non-zero, so
 // that each one matters in forward).
 inline MultiheadWeights random_weights(const MultiheadConfig& config, uint64_t seed) {

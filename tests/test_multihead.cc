@@ -203,22 +203,7 @@ TEST(Multihead, GradientsMatchFiniteDifferences) {
         return (up - down) / (2.0 * kEps);
       };
       using W = MultiheadWeights;
-      const std::pair<std::vector<float> W::*, const char*> params[] = {
-          {&W::wq, "wq"},
-          {&W::bq, "bq"},
-          {&W::wk, "wk"},
-          {&W::bk, "bk"},
-          {&W::wv, "wv"},
-          {&W::bv, "bv"},
-          {&W::wo, "wo"},
-          {&W::bo, "bo"},
-          {&W::q_norm_weight, "q_norm_weight"},
-          {&W::q_norm_bias, "q_norm_bias"},
-          {&W::k_norm_weight, "k_norm_weight"},
-          {&W::k_norm_bias, "k_norm_bias"},
-          {&W::out_norm_weight, "out_norm_weight"},
-          {&W::out_norm_bias, "out_norm_bias"}};
-      for (const auto& [member, name] : params) {
+      for (const auto& [member, name] : kWeightParams) {
         MultiheadWeights w = w0;
         std::vector<double> fd((w.*member).size());
         for (size_t i = 0; i < fd.size(); ++i) {

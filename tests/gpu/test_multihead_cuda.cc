@@ -72,23 +72,6 @@ struct Results {
 };
 
 using W = MultiheadWeights;
-const struct {
-  std::vector<float> W::*member;
-  const char* name;
-} kParams[] = {{&W::wq, "wq"},
-               {&W::bq, "bq"},
-               {&W::wk, "wk"},
-               {&W::bk, "bk"},
-               {&W::wv, "wv"},
-               {&W::bv, "bv"},
-               {&W::wo, "wo"},
-               {&W::bo, "bo"},
-               {&W::q_norm_weight, "q_norm_weight"},
-               {&W::q_norm_bias, "q_norm_bias"},
-               {&W::k_norm_weight, "k_norm_weight"},
-               {&W::k_norm_bias, "k_norm_bias"},
-               {&W::out_norm_weight, "out_norm_weight"},
-               {&W::out_norm_bias, "out_norm_bias"}};
 
 // Forward and backward of `layer` on host tensors, or on device copies of them.
 Results run(const MultiheadDilatedAttention& layer, const LayerCase& c, bool self_attention,
@@ -142,7 +125,7 @@ void check_layer(const LayerCase& c, bool self_attention) {
     expect_close(gpu.dk, cpu.dk, "dkey");
     expect_close(gpu.dv, cpu.dv, "dvalue");
   }
-  for (const auto& p : kParams) {
+  for (const auto& p : kWeightParams) {
     const std::vector<float>& g = gpu.grads.*p.member;
     const std::vector<float>& h = cpu.grads.*p.member;
     ASSERT_EQ(g.size(), h.size()) << p.name;
@@ -155,7 +138,8 @@ void check_layer(const LayerCase& c, bool self_attention) {
   const Results again = run(layer, c, self_attention, true);
   EXPECT_EQ(again.y, gpu.y);
   EXPECT_EQ(again.dq, gpu.dq);
-  for (const auto& p : kParams) EXPECT_EQ(again.grads.*p.member, gpu.grads.*p.member) << p.name;
+  for (const auto& p : kWeightParams)
+    EXPECT_EQ(again.grads.*p.member, gpu.grads.*p.member) << p.name;
 }
 
 TEST(MultiheadCuda, SelfAttentionMatchesCpu) {
