@@ -72,9 +72,17 @@ void PackTransposed(const T* src, int64_t row_stride, int64_t count, int64_t col
   for (int64_t c = 0; c < dp; ++c) {
     std::memset(dst + c * ld + count, 0, sizeof(float) * static_cast<size_t>(cols - count));
   }
-  for (int64_t i = 0; i < count; ++i) {
-    const T* row = src + i * row_stride;
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = to_f32(row[c]) * mul;
+  // Blocks of 16 rows: a block's column c fills one cache line of the tile (row by row,
+  // every row would touch D lines, each on its own page when ld is large).
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
+    const int64_t n = count - i0 < kBlock ? count - i0 : kBlock;
+    const T* rows[kBlock];
+    for (int64_t i = 0; i < n; ++i) rows[i] = src + (i0 + i) * row_stride;
+    for (int64_t c = 0; c < d; ++c) {
+      float* out = dst + c * ld + i0;
+      for (int64_t i = 0; i < n; ++i) out[i] = to_f32(rows[i][c]) * mul;
+    }
   }
   for (int64_t c = d; c < dp; ++c) {
     std::memset(dst + c * ld, 0, sizeof(float) * static_cast<size_t>(cols));
