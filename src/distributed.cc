@@ -218,6 +218,7 @@ void DistributedDilatedAttention::forward(const TensorView& query, const TensorV
   agree_on_grid(seq_comm_, head_comm_, "B and N_loc of DistributedDilatedAttention::forward",
                 {call.in.batch, call.in.seq});
   layer.forward(weights_, call.in, call.y, s);
+  call.finish();
 }
 
 void DistributedDilatedAttention::backward(const TensorView& x, const TensorView& dy,
@@ -242,6 +243,7 @@ void DistributedDilatedAttention::backward(const TensorView& query, const Tensor
   agree_on_grid(seq_comm_, head_comm_, "B and N_loc of DistributedDilatedAttention::backward",
                 {call.in.batch, call.in.seq});
   layer.backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+  call.finish();
   if (!distributed_.reduce_weight_grads || seq_comm_.size() == 1) return;
   // One allreduce for every gradient buffer, in param_specs order.
   const std::vector<detail::ParamSpec> specs =

@@ -162,6 +162,7 @@ void MultiheadDilatedAttention::forward(const TensorView& query, const TensorVie
   const detail::MultiheadLayer layer = make_layer(config_, attention_, options_);
   layer.prepare(call.in, s);
   layer.forward(weights_, call.in, call.y, s);
+  call.finish();
 }
 
 void MultiheadDilatedAttention::backward(const TensorView& x, const TensorView& dy,
@@ -179,6 +180,7 @@ void MultiheadDilatedAttention::backward(const TensorView& query, const TensorVi
       detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
   make_layer(config_, attention_, options_)
       .backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+  call.finish();
 }
 
 }  // namespace ringattn

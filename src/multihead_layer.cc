@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "check.h"
+#include "dtype.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
 #include "cuda/layer_backend.h"
@@ -82,7 +83,7 @@ void check_weights(const MultiheadConfig& config, const LayerShape& shape,
 namespace {
 
 float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInputs& call,
-                  const char*& first) {
+                  const char*& first, Staging& staging, bool written) {
   require(t.ndim == 3, name, " has ", t.ndim, " dimensions; it must be [B, N, E] with E = ", embed);
   require(t.data != nullptr, name, ".data is null; pass a buffer holding [B, N, E]");
 #if !defined(RINGATTN_HAVE_CUDA)
@@ -92,9 +93,10 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInp
          "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
   }
 #endif
-  if (t.dtype != DType::kF32) {
+  if (t.dtype != DType::kF32 && t.device == Device::kCUDA) {
     fail(ErrorCode::kUnsupported, name, " is ", dtype_name(t.dtype),
-         "; the multihead layers compute in fp32: pass fp32 tensors");
+         " on a CUDA device; the multihead layers take bf16 / fp16 host tensors (through fp32 "
+         "copies) but only fp32 CUDA tensors: pass an fp32 tensor");
   }
   require(t.shape[2] == embed, name, ".shape[2] = ", t.shape[2], " but the layer's embed_dim is ",
           embed, "; pass [B, N, E] with E = ", embed);
@@ -116,7 +118,16 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInp
   require(t.device == call.device, name, " lives on ", where(t.device), " but ", first, " on ",
           where(call.device),
           "; every tensor of one call lives on the same device: copy them to one");
-  return static_cast<float*>(t.data);
+  return t.dtype == DType::kF32 ? static_cast<float*>(t.data) : staging.fp32(t, written);
+}
+
+template <typename T>
+void convert(const T* src, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+template <typename T>
+void convert(const float* src, T* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = from_f32<T>(src[i]);
 }
 
 // CUDA tensors: their memory must be the current device's.
@@ -137,18 +148,44 @@ ForwardCall forward_rows(int64_t embed, const TensorView& query, const TensorVie
                          const TensorView& value, const TensorView& y, const char* y_name) {
   ForwardCall c;
   const char* first = nullptr;
-  c.in.query = embed_rows(query, "query", embed, c.in, first);
-  c.in.key = embed_rows(key, "key", embed, c.in, first);
-  c.in.value = embed_rows(value, "value", embed, c.in, first);
-  c.y = embed_rows(y, y_name, embed, c.in, first);
+  c.in.query = embed_rows(query, "query", embed, c.in, first, c.staging, false);
+  c.in.key = embed_rows(key, "key", embed, c.in, first, c.staging, false);
+  c.in.value = embed_rows(value, "value", embed, c.in, first, c.staging, false);
+  c.y = embed_rows(y, y_name, embed, c.in, first, c.staging, true);
   return c;
 }
 
 }  // namespace
 
+float* Staging::fp32(const TensorView& t, bool written) {
+  for (Copy& c : copies_) {
+    if (c.view.data == t.data) {
+      c.written = c.written || written;
+      return c.data.data();
+    }
+  }
+  Copy c{t, std::vector<float>(static_cast<size_t>(t.numel())), written};
+  if (t.dtype == DType::kBF16)
+    convert(static_cast<const bf16_t*>(t.data), c.data.data(), c.data.size());
+  if (t.dtype == DType::kF16)
+    convert(static_cast<const fp16_t*>(t.data), c.data.data(), c.data.size());
+  copies_.push_back(std::move(c));
+  return copies_.back().data.data();
+}
+
+void Staging::finish() const {
+  for (const Copy& c : copies_) {
+    if (!c.written) continue;
+    if (c.view.dtype == DType::kBF16)
+      convert(c.data.data(), static_cast<bf16_t*>(c.view.data), c.data.size());
+    if (c.view.dtype == DType::kF16)
+      convert(c.data.data(), static_cast<fp16_t*>(c.view.data), c.data.size());
+  }
+}
+
 ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
                          const TensorView& value, const TensorView& y, const char* y_name) {
-  const ForwardCall c = forward_rows(embed, query, key, value, y, y_name);
+  ForwardCall c = forward_rows(embed, query, key, value, y, y_name);
   check_device_memory({{"query", &query}, {"key", &key}, {"value", &value}, {y_name, &y}});
   return c;
 }
@@ -157,13 +194,14 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
                            const TensorView& value, const TensorView& dy, const TensorView& dquery,
                            const TensorView& dkey, const TensorView& dvalue) {
   BackwardCall c;
-  const ForwardCall f = forward_rows(embed, query, key, value, dy, "dy");
+  ForwardCall f = forward_rows(embed, query, key, value, dy, "dy");
   c.in = f.in;
   c.dy = f.y;
+  c.staging = std::move(f.staging);
   const char* first = "query";
-  c.dquery = embed_rows(dquery, "dquery", embed, c.in, first);
-  c.dkey = embed_rows(dkey, "dkey", embed, c.in, first);
-  c.dvalue = embed_rows(dvalue, "dvalue", embed, c.in, first);
+  c.dquery = embed_rows(dquery, "dquery", embed, c.in, first, c.staging, true);
+  c.dkey = embed_rows(dkey, "dkey", embed, c.in, first, c.staging, true);
+  c.dvalue = embed_rows(dvalue, "dvalue", embed, c.in, first, c.staging, true);
   check_device_memory({{"query", &query},
                        {"key", &key},
                        {"value", &value},

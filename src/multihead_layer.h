@@ -67,13 +67,35 @@ struct LayerInputs {
   Device device = Device::kCPU;
 };
 
-// The tensors of a forward or backward call, each checked: [B, N, E] fp32, contiguous, one B
-// and N and one device for all (CUDA: only in builds with the CUDA backend, else
-// Error(kUnsupported); the memory must be the current device's). Throws Error naming the
-// tensor.
+// The bf16 / fp16 host tensors of a call as fp32 copies: one copy per distinct tensor (a
+// tensor passed twice, as in self-attention, stays one buffer), converted in when made;
+// finish() converts the copies of the tensors the call writes back into them.
+class Staging {
+ public:
+  Staging() = default;
+  Staging(Staging&&) = default;
+  Staging& operator=(Staging&&) = default;
+  float* fp32(const TensorView& t, bool written);
+  void finish() const;
+
+ private:
+  struct Copy {
+    TensorView view;
+    std::vector<float> data;
+    bool written;
+  };
+  std::vector<Copy> copies_;
+};
+
+// The tensors of a forward or backward call, each checked: [B, N, E] contiguous, one B and
+// N and one device for all (CUDA: only in builds with the CUDA backend, else
+// Error(kUnsupported); the memory must be the current device's); fp32, or bf16 / fp16 on
+// the CPU (staged). Throws Error naming the tensor. Call finish() after the layer has run.
 struct ForwardCall {
   LayerInputs in;
   float* y = nullptr;
+  Staging staging;
+  void finish() const { staging.finish(); }
 };
 ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
                          const TensorView& value, const TensorView& y, const char* y_name = "y");
@@ -81,6 +103,8 @@ struct BackwardCall {
   LayerInputs in;
   const float* dy = nullptr;
   float *dquery = nullptr, *dkey = nullptr, *dvalue = nullptr;
+  Staging staging;
+  void finish() const { staging.finish(); }
 };
 BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorView& key,
                            const TensorView& value, const TensorView& dy, const TensorView& dquery,

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
+#include "src/dtype.h"
 #include "tests/layer_util.h"
 #include "tests/oracle.h"
 #include "tests/test_util.h"
@@ -294,11 +296,14 @@ TEST(Multihead, BadInputsFailBeforeCompute) {
   EXPECT_NE(what.find("y is [1, 8, 32] but the call's first tensor is [1, 16, 32]"),
             std::string::npos)
       << what;
-  TensorView bf16 = good;
-  bf16.dtype = DType::kBF16;
-  std::tie(code, what) = message(bf16, out);
+  // bf16 host tensors are staged through fp32 (LowPrecisionHostTensorsComputeInFp32); on a
+  // CUDA device only fp32 is taken (or, without CUDA, no device tensor at all).
+  TensorView bf16_device = good;
+  bf16_device.dtype = DType::kBF16;
+  bf16_device.device = Device::kCUDA;
+  std::tie(code, what) = message(bf16_device, out);
   EXPECT_EQ(code, ErrorCode::kUnsupported);
-  EXPECT_NE(what.find("fp32"), std::string::npos) << what;
+  EXPECT_NE(what.find("CUDA"), std::string::npos) << what;
   const TensorView strided =
       TensorView::strided(const_cast<float*>(x.data()), DType::kF32, {1, 8, 32}, {512, 64, 1});
   std::tie(code, what) = message(strided, bne(y, 1, 8, 32));
@@ -318,6 +323,79 @@ TEST(Multihead, BadInputsFailBeforeCompute) {
   });
   EXPECT_NE(std::string(e.what()).find("saved holds a forward of B = 1, N = 16"), std::string::npos)
       << e.what();
+}
+
+// bf16 / fp16 host tensors: the layer computes in fp32 on their values, so y and the input
+// gradients are the fp32 layer's (on the widened inputs and dy) rounded once, and the weight
+// gradients are the fp32 ones, bit for bit; self-attention's x and dx stay one buffer each.
+TEST(Multihead, LowPrecisionHostTensorsComputeInFp32) {
+  const LayerCase c{2, 16, 32, 4, 2, {8, 16}, {1, 2}, Mode::kGroups, true};
+  const MultiheadDilatedAttention layer(c.config(), random_weights(c.config(), 7));
+  const size_t n = static_cast<size_t>(c.B * c.N * c.E);
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    // One element rounded to dtype: its bits and its value.
+    const auto round = [dtype](float x) {
+      uint16_t bits;
+      float value;
+      if (dtype == DType::kBF16) {
+        const bf16_t r = from_f32<bf16_t>(x);
+        std::memcpy(&bits, &r, 2);
+        value = to_f32(r);
+      } else {
+        const fp16_t r = from_f32<fp16_t>(x);
+        std::memcpy(&bits, &r, 2);
+        value = to_f32(r);
+      }
+      return std::pair(bits, value);
+    };
+    const auto expect_rounded = [&](const std::vector<uint16_t>& got,
+                                    const std::vector<float>& fp32, const char* name) {
+      size_t wrong = 0;
+      for (size_t j = 0; j < n; ++j) wrong += got[j] != round(fp32[j]).first;
+      EXPECT_EQ(wrong, 0u) << name << " (" << dtype_name(dtype) << ")";
+    };
+    // query, key, value, dy: low-precision bits and the fp32 values they hold.
+    std::vector<uint16_t> low[4];
+    std::vector<float> wide[4];
+    for (int i = 0; i < 4; ++i) {
+      const std::vector<float> x = normal_vector(n, static_cast<uint32_t>(10 + i));
+      for (float v : x) {
+        const auto [bits, value] = round(v);
+        low[i].push_back(bits);
+        wide[i].push_back(value);
+      }
+    }
+    const auto view = [&](const void* data, DType t) {
+      return TensorView::contiguous(const_cast<void*>(data), t, {c.B, c.N, c.E});
+    };
+    for (const bool self : {true, false}) {
+      SCOPED_TRACE(self ? "self-attention" : "query, key, value");
+      std::vector<float> y32(n), dq32(n), dk32(n), dv32(n);
+      std::vector<uint16_t> y(n), dq(n), dk(n), dv(n);
+      MultiheadSaved saved32, saved;
+      MultiheadWeights g32, g;
+      const auto f32 = [&](int i) { return view(wide[i].data(), DType::kF32); };
+      const auto lp = [&](int i) { return view(low[i].data(), dtype); };
+      if (self) {
+        layer.forward(f32(0), view(y32.data(), DType::kF32), &saved32);
+        layer.forward(lp(0), view(y.data(), dtype), &saved);
+        layer.backward(f32(0), f32(3), saved32, view(dq32.data(), DType::kF32), g32);
+        layer.backward(lp(0), lp(3), saved, view(dq.data(), dtype), g);
+      } else {
+        layer.forward(f32(0), f32(1), f32(2), view(y32.data(), DType::kF32), &saved32);
+        layer.forward(lp(0), lp(1), lp(2), view(y.data(), dtype), &saved);
+        layer.backward(f32(0), f32(1), f32(2), f32(3), saved32, view(dq32.data(), DType::kF32),
+                       view(dk32.data(), DType::kF32), view(dv32.data(), DType::kF32), g32);
+        layer.backward(lp(0), lp(1), lp(2), lp(3), saved, view(dq.data(), dtype),
+                       view(dk.data(), dtype), view(dv.data(), dtype), g);
+        expect_rounded(dk, dk32, "dkey");
+        expect_rounded(dv, dv32, "dvalue");
+      }
+      expect_rounded(y, y32, "y");
+      expect_rounded(dq, dq32, self ? "dx" : "dquery");
+      for (const auto& [member, name] : kWeightParams) EXPECT_EQ(g.*member, g32.*member) << name;
+    }
+  }
 }
 
 TEST(Multihead, XavierInitialisation) {

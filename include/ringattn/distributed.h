@@ -52,10 +52,11 @@ class DistributedDilatedAttention {
                                         const MultiheadWeights& whole, int head_rank,
                                         int head_ranks);
 
-  // Collective over both communicators. x (or query, key, value): [B, N_loc, E] fp32, this
-  // rank's rows (the same on every rank of head_comm); y: [B, N_loc, E] written (the same on
-  // every rank of head_comm). Every check (shapes, every branch fitting the shards, ranks
-  // agreeing on B and N_loc) runs before any compute, and an error is thrown on every rank.
+  // Collective over both communicators. x (or query, key, value): [B, N_loc, E] (fp32, bf16 or
+  // fp16, as in MultiheadDilatedAttention), this rank's rows (the same on every rank of head_comm);
+  // y: [B, N_loc, E] written (the same on every rank of head_comm). Every check (shapes, every
+  // branch fitting the shards, ranks agreeing on B and N_loc) runs before any compute, and an error
+  // is thrown on every rank.
   void forward(const TensorView& x, const TensorView& y, MultiheadSaved* saved = nullptr);
   void forward(const TensorView& query, const TensorView& key, const TensorView& value,
                const TensorView& y, MultiheadSaved* saved = nullptr);

@@ -9,9 +9,11 @@
 //   o = LayerNorm_o(o)                                 (layer_norm: the sub-LayerNorm, over H*D)
 //   y = o Wo^T + bo             [B, N, E]
 //
-// Everything is fp32. On host tensors the four projections go through the BLAS the library
-// was built with (CMake's FindBLAS; OpenBLAS by default), the attention through the fused CPU
-// kernel of DilatedAttention. On CUDA tensors (Device::kCUDA, builds with the CUDA backend)
+// The math is fp32 (weights, gradients, every intermediate). Host tensors may also be bf16 or
+// fp16: such a tensor is converted into an fp32 copy for the call, and the outputs computed
+// in fp32 are rounded once into it. On host tensors the four projections go through the BLAS the
+// library was built with (CMake's FindBLAS; OpenBLAS by default), the attention through the fused
+// CPU kernel of DilatedAttention. On CUDA tensors (Device::kCUDA, builds with the CUDA backend)
 // everything runs on the current device: the projections through cuBLAS SGEMM (fp32, no
 // TF32), LayerNorms, biases and their gradients as deterministic kernels, the attention
 // through DilatedAttention's CUDA backend; the weights stay host vectors (uploaded for each
@@ -97,11 +99,11 @@ class MultiheadDilatedAttention {
   MultiheadDilatedAttention(MultiheadConfig config, MultiheadWeights weights,
                             ExecOptions options = {});
 
-  // Self-attention. x: [B, N, E] fp32 contiguous, read. y: [B, N, E] fp32 contiguous,
-  // written. Every tensor of a call lives on the CPU, or every one on the current CUDA device
-  // (ExecOptions::cuda_stream; the call waits for its work); mixing throws. `saved` (optional) is
-  // filled for backward. Every shape, dtype and attention rule (DilatedAttention's: N % s_i, ...)
-  // is checked before any compute; a violation throws.
+  // Self-attention. x: [B, N, E] contiguous, read. y: [B, N, E] contiguous, written. fp32,
+  // or bf16 / fp16 on the CPU (see above). Every tensor of a call lives on the CPU, or every one on
+  // the current CUDA device (ExecOptions::cuda_stream; the call waits for its work); mixing throws.
+  // `saved` (optional) is filled for backward. Every shape, dtype and attention rule
+  // (DilatedAttention's: N % s_i, ...) is checked before any compute; a violation throws.
   void forward(const TensorView& x, const TensorView& y, MultiheadSaved* saved = nullptr) const;
   // query, key, value: [B, N, E] each, read (same B and N).
   void forward(const TensorView& query, const TensorView& key, const TensorView& value,
