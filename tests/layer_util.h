@@ -2,10 +2,12 @@
 // Shared by the multihead and distributed layer tests: configurations, weights with every
 // parameter non-trivial, and [B, N, E] inputs.
 
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "ringattn/ringattn.h"
+#include "src/dtype.h"
 
 namespace ringattn::test {
 
@@ -79,6 +81,29 @@ inline std::vector<float> normal_vector(size_t n, uint32_t seed) {
 
 inline TensorView bne(const std::vector<float>& data, int64_t B, int64_t N, int64_t E) {
   return TensorView::contiguous(const_cast<float*>(data.data()), DType::kF32, {B, N, E});
+}
+
+// x rounded to bf16 or fp16: the elements' bits and the fp32 values they hold.
+struct Rounded {
+  std::vector<uint16_t> bits;
+  std::vector<float> values;
+};
+inline Rounded round_to(DType dtype, const std::vector<float>& x) {
+  Rounded r;
+  for (float v : x) {
+    uint16_t bits;
+    if (dtype == DType::kBF16) {
+      const bf16_t h = from_f32<bf16_t>(v);
+      std::memcpy(&bits, &h, sizeof bits);
+      r.values.push_back(to_f32(h));
+    } else {
+      const fp16_t h = from_f32<fp16_t>(v);
+      std::memcpy(&bits, &h, sizeof bits);
+      r.values.push_back(to_f32(h));
+    }
+    r.bits.push_back(bits);
+  }
+  return r;
 }
 
 }  // namespace ringattn::test

@@ -133,6 +133,36 @@ TEST(Distributed, SequenceParallelEqualsSingleProcess) {
   }
 }
 
+// bf16 tensors through the collective path: the layer computes in fp32 on their values, so
+// its outputs are the fp32 layer's rounded once and its gradients the fp32 ones, bit for bit.
+TEST(Distributed, Bf16TensorsComputeInFp32) {
+  const std::unique_ptr<Communicator> self = make_self_communicator();
+  const LayerCase c = seq_case(world().size(), Mode::kGroups, true);
+  const int64_t n_loc = c.N / world().size();
+  const size_t size = static_cast<size_t>(c.B * n_loc * c.E);
+  DistributedDilatedAttention layer(c.config(), world(), *self, random_weights(c.config(), 9));
+  const Rounded x =
+      round_to(DType::kBF16, normal_vector(size, static_cast<uint32_t>(1 + world().rank())));
+  const Rounded dy =
+      round_to(DType::kBF16, normal_vector(size, static_cast<uint32_t>(5 + world().rank())));
+  const auto view = [&](const void* data, DType t) {
+    return TensorView::contiguous(const_cast<void*>(data), t, {c.B, n_loc, c.E});
+  };
+  std::vector<float> y32(size), dx32(size);
+  std::vector<uint16_t> y(size), dx(size);
+  MultiheadSaved saved32, saved;
+  MultiheadWeights g32, g;
+  layer.forward(view(x.values.data(), DType::kF32), view(y32.data(), DType::kF32), &saved32);
+  layer.backward(view(x.values.data(), DType::kF32), view(dy.values.data(), DType::kF32), saved32,
+                 view(dx32.data(), DType::kF32), g32);
+  layer.forward(view(x.bits.data(), DType::kBF16), view(y.data(), DType::kBF16), &saved);
+  layer.backward(view(x.bits.data(), DType::kBF16), view(dy.bits.data(), DType::kBF16), saved,
+                 view(dx.data(), DType::kBF16), g);
+  EXPECT_EQ(y, round_to(DType::kBF16, y32).bits);
+  EXPECT_EQ(dx, round_to(DType::kBF16, dx32).bits);
+  for (const auto& [member, name] : kWeightParams) EXPECT_EQ(g.*member, g32.*member) << name;
+}
+
 TEST(Distributed, FrameworkReducesWeightGradients) {
   const std::unique_ptr<Communicator> self = make_self_communicator();
   check_distributed(seq_case(world().size(), Mode::kGroups, true), world(), *self, true, false);

@@ -5,9 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 
-#include "src/dtype.h"
 #include "tests/layer_util.h"
 #include "tests/oracle.h"
 #include "tests/test_util.h"
@@ -333,37 +331,20 @@ TEST(Multihead, LowPrecisionHostTensorsComputeInFp32) {
   const MultiheadDilatedAttention layer(c.config(), random_weights(c.config(), 7));
   const size_t n = static_cast<size_t>(c.B * c.N * c.E);
   for (const DType dtype : {DType::kBF16, DType::kF16}) {
-    // One element rounded to dtype: its bits and its value.
-    const auto round = [dtype](float x) {
-      uint16_t bits;
-      float value;
-      if (dtype == DType::kBF16) {
-        const bf16_t r = from_f32<bf16_t>(x);
-        std::memcpy(&bits, &r, 2);
-        value = to_f32(r);
-      } else {
-        const fp16_t r = from_f32<fp16_t>(x);
-        std::memcpy(&bits, &r, 2);
-        value = to_f32(r);
-      }
-      return std::pair(bits, value);
-    };
     const auto expect_rounded = [&](const std::vector<uint16_t>& got,
                                     const std::vector<float>& fp32, const char* name) {
+      const std::vector<uint16_t> want = round_to(dtype, fp32).bits;
       size_t wrong = 0;
-      for (size_t j = 0; j < n; ++j) wrong += got[j] != round(fp32[j]).first;
+      for (size_t j = 0; j < n; ++j) wrong += got[j] != want[j];
       EXPECT_EQ(wrong, 0u) << name << " (" << dtype_name(dtype) << ")";
     };
     // query, key, value, dy: low-precision bits and the fp32 values they hold.
     std::vector<uint16_t> low[4];
     std::vector<float> wide[4];
     for (int i = 0; i < 4; ++i) {
-      const std::vector<float> x = normal_vector(n, static_cast<uint32_t>(10 + i));
-      for (float v : x) {
-        const auto [bits, value] = round(v);
-        low[i].push_back(bits);
-        wide[i].push_back(value);
-      }
+      Rounded r = round_to(dtype, normal_vector(n, static_cast<uint32_t>(10 + i)));
+      low[i] = std::move(r.bits);
+      wide[i] = std::move(r.values);
     }
     const auto view = [&](const void* data, DType t) {
       return TensorView::contiguous(const_cast<void*>(data), t, {c.B, c.N, c.E});
