@@ -23,6 +23,8 @@ using detail::KeySourceFn;
 using detail::Scratch;
 using detail::Tiles;
 
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
 // Sequence rows per task for head h: enough that its sparsest branch still keeps
 // kKeptRows query rows, so each packed key/value tile serves many queries.
 int64_t head_row_block(const Problem& p, int64_t h) {
@@ -81,7 +83,11 @@ void write_rows(const Problem& p, int64_t b, int64_t h, int64_t n0, int64_t n1, 
     const float* acc = acc_o + (n - n0) * ld;
     const int64_t local = n - p.shard_begin;
     T* row = out + b * p.out_st.b + local * p.out_st.n + h * p.out_st.h;
-    for (int64_t d = 0; d < p.head_dim; ++d) row[d] = from_f32<T>(acc[d] * p.out_factor);
+    if (acc_l[n - n0] == kNegInf) {  // no key seen: 0 (the accumulator row was never written)
+      std::fill_n(row, p.head_dim, from_f32<T>(0.0f));
+    } else {
+      for (int64_t d = 0; d < p.head_dim; ++d) row[d] = from_f32<T>(acc[d] * p.out_factor);
+    }
     if (p.lse) p.lse[b * p.lse_st.b + local * p.lse_st.n + h * p.lse_st.h] = acc_l[n - n0];
   }
 }
@@ -174,8 +180,6 @@ std::vector<ThreadScratch> make_scratch(const Tiles& tiles, int num_threads) {
   return scratch;
 }
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
 }  // namespace
 
 KeySourceFn detail::local_keys(const Problem& p) {
@@ -204,8 +208,7 @@ void forward(const Problem& p, int num_threads) {
   const std::vector<ThreadScratch> scratch = make_scratch(tiles, num_threads);
   const KeySourceFn sources = detail::local_keys(p);
   run_tasks(tasks, scratch, nullptr, [&](const Task& t, const Scratch& sc) {
-    std::fill_n(sc.acc_o, (t.n1 - t.n0) * tiles.padded_dim, 0.0f);
-    std::fill_n(sc.acc_l, t.n1 - t.n0, kNegInf);
+    std::fill_n(sc.acc_l, t.n1 - t.n0, kNegInf);  // acc_o rows are written by their first merge
     detail::forward_block(p, tiles, t.b, t.h, t.n0, t.n1, sources, sc);
     write_block(p, t, sc.acc_o, tiles.padded_dim, sc.acc_l);
   });

@@ -156,7 +156,8 @@ KeySourceFn local_keys(const Problem& p);
 
 // One task: global rows [n0, n1) of head h in batch b (all inside the local shard), every
 // branch of that head, attending to the keys `sources` names. Each piece's (O, lse) is
-// merged (SPEC.md merge) into scratch.acc_o / acc_l, which the caller initialises.
+// merged (SPEC.md merge) into scratch.acc_o / acc_l. The caller sets acc_l to -inf; an acc_o
+// row is only read once its acc_l is finite (a row's first merge writes it).
 void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
                    int64_t n1, const KeySourceFn& sources, const Scratch& scratch);
 

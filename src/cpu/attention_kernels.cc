@@ -347,6 +347,12 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
     float* acc = qr.acc_o + i * qr.acc_step * dp;
     float& acc_l = qr.acc_l[i * qr.acc_step];
     const float prev = acc_l;
+    if (prev == kNegInf) {  // the row's first result (its acc_o row is not read)
+      const float a = 1.0f / l;
+      for (int64_t c = 0; c < D; ++c) acc[c] = a * sc.ot[c * ld + i];
+      acc_l = lse;
+      continue;
+    }
     const float mx = prev > lse ? prev : lse;
     const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
     const float total = w_prev + w_part;
