@@ -13,36 +13,8 @@
 namespace ringattn::test {
 namespace {
 
-struct Inputs {
-  Tensor q, k, v, dout, out, lse, dq, dk, dv;
-  DilatedConfig cfg;
-
-  explicit Inputs(const Case& c, uint32_t seed)
-      : q(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
-        k(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0),
-        v(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 3 : 0),
-        dout(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
-        out(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
-        lse(DType::kF32, {c.B, c.H, c.N}),
-        dq(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
-        dk(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 2 : 0),
-        dv(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0),
-        cfg{c.s, c.r, c.mode, c.causal, std::nullopt} {
-    std::mt19937 rng(seed);
-    q.fill_normal(rng);
-    k.fill_normal(rng);
-    v.fill_normal(rng);
-    dout.fill_normal(rng);
-  }
-
-  BackwardProblem problem() const {
-    return make_backward_problem(cfg, dout.view(), q.view(), k.view(), v.view(), out.view(),
-                                 lse.view(), dq.view(), dk.view(), dv.view(), 1 << 20, "reference");
-  }
-};
-
 // loss = sum(dout * out), computed by the fp64 reference forward.
-double loss(const Inputs& in) {
+double loss(const CaseTensors& in) {
   const ReferenceResult r = reference_forward(in.problem().fwd);
   const std::vector<double> dout = to_double(in.dout);
   double l = 0.0;
@@ -51,7 +23,7 @@ double loss(const Inputs& in) {
 }
 
 // d loss / d x at element (b, n, h, d) by central differences on the fp32 inputs.
-double finite_difference(Inputs& in, Tensor& x, int64_t b, int64_t n, int64_t h, int64_t d) {
+double finite_difference(CaseTensors& in, Tensor& x, int64_t b, int64_t n, int64_t h, int64_t d) {
   const float x0 = x.get(b, n, h, d), step = 1e-3f;
   x.set(b, n, h, d, x0 + step);
   const double up = loss(in);
@@ -74,7 +46,7 @@ TEST(Backward, ReferenceMatchesFiniteDifferences) {
   uint32_t seed = 1;
   for (const Case& c : cases) {
     SCOPED_TRACE(describe(c));
-    Inputs in(c, seed++);
+    CaseTensors in(c, seed++);
     const ReferenceGrads g = reference_backward(in.problem());
     struct Target {
       Tensor& x;
@@ -99,8 +71,8 @@ TEST(Backward, ReferenceMatchesFiniteDifferences) {
 // Runs forward then backward with the CPU backend and compares with the reference.
 void check_case(const Case& c, uint32_t seed) {
   SCOPED_TRACE(describe(c));
-  Inputs in(c, seed);
-  const DilatedAttention attn(in.cfg);
+  CaseTensors in(c, seed);
+  const DilatedAttention attn(in.c.config());
   attn.forward(in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view());
   attn.backward(in.dout.view(), in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view(),
                 in.dq.view(), in.dk.view(), in.dv.view());
@@ -136,9 +108,9 @@ TEST(Backward, RandomisedConfigurations) {
 
 TEST(Backward, BitwiseDeterministicAcrossRunsAndThreadCounts) {
   const Case c{2, 256, 4, 2, 64, {64, 256}, {1, 2}, Mode::kLongNet, true};
-  Inputs a(c, 40), b(c, 40);
-  for (auto [in, threads] : {std::pair<Inputs*, int>{&a, 1}, {&b, 2}}) {
-    const DilatedAttention attn(in->cfg, ExecOptions{Backend::kCpu, threads});
+  CaseTensors a(c, 40), b(c, 40);
+  for (auto [in, threads] : {std::pair<CaseTensors*, int>{&a, 1}, {&b, 2}}) {
+    const DilatedAttention attn(in->c.config(), ExecOptions{Backend::kCpu, threads});
     attn.forward(in->q.view(), in->k.view(), in->v.view(), in->out.view(), in->lse.view());
     attn.backward(in->dout.view(), in->q.view(), in->k.view(), in->v.view(), in->out.view(),
                   in->lse.view(), in->dq.view(), in->dk.view(), in->dv.view());
@@ -151,9 +123,9 @@ TEST(Backward, BitwiseDeterministicAcrossRunsAndThreadCounts) {
 
 TEST(Backward, ValidatesGradientShapes) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
-  Inputs in(c, 50);
+  CaseTensors in(c, 50);
   Tensor wrong(DType::kF32, {1, 16, 2, 4});
-  const DilatedAttention attn(in.cfg);
+  const DilatedAttention attn(in.c.config());
   try {
     attn.backward(in.dout.view(), in.q.view(), in.k.view(), in.v.view(), in.out.view(),
                   in.lse.view(), in.dq.view(), wrong.view(), in.dv.view());

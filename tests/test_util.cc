@@ -93,6 +93,29 @@ void Tensor::fill(float value) {
         for (int64_t d = 0; d < d3; ++d) set(a, b, c, d, value);
 }
 
+CaseTensors::CaseTensors(const Case& cs, uint32_t seed)
+    : c(cs),
+      q(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
+      k(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0),
+      v(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 3 : 0),
+      dout(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
+      out(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
+      lse(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
+      dq(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
+      dk(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 2 : 0),
+      dv(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0) {
+  std::mt19937 rng(seed);
+  q.fill_normal(rng);
+  k.fill_normal(rng);
+  v.fill_normal(rng);
+  dout.fill_normal(rng);
+}
+
+BackwardProblem CaseTensors::problem() const {
+  return make_backward_problem(c.config(), dout.view(), q.view(), k.view(), v.view(), out.view(),
+                               lse.view(), dq.view(), dk.view(), dv.view(), 1 << 20, "reference");
+}
+
 std::vector<double> to_double(const Tensor& x) {
   const TensorView v = x.view();
   std::vector<double> out;

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "ringattn/ringattn.h"
+#include "src/problem.h"
 
 namespace ringattn::test {
 
@@ -51,6 +52,17 @@ struct Case {
 
 // "B=1 N=256 ... s=[64,128] r=[1,2] groups causal fp32", for SCOPED_TRACE.
 std::string describe(const Case& c);
+
+// The tensors of one forward + backward case: inputs (q, k, v, dout) random from `seed`,
+// outputs poisoned with NaN (Tensor's initial state), in the case's layout (strided: padded
+// rows, heads outer).
+struct CaseTensors {
+  Case c;
+  Tensor q, k, v, dout, out, lse, dq, dk, dv;
+  CaseTensors(const Case& cs, uint32_t seed);
+  // The backward problem over these tensors, validated as the reference backend would.
+  BackwardProblem problem() const;
+};
 
 // A random configuration: B 1-2, 1-3 branches of doubling segments (16, 32 or 64 first),
 // rates 1-5 (not always dividing s), GQA, either mode, causal or not, maybe strided; D

@@ -14,40 +14,11 @@
 namespace ringattn::test {
 namespace {
 
-// Host tensors of one case (inputs random, outputs poisoned with NaN by Tensor).
-struct HostCase {
-  Case c;
-  Tensor q, k, v, dout, out, lse, dq, dk, dv;
-
-  HostCase(const Case& cs, uint32_t seed)
-      : c(cs),
-        q(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
-        k(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0),
-        v(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 3 : 0),
-        dout(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
-        out(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 2 : 0),
-        lse(DType::kF32, {c.B, c.H, c.N}, true, c.strided ? 1 : 0),
-        dq(c.dtype, {c.B, c.N, c.H, c.D}, !c.strided, c.strided ? 1 : 0),
-        dk(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 2 : 0),
-        dv(c.dtype, {c.B, c.N, c.Hkv, c.D}, !c.strided, c.strided ? 1 : 0) {
-    std::mt19937 rng(seed);
-    q.fill_normal(rng);
-    k.fill_normal(rng);
-    v.fill_normal(rng);
-    dout.fill_normal(rng);
-  }
-
-  BackwardProblem problem() const {
-    return make_backward_problem(c.config(), dout.view(), q.view(), k.view(), v.view(), out.view(),
-                                 lse.view(), dq.view(), dk.view(), dv.view(), 1 << 20, "reference");
-  }
-};
-
 // The same tensors on the device; run() computes forward (and backward) there and copies
 // the results back into the host tensors.
 struct DeviceCase {
   DeviceCopy q, k, v, dout, out, lse, dq, dk, dv;
-  explicit DeviceCase(const HostCase& h)
+  explicit DeviceCase(const CaseTensors& h)
       : q(h.q),
         k(h.k),
         v(h.v),
@@ -58,7 +29,7 @@ struct DeviceCase {
         dk(h.dk),
         dv(h.dv) {}
 
-  void run(HostCase& h, bool backward) {
+  void run(CaseTensors& h, bool backward) {
     const DilatedAttention attn(h.c.config(), ExecOptions{Backend::kCuda, 0});
     attn.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
     out.download(h.out);
@@ -74,19 +45,19 @@ struct DeviceCase {
 
 // Forward: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error of the
 // naive computation in the same precision (SPEC.md); lse close; non-zero and finite.
-void check_forward(const HostCase& h) {
+void check_forward(const CaseTensors& h) {
   expect_forward_close(h.c.config(), h.q, h.k, h.v, h.out, h.lse,
                        reference_forward(h.problem().fwd));
 }
 
 // Backward: dq, dk, dv against the fp64 reference gradients (the CPU backend's bounds).
-void check_backward(const HostCase& h) {
+void check_backward(const CaseTensors& h) {
   expect_grads_close(h.c.dtype, h.dq, h.dk, h.dv, reference_backward(h.problem()));
 }
 
 void check_case(const Case& c, uint32_t seed, bool backward) {
   SCOPED_TRACE(describe(c));
-  HostCase h(c, seed);
+  CaseTensors h(c, seed);
   DeviceCase d(h);
   d.run(h, backward);
   check_forward(h);
@@ -170,7 +141,7 @@ TEST(CudaBackward, RandomisedConfigurations) {
 TEST(CudaBackward, BitwiseDeterministic) {
   RA_SKIP_WITHOUT_GPU();
   const Case c{2, 256, 4, 2, 64, {64, 256}, {1, 2}, Mode::kLongNet, true, DType::kBF16};
-  HostCase a(c, 80), b(c, 80);
+  CaseTensors a(c, 80), b(c, 80);
   DeviceCase da(a), db(b);
   da.run(a, true);
   db.run(b, true);
@@ -186,7 +157,7 @@ TEST(CudaBackward, BitwiseDeterministic) {
 TEST(CudaForward, RunsOnTheGivenStream) {
   RA_SKIP_WITHOUT_GPU();
   const Case c{1, 128, 2, 2, 64, {128}, {1}, Mode::kGroups, true, DType::kF16};
-  HostCase h(c, 90);
+  CaseTensors h(c, 90);
   DeviceCase d(h);
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
@@ -203,7 +174,7 @@ TEST(CudaForward, RunsOnTheGivenStream) {
 // GPU, CUDA tensors are a device error (the ring's forward and backward too).
 TEST(CudaApi, DeviceErrors) {
   const Case c{1, 16, 2, 2, 8, {16}, {1}, Mode::kGroups, false};
-  HostCase h(c, 100);
+  CaseTensors h(c, 100);
   TensorView on_gpu = h.k.view();
   on_gpu.device = Device::kCUDA;
   TensorView q_gpu = h.q.view();
