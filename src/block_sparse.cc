@@ -367,12 +367,10 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
                              keys.source(b, hk, kb0, count),
                              nullptr,
                              nullptr,
+                             D,
                              D};
               if (grads == nullptr) {
-                const int64_t row = kb0 * plan.bs - p.shard_begin;
-                w.dk = shard.dk_row(b, row, hk);
-                w.dv = shard.dv_row(b, row, hk);
-                w.dkv_stride = p.kv_heads * D;
+                shard.key_grads(w, b, kb0 * plan.bs - p.shard_begin, hk, 1);
               } else {
                 w.dk = grads + keys.offset(b, hk, kb0);
                 w.dv = w.dk + keys.part_elements();

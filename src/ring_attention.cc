@@ -489,6 +489,9 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       f.fwd.lse_st = {heads * half, 1, half};
       f.dout = in_dout.data();
       f.dout_st = f.fwd.q_st;
+      // Its dq goes back to the queries' owner and its keys' gradients into `shard`: none of
+      // it lands in this rank's tensors, so it sums in accumulators of its own.
+      f.dq = f.dk = f.dv = nullptr;
       cpu::ShardBackward foreign(f, options_.num_threads);
       const Branch br = p.branches[static_cast<size_t>(span.branch)];
       const int64_t seg = split / br.segment;
@@ -537,7 +540,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
               const int hb = p.head_branch(h, sb.branch);
               cpu::detail::BackwardWork w{
-                  b, h, sb.branch, 0, p.shard_begin / br.segment, 0, 0, {}, nullptr, nullptr, D};
+                  b, h, sb.branch, 0, p.shard_begin / br.segment, 0, 0, {}, nullptr, nullptr, D, D};
               if (hb < 0 || !block_keys(ring, p, plan, e, block, b, h, hb, w.keys)) continue;
               w.offset = p.head_branches[hb].offset;
               const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,

@@ -385,8 +385,33 @@ void write_grad(DType dtype, const std::vector<float>& acc, void* dst, const Str
 struct ShardBackward::State {
   detail::BackwardTiles tiles;
   std::vector<BackwardThreadScratch> scratch;
-  std::vector<float> dq, dk, dv;  // fp32 [B][shard_rows][heads][D]
+  std::vector<float> dq_acc, dk_acc, dv_acc;  // fp32 [B][shard_rows][heads][D] unless fp32 out
+  detail::GradRows dq, dk, dv;                // where the sums live
 };
+
+namespace {
+
+// The rows gradients are summed in: the caller's tensor when it is fp32 (zeroed here), else
+// `acc` (contiguous, zero; also when there is no tensor).
+detail::GradRows grad_rows(const Problem& p, void* dst, const Strides3& st, int64_t heads,
+                           std::vector<float>& acc) {
+  if (p.dtype == DType::kF32 && dst != nullptr) {
+    float* base = static_cast<float*>(dst);
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t n = 0; n < p.shard_rows; ++n) {
+        for (int64_t h = 0; h < heads; ++h) {
+          std::fill_n(base + b * st.b + n * st.n + h * st.h, p.head_dim, 0.0f);
+        }
+      }
+    }
+    return {base, st};
+  }
+  acc.assign(static_cast<size_t>(p.batch * p.shard_rows * heads * p.head_dim), 0.0f);
+  return {acc.data(), {p.shard_rows * heads * p.head_dim, heads * p.head_dim, p.head_dim}};
+}
+
+}  // namespace
 
 ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows)
     : bp_(bp), local_(detail::local_keys(bp.fwd)), s_(new State) {
@@ -399,21 +424,27 @@ ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads, int64_t
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   s_->scratch.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) s_->scratch.emplace_back(s_->tiles);
-  const int64_t rows = p.batch * p.shard_rows * p.head_dim;
-  s_->dq.assign(static_cast<size_t>(rows * p.heads), 0.0f);
-  s_->dk.assign(static_cast<size_t>(rows * p.kv_heads), 0.0f);
-  s_->dv.assign(s_->dk.size(), 0.0f);
+  s_->dq = grad_rows(p, bp.dq, bp.dq_st, p.heads, s_->dq_acc);
+  s_->dk = grad_rows(p, bp.dk, bp.dk_st, p.kv_heads, s_->dk_acc);
+  s_->dv = grad_rows(p, bp.dv, bp.dv_st, p.kv_heads, s_->dv_acc);
 }
 
 ShardBackward::~ShardBackward() = default;
 
 float* ShardBackward::dk_row(int64_t b, int64_t local_row, int64_t kv_head) {
-  const Problem& p = bp_.fwd;
-  return s_->dk.data() + ((b * p.shard_rows + local_row) * p.kv_heads + kv_head) * p.head_dim;
+  return s_->dk.row(b, local_row, kv_head);
 }
 
 float* ShardBackward::dv_row(int64_t b, int64_t local_row, int64_t kv_head) {
-  return dk_row(b, local_row, kv_head) - s_->dk.data() + s_->dv.data();
+  return s_->dv.row(b, local_row, kv_head);
+}
+
+void ShardBackward::key_grads(detail::BackwardWork& w, int64_t b, int64_t local_row,
+                              int64_t kv_head, int64_t rate) const {
+  w.dk = s_->dk.row(b, local_row, kv_head);
+  w.dv = s_->dv.row(b, local_row, kv_head);
+  w.dk_stride = rate * s_->dk.st.n;
+  w.dv_stride = rate * s_->dv.st.n;
 }
 
 void ShardBackward::export_dq(int64_t h0, int64_t h1, float* dst) const {
@@ -422,8 +453,7 @@ void ShardBackward::export_dq(int64_t h0, int64_t h1, float* dst) const {
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t n = 0; n < rows; ++n) {
-        std::copy_n(s_->dq.data() + ((b * rows + n) * p.heads + h) * D, D,
-                    dst + ((b * (h1 - h0) + h - h0) * rows + n) * D);
+        std::copy_n(s_->dq.row(b, n, h), D, dst + ((b * (h1 - h0) + h - h0) * rows + n) * D);
       }
     }
   }
@@ -435,8 +465,7 @@ void ShardBackward::add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, c
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t n = 0; n < rows; ++n) {
-        float* dq =
-            s_->dq.data() + ((b * p.shard_rows + row0 - p.shard_begin + n) * p.heads + h) * D;
+        float* dq = s_->dq.row(b, row0 - p.shard_begin + n, h);
         const float* x = src + ((b * (h1 - h0) + h - h0) * rows + n) * D;
         for (int64_t d = 0; d < D; ++d) dq[d] += x[d];
       }
@@ -456,7 +485,7 @@ void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function
       list.clear();
       works(t, list);
       for (const detail::BackwardWork& w : list) {
-        detail::backward_piece(bp_, s_->tiles, w, sc, s_->dq.data());
+        detail::backward_piece(bp_, s_->tiles, w, sc, s_->dq);
       }
       if (omp_get_thread_num() == 0 && poll) poll();
     }
@@ -468,21 +497,10 @@ bool ShardBackward::local_key_work(int64_t b, int64_t h, int hb, int64_t segment
   const Problem& p = bp_.fwd;
   const HeadBranch& x = p.head_branches[static_cast<size_t>(hb)];
   const Branch br = p.branches[static_cast<size_t>(x.branch)];
-  w = {b,
-       h,
-       x.branch,
-       x.offset,
-       segment,
-       0,
-       0,
-       {},
-       nullptr,
-       nullptr,
-       br.rate * p.kv_heads * p.head_dim};
+  w = {b, h, x.branch, x.offset, segment, 0, 0, {}, nullptr, nullptr, 0, 0};
   if (!local_(b, h, hb, segment, w.keys)) return false;
   const int64_t row = segment * br.segment + x.offset + w.keys.t_begin * br.rate - p.shard_begin;
-  w.dk = const_cast<ShardBackward*>(this)->dk_row(b, row, p.kv_head(h));
-  w.dv = const_cast<ShardBackward*>(this)->dv_row(b, row, p.kv_head(h));
+  key_grads(w, b, row, p.kv_head(h), br.rate);
   return true;
 }
 
@@ -514,9 +532,20 @@ void ShardBackward::local_passes(const std::function<void()>& poll) {
 
 void ShardBackward::write_output() const {
   const Problem& p = bp_.fwd;
-  write_grad(p.dtype, s_->dq, bp_.dq, bp_.dq_st, p.batch, p.shard_rows, p.heads, p.head_dim);
-  write_grad(p.dtype, s_->dk, bp_.dk, bp_.dk_st, p.batch, p.shard_rows, p.kv_heads, p.head_dim);
-  write_grad(p.dtype, s_->dv, bp_.dv, bp_.dv_st, p.batch, p.shard_rows, p.kv_heads, p.head_dim);
+  // Empty accumulators: the sums are already in the fp32 tensors.
+  const struct {
+    const std::vector<float>& acc;
+    void* dst;
+    const Strides3& st;
+    int64_t heads;
+  } grads[] = {{s_->dq_acc, bp_.dq, bp_.dq_st, p.heads},
+               {s_->dk_acc, bp_.dk, bp_.dk_st, p.kv_heads},
+               {s_->dv_acc, bp_.dv, bp_.dv_st, p.kv_heads}};
+  for (const auto& g : grads) {
+    if (!g.acc.empty()) {
+      write_grad(p.dtype, g.acc, g.dst, g.st, p.batch, p.shard_rows, g.heads, p.head_dim);
+    }
+  }
 }
 
 void backward(const BackwardProblem& bp, int num_threads) {

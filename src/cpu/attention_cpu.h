@@ -28,8 +28,9 @@ using KeySourceFn =
     std::function<bool(int64_t b, int64_t h, int hb, int64_t segment, KeySource& source)>;
 }  // namespace detail
 
-// The backward of one shard built from passes (a ring): dq, dk, dv stay in fp32
-// accumulators ([B, shard_rows, heads, D]) between passes.
+// The backward of one shard built from passes (a ring): dq, dk, dv are summed in fp32
+// between passes, in the caller's tensors themselves when they are fp32, else in fp32
+// accumulators ([B, shard_rows, heads, D]) cast at the end.
 class ShardBackward {
  public:
   // Fills `works` with the units of task `task`; each task's units run in order on one
@@ -37,7 +38,8 @@ class ShardBackward {
   using WorkFn = std::function<void(int64_t task, std::vector<detail::BackwardWork>& works)>;
 
   // `max_key_rows` > 0 bounds the keys of one unit (scratch size) when the branches' own
-  // bound (their kept rows per segment) is larger than any unit the caller forms.
+  // bound (their kept rows per segment) is larger than any unit the caller forms. fp32
+  // bp.dq / dk / dv are zeroed here and summed into directly; null ones get accumulators.
   ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows = 0);
   ~ShardBackward();
   // Every branch's local queries against its local keys (one pass per branch).
@@ -51,11 +53,14 @@ class ShardBackward {
   // The fp32 gradient rows of kv head `kv_head` at local row `local_row` of batch b.
   float* dk_row(int64_t b, int64_t local_row, int64_t kv_head);
   float* dv_row(int64_t b, int64_t local_row, int64_t kv_head);
+  // Points w.dk / w.dv at those rows, consecutive keys `rate` rows apart.
+  void key_grads(detail::BackwardWork& w, int64_t b, int64_t local_row, int64_t kv_head,
+                 int64_t rate) const;
   // dq of heads [h0, h1) for all the shard's rows as [B][h1 - h0][rows][D] (fp32): a partial
   // result for another rank; add_dq adds one for `rows` rows from global row `row0`.
   void export_dq(int64_t h0, int64_t h1, float* dst) const;
   void add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
-  // Casts the accumulators into bp.dq, bp.dk, bp.dv.
+  // Casts the accumulators into bp.dq, bp.dk, bp.dv (fp32 tensors already hold the result).
   void write_output() const;
 
  private:
@@ -210,7 +215,7 @@ struct BackwardScratch {
 // One unit of backward work: the local queries [tq_begin, tq_end) (kept indices) of batch b,
 // head h, in one segment of one branch, against the keys of `keys` (kept indices
 // [keys.t_begin, keys.t_end), local or received). The gradients of those keys are added,
-// scaled, to fp32 rows dk/dv + (t - keys.t_begin) * dkv_stride.
+// scaled, to fp32 rows dk + (t - keys.t_begin) * dk_stride (dv alike).
 struct BackwardWork {
   int64_t b, h;
   int branch;
@@ -219,12 +224,22 @@ struct BackwardWork {
   KeySource keys;
   float* dk;
   float* dv;
-  int64_t dkv_stride;
+  int64_t dk_stride, dv_stride;
 };
 
-// Runs one unit; adds dQ to the fp32 accumulator dq [B][shard_rows][H][D].
+// fp32 gradient rows [B][shard rows][heads][D] at element strides: an accumulator of
+// ShardBackward's, or the caller's fp32 tensor itself.
+struct GradRows {
+  float* base;
+  Strides3 st;
+  float* row(int64_t b, int64_t local_row, int64_t head) const {
+    return base + b * st.b + local_row * st.n + head * st.h;
+  }
+};
+
+// Runs one unit; adds dQ to dq.
 void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
-                    const BackwardScratch& scratch, float* dq);
+                    const BackwardScratch& scratch, const GradRows& dq);
 
 }  // namespace detail
 }  // namespace ringattn::cpu

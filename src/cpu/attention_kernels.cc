@@ -395,13 +395,13 @@ void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h
 // inner; dQ of a query block and dK, dV of all the keys stay in scratch until they are added
 // to their destinations, so every row is written by one task in a fixed order.
 void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
-                       const BackwardScratch& sc, float* dq_acc) {
+                       const BackwardScratch& sc, const GradRows& dq_rows) {
   const Problem& p = bp.fwd;
   const DF df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df)), panel = Tiles::kMicroVecs * L;
   const int64_t MR = Tiles::kMicroRows, KB = BackwardTiles::kKeyBlock;
   const int64_t QB = BackwardTiles::kQueryBlock, QR = BackwardTiles::kQueryRows;
-  const int64_t D = p.head_dim, dp = tiles.padded_dim, N = p.shard_rows;
+  const int64_t D = p.head_dim, dp = tiles.padded_dim;
   const Branch br = p.branches[static_cast<size_t>(w.branch)];
   const int64_t r = br.rate, h = w.h, b = w.b;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -494,13 +494,13 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
       }
     }
     for (int64_t i = 0; i < nq; ++i) {
-      float* dq_row = dq_acc + ((b * N + row0 + (i0 + i) * r) * p.heads + h) * D;
+      float* dq_row = dq_rows.row(b, row0 + (i0 + i) * r, h);
       for (int64_t c = 0; c < D; ++c) dq_row[c] += p.scale * sc.dq[i * dp + c];
     }
   }
   for (int64_t j = 0; j < mk; ++j) {
-    float* dk_row = w.dk + j * w.dkv_stride;
-    float* dv_row = w.dv + j * w.dkv_stride;
+    float* dk_row = w.dk + j * w.dk_stride;
+    float* dv_row = w.dv + j * w.dv_stride;
     for (int64_t c = 0; c < D; ++c) {
       dk_row[c] += p.scale * sc.dk[j * dp + c];
       dv_row[c] += sc.dv[j * dp + c];
@@ -531,7 +531,7 @@ void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
 }
 
 void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
-                    const BackwardScratch& scratch, float* dq) {
+                    const BackwardScratch& scratch, const GradRows& dq) {
   HWY_DYNAMIC_DISPATCH(BackwardPieceImpl)(bp, tiles, w, scratch, dq);
 }
 
