@@ -143,34 +143,39 @@ void check_device_memory(std::initializer_list<std::pair<const char*, const Tens
 
 namespace {
 
-// forward_call's checks but the device memory's.
+// forward_call's checks but the device memory's; `y` is written (forward's y) or read
+// (backward's dy).
 ForwardCall forward_rows(int64_t embed, const TensorView& query, const TensorView& key,
-                         const TensorView& value, const TensorView& y, const char* y_name) {
+                         const TensorView& value, const TensorView& y, const char* y_name,
+                         bool y_written) {
   ForwardCall c;
   const char* first = nullptr;
   c.in.query = embed_rows(query, "query", embed, c.in, first, c.staging, false);
   c.in.key = embed_rows(key, "key", embed, c.in, first, c.staging, false);
   c.in.value = embed_rows(value, "value", embed, c.in, first, c.staging, false);
-  c.y = embed_rows(y, y_name, embed, c.in, first, c.staging, true);
+  c.y = embed_rows(y, y_name, embed, c.in, first, c.staging, y_written);
   return c;
 }
 
 }  // namespace
 
 float* Staging::fp32(const TensorView& t, bool written) {
-  for (Copy& c : copies_) {
-    if (c.view.data == t.data) {
-      c.written = c.written || written;
-      return c.data.data();
-    }
+  auto it = std::find_if(copies_.begin(), copies_.end(),
+                         [&](const Copy& c) { return c.view.data == t.data; });
+  if (it == copies_.end()) {
+    copies_.push_back({t, std::vector<float>(static_cast<size_t>(t.numel())), false, false});
+    it = copies_.end() - 1;
   }
-  Copy c{t, std::vector<float>(static_cast<size_t>(t.numel())), written};
-  if (t.dtype == DType::kBF16)
-    convert(static_cast<const bf16_t*>(t.data), c.data.data(), c.data.size());
-  if (t.dtype == DType::kF16)
-    convert(static_cast<const fp16_t*>(t.data), c.data.data(), c.data.size());
-  copies_.push_back(std::move(c));
-  return copies_.back().data.data();
+  // Only what the call reads is converted in (the layer overwrites what it writes).
+  if (!written && !it->read) {
+    if (t.dtype == DType::kBF16)
+      convert(static_cast<const bf16_t*>(t.data), it->data.data(), it->data.size());
+    if (t.dtype == DType::kF16)
+      convert(static_cast<const fp16_t*>(t.data), it->data.data(), it->data.size());
+    it->read = true;
+  }
+  it->written = it->written || written;
+  return it->data.data();
 }
 
 void Staging::finish() const {
@@ -185,7 +190,7 @@ void Staging::finish() const {
 
 ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
                          const TensorView& value, const TensorView& y, const char* y_name) {
-  ForwardCall c = forward_rows(embed, query, key, value, y, y_name);
+  ForwardCall c = forward_rows(embed, query, key, value, y, y_name, true);
   check_device_memory({{"query", &query}, {"key", &key}, {"value", &value}, {y_name, &y}});
   return c;
 }
@@ -194,7 +199,7 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
                            const TensorView& value, const TensorView& dy, const TensorView& dquery,
                            const TensorView& dkey, const TensorView& dvalue) {
   BackwardCall c;
-  ForwardCall f = forward_rows(embed, query, key, value, dy, "dy");
+  ForwardCall f = forward_rows(embed, query, key, value, dy, "dy", false);
   c.in = f.in;
   c.dy = f.y;
   c.staging = std::move(f.staging);

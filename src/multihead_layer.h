@@ -68,8 +68,8 @@ struct LayerInputs {
 };
 
 // The bf16 / fp16 host tensors of a call as fp32 copies: one copy per distinct tensor (a
-// tensor passed twice, as in self-attention, stays one buffer), converted in when made;
-// finish() converts the copies of the tensors the call writes back into them.
+// tensor passed twice, as in self-attention, stays one buffer), converted in once the call
+// reads it; finish() converts the copies of the tensors the call writes back into them.
 class Staging {
  public:
   Staging() = default;
@@ -82,7 +82,7 @@ class Staging {
   struct Copy {
     TensorView view;
     std::vector<float> data;
-    bool written;
+    bool read, written;
   };
   std::vector<Copy> copies_;
 };

@@ -351,33 +351,30 @@ class BackwardThreadScratch {
   Arena arena_;
 };
 
-// Casts a contiguous fp32 [B][N][heads][D] accumulator into a strided view.
-template <typename T>
-void write_grad(const std::vector<float>& acc, void* dst, const Strides3& st, int64_t batch,
-                int64_t rows, int64_t heads, int64_t dim) {
-  T* out = static_cast<T*>(dst);
-#pragma omp parallel for collapse(2)
+// fn(row, src) for every [D] row of a strided [B][rows][heads][D] view, with src the same
+// row of a contiguous fp32 array (nullptr when there is none), on `threads` threads.
+template <typename T, typename Fn>
+void for_each_grad_row(T* base, const Strides3& st, const float* contiguous, int64_t batch,
+                       int64_t rows, int64_t heads, int64_t dim, int threads, Fn&& fn) {
+#pragma omp parallel for collapse(2) num_threads(threads)
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t n = 0; n < rows; ++n) {
       for (int64_t h = 0; h < heads; ++h) {
-        const float* src = acc.data() + ((b * rows + n) * heads + h) * dim;
-        T* row = out + b * st.b + n * st.n + h * st.h;
-        for (int64_t d = 0; d < dim; ++d) row[d] = from_f32<T>(src[d]);
+        fn(base + b * st.b + n * st.n + h * st.h,
+           contiguous ? contiguous + ((b * rows + n) * heads + h) * dim : nullptr);
       }
     }
   }
 }
 
-void write_grad(DType dtype, const std::vector<float>& acc, void* dst, const Strides3& st,
-                int64_t batch, int64_t rows, int64_t heads, int64_t dim) {
-  switch (dtype) {
-    case DType::kF32:
-      return write_grad<float>(acc, dst, st, batch, rows, heads, dim);
-    case DType::kF16:
-      return write_grad<fp16_t>(acc, dst, st, batch, rows, heads, dim);
-    case DType::kBF16:
-      return write_grad<bf16_t>(acc, dst, st, batch, rows, heads, dim);
-  }
+// Casts a contiguous fp32 accumulator into a bf16 or fp16 view.
+template <typename T>
+void write_grad(const std::vector<float>& acc, void* dst, const Strides3& st, int64_t batch,
+                int64_t rows, int64_t heads, int64_t dim, int threads) {
+  for_each_grad_row(static_cast<T*>(dst), st, acc.data(), batch, rows, heads, dim, threads,
+                    [dim](T* row, const float* src) {
+                      for (int64_t d = 0; d < dim; ++d) row[d] = from_f32<T>(src[d]);
+                    });
 }
 
 }  // namespace
@@ -394,17 +391,12 @@ namespace {
 // The rows gradients are summed in: the caller's tensor when it is fp32 (zeroed here), else
 // `acc` (contiguous, zero; also when there is no tensor).
 detail::GradRows grad_rows(const Problem& p, void* dst, const Strides3& st, int64_t heads,
-                           std::vector<float>& acc) {
+                           int threads, std::vector<float>& acc) {
   if (p.dtype == DType::kF32 && dst != nullptr) {
     float* base = static_cast<float*>(dst);
-#pragma omp parallel for collapse(2)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t n = 0; n < p.shard_rows; ++n) {
-        for (int64_t h = 0; h < heads; ++h) {
-          std::fill_n(base + b * st.b + n * st.n + h * st.h, p.head_dim, 0.0f);
-        }
-      }
-    }
+    const int64_t dim = p.head_dim;
+    for_each_grad_row(base, st, nullptr, p.batch, p.shard_rows, heads, dim, threads,
+                      [dim](float* row, const float*) { std::fill_n(row, dim, 0.0f); });
     return {base, st};
   }
   acc.assign(static_cast<size_t>(p.batch * p.shard_rows * heads * p.head_dim), 0.0f);
@@ -424,9 +416,9 @@ ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads, int64_t
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   s_->scratch.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) s_->scratch.emplace_back(s_->tiles);
-  s_->dq = grad_rows(p, bp.dq, bp.dq_st, p.heads, s_->dq_acc);
-  s_->dk = grad_rows(p, bp.dk, bp.dk_st, p.kv_heads, s_->dk_acc);
-  s_->dv = grad_rows(p, bp.dv, bp.dv_st, p.kv_heads, s_->dv_acc);
+  s_->dq = grad_rows(p, bp.dq, bp.dq_st, p.heads, threads, s_->dq_acc);
+  s_->dk = grad_rows(p, bp.dk, bp.dk_st, p.kv_heads, threads, s_->dk_acc);
+  s_->dv = grad_rows(p, bp.dv, bp.dv_st, p.kv_heads, threads, s_->dv_acc);
 }
 
 ShardBackward::~ShardBackward() = default;
@@ -532,20 +524,19 @@ void ShardBackward::local_passes(const std::function<void()>& poll) {
 
 void ShardBackward::write_output() const {
   const Problem& p = bp_.fwd;
-  // Empty accumulators: the sums are already in the fp32 tensors.
-  const struct {
-    const std::vector<float>& acc;
-    void* dst;
-    const Strides3& st;
-    int64_t heads;
-  } grads[] = {{s_->dq_acc, bp_.dq, bp_.dq_st, p.heads},
-               {s_->dk_acc, bp_.dk, bp_.dk_st, p.kv_heads},
-               {s_->dv_acc, bp_.dv, bp_.dv_st, p.kv_heads}};
-  for (const auto& g : grads) {
-    if (!g.acc.empty()) {
-      write_grad(p.dtype, g.acc, g.dst, g.st, p.batch, p.shard_rows, g.heads, p.head_dim);
+  if (p.dtype == DType::kF32) return;  // summed in the tensors themselves
+  const int threads = static_cast<int>(s_->scratch.size());
+  const auto cast = [&](const std::vector<float>& acc, void* dst, const Strides3& st,
+                        int64_t heads) {
+    if (p.dtype == DType::kBF16) {
+      write_grad<bf16_t>(acc, dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
+    } else {
+      write_grad<fp16_t>(acc, dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
     }
-  }
+  };
+  cast(s_->dq_acc, bp_.dq, bp_.dq_st, p.heads);
+  cast(s_->dk_acc, bp_.dk, bp_.dk_st, p.kv_heads);
+  cast(s_->dv_acc, bp_.dv, bp_.dv_st, p.kv_heads);
 }
 
 void backward(const BackwardProblem& bp, int num_threads) {

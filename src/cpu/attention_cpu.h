@@ -61,6 +61,7 @@ class ShardBackward {
   void export_dq(int64_t h0, int64_t h1, float* dst) const;
   void add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
   // Casts the accumulators into bp.dq, bp.dk, bp.dv (fp32 tensors already hold the result).
+  // Only for a shard whose bp.dq, dk, dv are set.
   void write_output() const;
 
  private:

@@ -76,7 +76,7 @@ void PackTransposed(const T* src, int64_t row_stride, int64_t count, int64_t col
   // every row would touch D lines, each on its own page when ld is large).
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
-    const int64_t n = count - i0 < kBlock ? count - i0 : kBlock;
+    const int64_t n = min64(kBlock, count - i0);
     const T* rows[kBlock];
     for (int64_t i = 0; i < n; ++i) rows[i] = src + (i0 + i) * row_stride;
     for (int64_t c = 0; c < d; ++c) {
