@@ -17,6 +17,7 @@
 #include "agreement.h"
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "dtype.h"
 #include "problem.h"
 #include "ring_timing.h"
@@ -413,6 +414,7 @@ BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConf
   check_on_all_ranks(comm_, [&] {
     config_.validate();
     require_ring_backend(options_.backend, "BlockSparseRingDilatedAttention");
+    if (options_.backend == Backend::kCpu) cpu::resolve_bf16(options_.cpu_bf16);
   });
 }
 
@@ -444,7 +446,7 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
 #endif
   const int64_t sent_before = comm_.bytes_sent();
   const auto poll = [this] { comm_.progress(); };
-  cpu::ShardForward shard(p, options_.num_threads);
+  cpu::ShardForward shard(p, options_);
   BlockRing ring(comm_, p, plan, stats_);
   {
     const LocalKv local(p, options_.num_threads);
@@ -497,8 +499,7 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
   const int64_t sent_before = comm_.bytes_sent();
   const auto poll = [this] { comm_.progress(); };
   const int64_t D = p.head_dim;
-  cpu::ShardBackward shard(bp, options_.num_threads,
-                           std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs);
+  cpu::ShardBackward shard(bp, options_, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs);
   // The gradients of this rank's blocks come back from every rank they went to (fp32, the
   // message's layout): receives posted up front, added in step order at the end.
   const size_t steps = plan.steps.size();

@@ -121,6 +121,28 @@ Backend parse_backend(const std::string& text) {
        "' is not a backend; use 'cpu', 'reference' or 'cuda'");
 }
 
+const char* cpu_bf16_name(CpuBf16 kernel) {
+  switch (kernel) {
+    case CpuBf16::kAuto:
+      return "auto";
+    case CpuBf16::kWiden:
+      return "widen";
+    case CpuBf16::kDot:
+      return "dot";
+    case CpuBf16::kAmx:
+      return "amx";
+  }
+  return "unknown";
+}
+
+CpuBf16 parse_cpu_bf16(const std::string& text) {
+  for (CpuBf16 k : {CpuBf16::kAuto, CpuBf16::kWiden, CpuBf16::kDot, CpuBf16::kAmx}) {
+    if (text == cpu_bf16_name(k)) return k;
+  }
+  fail(ErrorCode::kInvalidArgument, "cpu_bf16 = '", text,
+       "' is not a CPU bf16 kernel; use 'auto', 'widen', 'dot' or 'amx'");
+}
+
 void DilatedConfig::validate() const {
   const size_t g = segment_lengths.size();
   require(g >= 1,

@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "problem.h"
 #include "reference.h"
 #if defined(RINGATTN_HAVE_CUDA)
@@ -24,6 +25,7 @@ Backend effective_backend(Backend requested, const TensorView& q) {
 DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
     : config_(std::move(config)), options_(options) {
   config_.validate();
+  if (options_.backend == Backend::kCpu) cpu::resolve_bf16(options_.cpu_bf16);
 #if !defined(RINGATTN_HAVE_CUDA)
   if (options_.backend == Backend::kCuda) {
     fail(ErrorCode::kUnsupported,
@@ -42,7 +44,7 @@ void DilatedAttention::forward(const TensorView& q, const TensorView& k, const T
     case Backend::kReference:
       return reference_forward_into(p);
     case Backend::kCpu:
-      return cpu::forward(p, options_.num_threads);
+      return cpu::forward(p, options_);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_forward_tensors(q, k, v, out, lse);
@@ -65,7 +67,7 @@ void DilatedAttention::backward(const TensorView& dout, const TensorView& q, con
     case Backend::kReference:
       return reference_backward_into(bp);
     case Backend::kCpu:
-      return cpu::backward(bp, options_.num_threads);
+      return cpu::backward(bp, options_);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);

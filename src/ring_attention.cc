@@ -7,6 +7,7 @@
 #include "agreement.h"
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "index_math.h"
 #include "kv_ring.h"
 #include "problem.h"
@@ -236,6 +237,7 @@ RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& c
   check_on_all_ranks(comm_, [&] {
     config_.validate();
     require_ring_backend(options_.backend, "RingDilatedAttention");
+    if (options_.backend == Backend::kCpu) cpu::resolve_bf16(options_.cpu_bf16);
   });
 }
 
@@ -268,13 +270,13 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
   if (plan.steps.empty()) {
     // Nothing crosses the wire (one rank, or every segment inside this rank): the
     // single-device kernel writes the output directly, without the shard's fp32 accumulators.
-    cpu::forward(p, options_.num_threads);
+    cpu::forward(p, options_);
     stats_.total_ms = ms_since(t_start);
     return;
   }
   const size_t esize = dtype_size(p.dtype);
   const Tags tags = tags_of(plan);
-  cpu::ShardForward shard(p, options_.num_threads, plan.split);
+  cpu::ShardForward shard(p, options_, plan.split);
   HostKvStore store(p, plan);
   KvRing ring(comm_, p, plan, stats_, store);
   const auto poll = [this] { comm_.progress(); };
@@ -316,7 +318,7 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
       ring.wait(req);
       const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
       const Problem f = foreign_queries(p, sb, queries.data(), split, half);
-      cpu::ShardForward foreign(f, options_.num_threads);
+      cpu::ShardForward foreign(f, options_);
       foreign.pass(
           [&](int64_t b, int64_t h, int hb, int64_t seg, cpu::detail::KeySource& src) {
             return p.head_branches[hb].branch == sb.branch && local(b, h, hb, seg, src);
@@ -383,7 +385,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
     return;
   }
 #endif
-  cpu::ShardBackward shard(bp, options_.num_threads);
+  cpu::ShardBackward shard(bp, options_);
   HostKvStore store(p, plan);
   KvRing ring(comm_, p, plan, stats_, store);
   const auto poll = [this] { comm_.progress(); };
@@ -492,7 +494,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       // Its dq goes back to the queries' owner and its keys' gradients into `shard`: none of
       // it lands in this rank's tensors, so it sums in accumulators of its own.
       f.dq = f.dk = f.dv = nullptr;
-      cpu::ShardBackward foreign(f, options_.num_threads);
+      cpu::ShardBackward foreign(f, options_);
       const Branch br = p.branches[static_cast<size_t>(span.branch)];
       const int64_t seg = split / br.segment;
       foreign.pass(
