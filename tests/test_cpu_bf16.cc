@@ -52,8 +52,8 @@ class CpuBf16Kernel : public ::testing::TestWithParam<CpuBf16> {
     in.k.fill_normal(rng, stddev);
     DilatedConfig cfg = c.config();
     cfg.scale = scale;
-    DilatedAttention(cfg, options()).forward(in.q.view(), in.k.view(), in.v.view(),
-                                             in.out.view(), in.lse.view());
+    DilatedAttention(cfg, options())
+        .forward(in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view());
     const ReferenceResult ref =
         reference_forward(make_problem(cfg, in.q.view(), in.k.view(), in.v.view(), in.out.view(),
                                        in.lse.view(), 1 << 20, "reference"));
@@ -91,8 +91,8 @@ TEST_P(CpuBf16Kernel, ForwardHeadDimsScalesAndStrides) {
   }
   // A negative scale (folded into the sign of Q) and a custom positive one.
   check_forward({1, 256, 2, 1, 64, {128, 256}, {1, 2}, Mode::kLongNet, true}, seed++, 1.0f, -0.3f);
-  check_forward({2, 128, 4, 2, 48, {32, 128}, {1, 2}, Mode::kGroups, false, {}, true}, seed++,
-                1.0f, 0.7f);
+  check_forward({2, 128, 4, 2, 48, {32, 128}, {1, 2}, Mode::kGroups, false, {}, true}, seed++, 1.0f,
+                0.7f);
 }
 
 // Large score ranges: q and k with standard deviation 4 give scores of standard deviation 16
@@ -168,12 +168,11 @@ TEST_P(CpuBf16Kernel, RingOnOneProcess) {
 
 TEST_P(CpuBf16Kernel, BlockSparseForwardAndBackward) {
   const int64_t bs = 32, N = 256;
-  const BlockSparseConfig cfg{{BlockPattern::local_window(bs, bs + 1),
-                               BlockPattern::dilated(bs, {2, 3}),
-                               BlockPattern::global_local(bs, 1, bs / 2),
-                               BlockPattern::local_window(bs, N)},
-                              true,
-                              {}};
+  const BlockSparseConfig cfg{
+      {BlockPattern::local_window(bs, bs + 1), BlockPattern::dilated(bs, {2, 3}),
+       BlockPattern::global_local(bs, 1, bs / 2), BlockPattern::local_window(bs, N)},
+      true,
+      {}};
   auto comm = make_self_communicator();
   BlockSparseRingDilatedAttention attn(cfg, *comm, options());
   SparseInputs in(DType::kBF16, 1, N, 4, 2, 64, 900);
@@ -184,10 +183,10 @@ TEST_P(CpuBf16Kernel, BlockSparseForwardAndBackward) {
   const Stats l = compare_lse(in.lse, ref.lse);
   EXPECT_EQ(l.nonfinite, 0);
   EXPECT_LE(l.max_abs_err, 1e-4 * std::max(1.0, l.max_ref)) << "lse";
-  for (auto [x, r, name] : {std::tuple<const Tensor*, const std::vector<double>*, const char*>{
-                                &in.dq, &ref.dq, "dq"},
-                            {&in.dk, &ref.dk, "dk"},
-                            {&in.dv, &ref.dv, "dv"}}) {
+  for (auto [x, r, name] :
+       {std::tuple<const Tensor*, const std::vector<double>*, const char*>{&in.dq, &ref.dq, "dq"},
+        {&in.dk, &ref.dk, "dk"},
+        {&in.dv, &ref.dv, "dv"}}) {
     expect_close(compare_bnhd(*x, *r), grad_tol(DType::kBF16), name);
   }
 }

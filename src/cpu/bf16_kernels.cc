@@ -38,14 +38,14 @@ Bf16Support detect() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return s;
   const uint64_t xcr = xcr0();
-  constexpr uint64_t kZmmState = 0xe6;                          // SSE, AVX, opmask, zmm
+  constexpr uint64_t kZmmState = 0xe6;  // SSE, AVX, opmask, zmm
   constexpr uint64_t kTileState = (uint64_t{1} << 17) | (uint64_t{1} << 18);  // cfg, data
   unsigned ebx7 = 0, edx7 = 0, eax71 = 0;
   if (!__get_cpuid_count(7, 0, &a, &ebx7, &c, &edx7)) return s;
   __get_cpuid_count(7, 1, &eax71, &b, &c, &d);
   const bool avx512 = (ebx7 & bit_AVX512F) && (ebx7 & bit_AVX512BW) && (ebx7 & bit_AVX512VL) &&
                       (ebx7 & bit_AVX512DQ) && (xcr & kZmmState) == kZmmState;
-  s.dot = avx512 && (eax71 & (1u << 5));  // AVX512_BF16
+  s.dot = avx512 && (eax71 & (1u << 5));                                   // AVX512_BF16
   const bool amx = s.dot && (edx7 & (1u << 22)) && (edx7 & (1u << 24)) &&  // AMX-BF16, -TILE
                    (xcr & kTileState) == kTileState;
   // Linux (5.16+) hands out the tile data state only on request, once per process.
@@ -92,9 +92,9 @@ CpuBf16 resolve_bf16(CpuBf16 requested) {
 // From here on: AVX-512 (F, BW, VL, DQ, BF16) and AMX code. No standard-library templates are
 // instantiated below, so no out-of-line copy of one can be compiled for these instructions.
 #if defined(__clang__)
-#pragma clang attribute push(                                                                   \
-    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,"  \
-                          "amx-bf16"))),                                                       \
+#pragma clang attribute push(                                                                \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile," \
+                          "amx-bf16"))),                                                     \
     apply_to = function)
 #else
 #pragma GCC push_options
@@ -136,8 +136,8 @@ inline __m512 Exp2(__m512 x) {
 // Rounds two vectors to bf16 (nearest even) and interleaves them: lane i holds the pair
 // (lo[i], hi[i]), the layout of one row of a pair-packed operand.
 inline __m512i PairBf16(__m512 lo, __m512 hi) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
-                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
 }
 
@@ -174,8 +174,8 @@ void GemmDot(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, co
         const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16));
 #pragma GCC unroll 8
         for (int r = 0; r < kRows; ++r) {
-          const __m512bh ar = reinterpret_cast<__m512bh>(
-              _mm512_set1_epi32(static_cast<int>(a[r * lda2 + x])));
+          const __m512bh ar =
+              reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * lda2 + x])));
           acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
           acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
         }
@@ -308,8 +308,8 @@ inline uint32_t PairOf(const bf16_t* row, int64_t x, int64_t d, uint32_t flip) {
 }
 
 // Rows of D bf16 elements (`stride` apart) into [rows][dp] bf16, zero past D and past count.
-void PackRows(const bf16_t* src, int64_t stride, int64_t count, int64_t rows, int64_t d,
-              int64_t dp, uint16_t* dst) {
+void PackRows(const bf16_t* src, int64_t stride, int64_t count, int64_t rows, int64_t d, int64_t dp,
+              uint16_t* dst) {
   for (int64_t i = 0; i < count; ++i) {
     std::memcpy(dst + i * dp, src + i * stride, sizeof(uint16_t) * static_cast<size_t>(d));
     std::memset(dst + i * dp + d, 0, sizeof(uint16_t) * static_cast<size_t>(dp - d));
@@ -334,8 +334,8 @@ void PackTransposed(const bf16_t* src, int64_t stride, int64_t count, int64_t co
 
 // Rows as the columns of pairs [dp / 2][ld]: column i holds row i's pairs along D (the B
 // operand of a product over D), zero past count up to `cols`.
-void PackPairsTransposed(const bf16_t* src, int64_t stride, int64_t count, int64_t cols,
-                         int64_t d, int64_t dp, int64_t ld, uint32_t flip, uint32_t* dst) {
+void PackPairsTransposed(const bf16_t* src, int64_t stride, int64_t count, int64_t cols, int64_t d,
+                         int64_t dp, int64_t ld, uint32_t flip, uint32_t* dst) {
   constexpr int64_t kBlock = 16;  // a block's pair x fills one cache line of the tile
   for (int64_t x = 0; x < dp / 2; ++x) {
     std::memset(dst + x * ld + count, 0, sizeof(uint32_t) * static_cast<size_t>(cols - count));
@@ -375,7 +375,8 @@ void SoftmaxPanelBf16(const float* s, int64_t keys, float c, float* m, float* l,
   const int64_t pairs = ceil_div(keys, 2), rows = round_up(keys, 32) / 2;
   for (int64_t off = 0; off < kPanel; off += 16) {
     __m512 t_max = neg_inf;
-    for (int64_t j = 0; j < keys; ++j) t_max = _mm512_max_ps(t_max, _mm512_loadu_ps(s + j * kPanel + off));
+    for (int64_t j = 0; j < keys; ++j)
+      t_max = _mm512_max_ps(t_max, _mm512_loadu_ps(s + j * kPanel + off));
     const __m512 m_old = _mm512_loadu_ps(m + off);
     const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(t_max, vc));
     // Guard of SPEC.md: never (-inf) - (-inf).
@@ -497,12 +498,12 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
 
 // The backward scratch of one thread, carved from BackwardScratch::bf16.
 struct BackwardBuffers {
-  uint16_t* k;    // [keys][dp], K of the piece
-  uint16_t* v;    // [keys][dp], V
-  uint16_t* kt;   // [dp][keys], K^T
-  float* dk;      // [keys][dp], dK of the piece (unscaled)
-  float* dv;      // [keys][dp], dV (without the output factor)
-  uint32_t* qt2;  // [dp / 2][kQueryBlock], Q^T pair-packed along D (sign of the scale folded in)
+  uint16_t* k;     // [keys][dp], K of the piece
+  uint16_t* v;     // [keys][dp], V
+  uint16_t* kt;    // [dp][keys], K^T
+  float* dk;       // [keys][dp], dK of the piece (unscaled)
+  float* dv;       // [keys][dp], dV (without the output factor)
+  uint32_t* qt2;   // [dp / 2][kQueryBlock], Q^T pair-packed along D (sign of the scale folded in)
   uint32_t* dot2;  // [dp / 2][kQueryBlock], dO^T pair-packed along D
   uint32_t* q2;    // [kQueryBlock / 2][dp], Q pair-packed along the queries
   uint32_t* do2;   // [kQueryBlock / 2][dp], dO pair-packed along the queries
@@ -560,8 +561,8 @@ void BlockProbabilities(const BackwardBuffers& buf, int64_t nk, int64_t j0, int6
               _mm512_fmsub_ps(_mm512_loadu_ps(buf.s + at), vc, _mm512_loadu_ps(buf.lse2 + col)));
           if (diagonal) {
             const __m512 query = _mm512_add_ps(_mm512_set1_ps(static_cast<float>(i0 + col)), iota);
-            const __mmask16 later = _mm512_cmp_ps_mask(
-                _mm512_set1_ps(static_cast<float>(j0 + row)), query, _CMP_GT_OQ);
+            const __mmask16 later =
+                _mm512_cmp_ps_mask(_mm512_set1_ps(static_cast<float>(j0 + row)), query, _CMP_GT_OQ);
             pr = _mm512_mask_mov_ps(pr, later, zero);
           }
           prob[u][h] = pr;
