@@ -318,18 +318,33 @@ void PackRows(const bf16_t* src, int64_t stride, int64_t count, int64_t rows, in
 }
 
 // Rows as the columns of [dp][ld] bf16 (the transpose), zero past count up to `cols` and in
-// the rows past D.
+// the rows past D. Row by row: each source row is read once, and the D lines written stay
+// in L1 while consecutive rows fill them.
 void PackTransposed(const bf16_t* src, int64_t stride, int64_t count, int64_t cols, int64_t d,
                     int64_t dp, int64_t ld, uint16_t* dst) {
-  for (int64_t c = 0; c < dp; ++c) {
-    uint16_t* out = dst + c * ld;
-    if (c < d) {
-      for (int64_t i = 0; i < count; ++i) out[i] = Bits(src + i * stride, c);
-      std::memset(out + count, 0, sizeof(uint16_t) * static_cast<size_t>(cols - count));
-    } else {
-      std::memset(out, 0, sizeof(uint16_t) * static_cast<size_t>(cols));
-    }
+  for (int64_t i = 0; i < count; ++i) {
+    const bf16_t* row = src + i * stride;
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = Bits(row, c);
   }
+  for (int64_t c = 0; c < dp; ++c) {
+    const int64_t from = c < d ? count : 0;
+    std::memset(dst + c * ld + from, 0, sizeof(uint16_t) * static_cast<size_t>(cols - from));
+  }
+}
+
+// sum_c a[c] b[c] of two D-element bf16 rows, in fp32.
+inline float DotBf16(const bf16_t* a, const bf16_t* b, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    const __mmask16 m =
+        d - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (d - c)) - 1);
+    const __m512 x = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + c)), 16));
+    const __m512 y = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + c)), 16));
+    acc = _mm512_fmadd_ps(x, y, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // Rows as the columns of pairs [dp / 2][ld]: column i holds row i's pairs along D (the B
@@ -628,9 +643,7 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
       const int64_t n = row0 + (i0 + i) * r;
       const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
       buf.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
-      float dr = 0.0f;
-      for (int64_t e = 0; e < D; ++e) dr += to_f32(dout[i * ds + e]) * to_f32(out[i * os + e]);
-      buf.dr[i] = dr;
+      buf.dr[i] = DotBf16(dout + i * ds, out + i * os, D);
     }
     std::memset(buf.dqt, 0, sizeof(float) * static_cast<size_t>(dp * kQueryBlock));
 
@@ -648,18 +661,22 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
       Gemm<true>(unit, dp, kQueryBlock, round_up(nk, 32), buf.kt + jr, keys, buf.ds2, kQueryBlock,
                  buf.dqt, kQueryBlock);
     }
+    const float scale = p.scale;
     for (int64_t i = 0; i < nq; ++i) {
+      float col[kMaxHeadDim];  // column i of dQ^T
+      for (int64_t e = 0; e < D; ++e) col[e] = buf.dqt[e * kQueryBlock + i];
       float* dq_row = dq_rows.row(b, row0 + (i0 + i) * r, h);
-      for (int64_t e = 0; e < D; ++e) dq_row[e] += p.scale * buf.dqt[e * kQueryBlock + i];
+      for (int64_t e = 0; e < D; ++e) dq_row[e] += scale * col[e];
     }
   }
+  const float scale = p.scale;
   for (int64_t j = 0; j < mk; ++j) {
     float* dk_row = w.dk + j * w.dk_stride;
     float* dv_row = w.dv + j * w.dv_stride;
-    for (int64_t e = 0; e < D; ++e) {
-      dk_row[e] += p.scale * buf.dk[j * dp + e];
-      dv_row[e] += f * buf.dv[j * dp + e];
-    }
+    const float* dk = buf.dk + j * dp;
+    const float* dv = buf.dv + j * dp;
+    for (int64_t e = 0; e < D; ++e) dk_row[e] += scale * dk[e];
+    for (int64_t e = 0; e < D; ++e) dv_row[e] += f * dv[e];
   }
 }
 
