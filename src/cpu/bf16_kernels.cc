@@ -479,16 +479,38 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
     std::memset(sc.ot + r * ld, 0, sizeof(float) * static_cast<size_t>(cols));
   }
   float alpha[kPanel];
+  const int64_t panels = ceil_div(rows, kPanel), row_bytes = 2 * D;
   for (int64_t x = 0; x < num_srcs; ++x) {
     const KeySource& src = srcs[x];
     const int64_t k_end = KeyEnd(p, qr, src);
     for (int64_t tk0 = src.t_begin; tk0 < k_end; tk0 += kKeyTile) {
       const int64_t nk = min64(kKeyTile, k_end - tk0), at = tk0 - src.t_begin;
+      // While this tile's panels run, the next tile's K and V rows are fetched into cache a
+      // few rows per panel (strided rows miss the hardware prefetcher and the TLB).
+      int64_t nx = x, ntk0 = tk0 + kKeyTile;
+      while (nx < num_srcs && ntk0 >= KeyEnd(p, qr, srcs[nx])) {
+        if (++nx < num_srcs) ntk0 = srcs[nx].t_begin;
+      }
+      const KeySource* nsrc = nx < num_srcs ? &srcs[nx] : nullptr;
+      const int64_t n_next = nsrc ? min64(kKeyTile, KeyEnd(p, qr, *nsrc) - ntk0) : 0;
+      const int64_t pf_step = ceil_div(n_next, panels);
       PackRows(static_cast<const bf16_t*>(src.k) + at * src.k_stride, src.k_stride, nk,
                round_up(nk, 16), D, dp, buf.k);
       PackTransposed(static_cast<const bf16_t*>(src.v) + at * src.v_stride, src.v_stride, nk,
                      round_up(nk, 32), D, dp, kKeyTile, buf.vt);
       for (int64_t ip = 0; ip < rows; ip += kPanel) {
+        const int64_t pf_end = min64(n_next, (ip / kPanel + 1) * pf_step);
+        for (int64_t j = ip / kPanel * pf_step; j < pf_end; ++j) {
+          const int64_t row = ntk0 - nsrc->t_begin + j;
+          const char* k_row = reinterpret_cast<const char*>(static_cast<const bf16_t*>(nsrc->k) +
+                                                            row * nsrc->k_stride);
+          const char* v_row = reinterpret_cast<const char*>(static_cast<const bf16_t*>(nsrc->v) +
+                                                            row * nsrc->v_stride);
+          for (int64_t b = 0; b < row_bytes; b += 64) {
+            _mm_prefetch(k_row + b, _MM_HINT_T0);
+            _mm_prefetch(v_row + b, _MM_HINT_T0);
+          }
+        }
         const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + kPanel, rows) - 1;
         const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
         if (keys <= 0) continue;
