@@ -410,7 +410,9 @@ void SoftmaxPanelBf16(const float* s, int64_t keys, float c, float* m, float* l,
     for (int64_t j = pairs; j < rows; ++j) {
       _mm512_storeu_si512(p2 + j * kPanel + off, _mm512_setzero_si512());
     }
-    const __m512 a = Exp2(_mm512_sub_ps(m_old, m_ref));
+    // alpha is exactly 1 where the max did not move (RescalePanel then skips the panel).
+    const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, m_new, _CMP_EQ_OQ),
+                                          Exp2(_mm512_sub_ps(m_old, m_ref)), _mm512_set1_ps(1.0f));
     _mm512_storeu_ps(alpha + off, a);
     _mm512_storeu_ps(l + off, _mm512_fmadd_ps(_mm512_loadu_ps(l + off), a, sum));
     _mm512_storeu_ps(m + off, m_new);
