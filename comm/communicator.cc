@@ -2,8 +2,12 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
+#include <thread>
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
@@ -11,7 +15,86 @@
 
 namespace ringattn {
 
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// RINGATTN_TIMEOUT_S, or the default.
+double timeout_from_environment() {
+  const char* text = std::getenv("RINGATTN_TIMEOUT_S");
+  if (text == nullptr || *text == '\0') return Communicator::kDefaultTimeoutSeconds;
+  char* end = nullptr;
+  const double seconds = std::strtod(text, &end);
+  require(end != text && *end == '\0' && std::isfinite(seconds) && seconds > 0.0,
+          "the environment variable RINGATTN_TIMEOUT_S = '", text,
+          "' is not a positive number of seconds; set it to e.g. 300, or unset it for the "
+          "default of ",
+          Communicator::kDefaultTimeoutSeconds, " s");
+  return seconds;
+}
+
+}  // namespace
+
+Communicator::Communicator() : timeout_s_(timeout_from_environment()) {}
+
 Communicator::~Communicator() = default;
+
+void Communicator::set_timeout(double seconds) {
+  require(std::isfinite(seconds) && seconds > 0.0, "set_timeout: seconds = ", seconds,
+          "; pass a positive, finite number of seconds");
+  timeout_s_ = seconds;
+}
+
+void Communicator::check_usable(const char* call) const {
+  if (broken()) {
+    fail(ErrorCode::kCommunication, call, ": the ", name(), " communicator is broken (",
+         broken_reason_, "); it cannot be used again: make a new communicator on every rank");
+  }
+}
+
+void Communicator::mark_broken(const std::string& reason) noexcept {
+  if (!broken()) {
+    try {
+      broken_reason_ = reason.empty() ? "broken" : reason;
+    } catch (...) {  // out of memory for the reason: still broken
+    }
+  }
+}
+
+void Communicator::abort(const std::string& reason) noexcept {
+  const bool first = !broken();
+  mark_broken("rank " + std::to_string(rank()) + " aborted: " + reason);
+  if (first) notify_abort(reason);
+}
+
+void Communicator::fail_timeout(const std::string& what) {
+  std::ostringstream os;
+  os << what << " did not complete within the deadline of " << timeout_s_
+     << " s (set_timeout() or RINGATTN_TIMEOUT_S); a peer is slower than that, failed, or did "
+        "not make the matching call";
+  mark_broken(os.str());
+  fail(ErrorCode::kCommunication, os.str());
+}
+
+Deadline::Deadline(double seconds)
+    : end_ns_(now_ns() + static_cast<int64_t>(std::min(seconds, 1e9) * 1e9)) {}
+
+bool Deadline::passed() const {
+  return now_ns() > end_ns_;
+}
+
+void Deadline::pause() {
+  // About 20 microseconds of spinning keep short waits fast; then sleeps, growing to 1 ms,
+  // leave the core to compute threads and other ranks.
+  constexpr int kSpins = 2000;
+  if (++polls_ <= kSpins) return;
+  const int64_t us = std::min<int64_t>(1000, int64_t{1} << std::min(polls_ - kSpins, 10));
+  std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
 
 void Communicator::wait_all(std::span<CommRequest> reqs) {
   for (CommRequest& req : reqs) wait(req);

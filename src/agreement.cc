@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "check.h"
+#include "fault.h"
 
 namespace ringattn {
 
@@ -24,9 +25,13 @@ void check_on_all_ranks(Communicator& comm, const std::function<void()>& check) 
   Verdict mine;
   std::exception_ptr error;
   try {
+    detail::fault_point("agree");
     check();
-  } catch (const Error& e) {
-    error = std::current_exception();
+  } catch (...) {
+    // Every exception, not only ringattn's: a rank that threw anything else (bad_alloc) and
+    // skipped the allgather would leave the others waiting in it.
+    const Error e = as_error(std::current_exception(), "checking the input");
+    error = std::make_exception_ptr(e);
     mine.failed = 1;
     mine.code = static_cast<int32_t>(e.code());
     std::strncpy(mine.message, e.what(), sizeof(mine.message) - 1);

@@ -8,9 +8,11 @@
 
 namespace ringattn {
 
-// Runs `check` on every rank. If it throws ringattn::Error on any rank, every rank throws:
-// the failing rank its own error, the others an error of the same code naming the first
-// failing rank and its message. Collective (one allgather), whatever the outcome.
+// Runs `check` on every rank. If it throws on any rank (anything: a std::bad_alloc counts as
+// Error(kOutOfMemory)), every rank throws: the failing rank its own error as ringattn::Error,
+// the others an error of the same code naming the first failing rank and its message.
+// Collective (one allgather), whatever the outcome. Allocate what the call needs inside
+// `check`, so that running out of memory on one rank fails every rank here.
 void check_on_all_ranks(Communicator& comm, const std::function<void()>& check);
 
 }  // namespace ringattn

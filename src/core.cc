@@ -32,13 +32,16 @@ const char* error_code_name(ErrorCode code) {
       return "device";
     case ErrorCode::kInternal:
       return "internal";
+    case ErrorCode::kOutOfMemory:
+      return "out of memory";
   }
   return "unknown";
 }
 
 Error::Error(ErrorCode code, const std::string& message)
     : std::runtime_error(std::string("ringattn: ") + error_code_name(code) + ": " + message),
-      code_(code) {}
+      code_(code),
+      message_(message) {}
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
