@@ -73,7 +73,10 @@ TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list
   int64_t stride = 1;
   for (int d = t.ndim - 1; d >= 0; --d) {
     t.strides[d] = stride;
-    stride *= t.shape[d];
+    require(t.shape[d] >= 0 && !__builtin_mul_overflow(stride, t.shape[d], &stride),
+            "TensorView::contiguous: shape[", d, "] = ", t.shape[d],
+            (t.shape[d] < 0 ? " is negative" : " makes more than 2^63 elements"),
+            "; pass the extents of the buffer you have");
   }
   return t;
 }
@@ -89,13 +92,24 @@ TensorView TensorView::strided(void* data, DType dtype, std::initializer_list<in
 }
 
 int64_t TensorView::numel() const {
+  require(ndim >= 0 && ndim <= kMaxDims, "TensorView::numel: ndim = ", ndim, " is outside [0, ",
+          kMaxDims, "]");
   int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  for (int d = 0; d < ndim; ++d) {
+    require(shape[d] >= 0 && !__builtin_mul_overflow(n, shape[d], &n), "TensorView::numel: shape[",
+            d, "] = ", shape[d], " makes a negative count or more than 2^63 elements");
+  }
   return n;
 }
 
 const char* mode_name(Mode mode) {
-  return mode == Mode::kGroups ? "groups" : "longnet";
+  switch (mode) {
+    case Mode::kGroups:
+      return "groups";
+    case Mode::kLongNet:
+      return "longnet";
+  }
+  return "unknown";
 }
 
 Mode parse_mode(const std::string& text) {
@@ -124,7 +138,17 @@ Backend parse_backend(const std::string& text) {
        "' is not a backend; use 'cpu', 'reference' or 'cuda'");
 }
 
+void ExecOptions::validate() const {
+  const int b = static_cast<int>(backend);
+  require(b >= 0 && b <= static_cast<int>(Backend::kCuda), "ExecOptions.backend = ", b,
+          " is not a Backend; use Backend::kCpu, kReference or kCuda");
+  require(num_threads >= 0, "ExecOptions.num_threads = ", num_threads,
+          "; use a positive thread count, or 0 for OpenMP's default");
+}
+
 void DilatedConfig::validate() const {
+  require(mode == Mode::kGroups || mode == Mode::kLongNet, "mode = ", static_cast<int>(mode),
+          " is not a Mode; use Mode::kGroups or Mode::kLongNet");
   const size_t g = segment_lengths.size();
   require(g >= 1,
           "segment_lengths is empty; give at least one branch, e.g. segment_lengths = "

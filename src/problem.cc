@@ -3,11 +3,13 @@
 #include "problem.h"
 
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "tensor_checks.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
 #endif
@@ -41,24 +43,15 @@ void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
 
 namespace {
 
-std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
-  return s + "]";
-}
-
 const char* device_name(Device device) {
   return device == Device::kCPU ? "the CPU (host memory)" : "a CUDA device";
 }
 
 void check_view(const TensorView& t, const char* name, int ndim, const char* layout, Device device,
                 const char* backend) {
+  check_view_fields(t, name);
   require(t.ndim == ndim, name, " has ", t.ndim, " dimensions ", shape_str(t), "; it must be ",
           layout);
-  for (int d = 0; d < ndim; ++d) {
-    require(t.shape[d] >= 1, name, ".shape[", d, "] = ", t.shape[d], " in ", shape_str(t),
-            "; every extent of ", layout, " must be >= 1");
-  }
   require(t.data != nullptr, name, ".data is null; pass a buffer holding ", layout);
   require(t.device == device, name, " lives on ", device_name(t.device), " but this call runs on ",
           device_name(device), " (", backend, " backend); put every tensor of the call there");
@@ -67,10 +60,6 @@ void check_view(const TensorView& t, const char* name, int ndim, const char* lay
 Strides3 bnhd_strides(const TensorView& t, const char* name) {
   require(t.strides[3] == 1, name, ".strides[3] = ", t.strides[3],
           "; the head dimension D must be contiguous (stride 1): make the tensor contiguous in D");
-  for (int d = 0; d < 3; ++d) {
-    require(t.strides[d] >= 0, name, ".strides[", d, "] = ", t.strides[d],
-            "; strides must be >= 0");
-  }
   return {t.strides[0], t.strides[1], t.strides[2]};
 }
 
@@ -95,6 +84,9 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   Problem p;
   p.batch = q.shape[0];
   p.shard_rows = q.shape[1];
+  require(p.shard_rows <= std::numeric_limits<int64_t>::max() / shard.world,
+          "q.shape[1] = ", p.shard_rows, " rows on each of ", shard.world,
+          " ranks make a sequence longer than 2^63 rows; pass the rows of this rank's shard");
   p.shard_begin = shard.rank * p.shard_rows;
   p.seq = shard.world * p.shard_rows;
   p.heads = q.shape[2];
@@ -165,9 +157,6 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
     require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
             shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
             p.heads, ", ", p.shard_rows, "]");
-    for (int d = 0; d < 3; ++d) {
-      require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d], "; strides must be >= 0");
-    }
     p.lse = static_cast<float*>(l.data);
     p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
   }
@@ -184,6 +173,8 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
                                     p.head_begin.begin() + config.head_offset + p.heads + 1);
     for (int& x : p.head_begin) x -= first;
   }
+  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
+                         {{"q", &q}, {"k", &k}, {"v", &v}});
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;
@@ -220,6 +211,9 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
             dtype_name(q.dtype), "; gradients share the dtype of q");
     *g.st = bnhd_strides(g.t, g.name);
   }
+  check_outputs_disjoint(
+      {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}},
+      {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
   bp.dout = dout.data;
   bp.dq = dq.data;
   bp.dk = dk.data;

@@ -261,7 +261,7 @@ TEST(MpiComm, CountsBytesSent) {
 TEST(MpiComm, CheckSamePassesWhenEqual) {
   Communicator& comm = world();
   EXPECT_NO_THROW(check_same_on_all_ranks(comm, "segment_lengths", {2048, 4096}));
-  EXPECT_NO_THROW(check_same_on_all_ranks(comm, "empty", {}));
+  EXPECT_NO_THROW(check_same_on_all_ranks(comm, "empty", std::vector<int64_t>{}));
   std::vector<int64_t> many(1000);
   std::iota(many.begin(), many.end(), 5);
   EXPECT_NO_THROW(check_same_on_all_ranks(comm, "many", many));

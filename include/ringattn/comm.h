@@ -195,14 +195,24 @@ class Deadline {
 // identities.
 std::unique_ptr<Communicator> make_self_communicator();
 
-// Checks that every rank passes the same `values` (a configuration, shapes, ...).
-// Collective: every rank makes the same calls whether or not it throws, so it never hangs.
-// If any rank differs, throws Error(kCommunication) on every rank, with a message naming
-// `what`, the ranks and their values, e.g.
-//   "ranks disagree on segment_lengths: rank 0 has [2048,4096], rank 1 has [2048]; pass
-//    the same configuration on every rank".
-// Exchanges a length and a 64-bit hash, plus the values themselves when there are at most
-// 16 of them (longer lists are shown by their first values, length and hash).
+// One named field of what ranks must agree on, e.g. {"segment_lengths", {2048, 4096}}.
+struct AgreedField {
+  std::string name;
+  std::vector<int64_t> values;
+};
+
+// Checks that every rank passes the same fields (a configuration, shapes, ...), in the same
+// order. Collective: every rank makes the same calls whether or not it throws, so it never
+// hangs. If any rank differs, throws Error(kCommunication) on every rank, naming `what`,
+// each field that differs, and the ranks with their values, e.g.
+//   "ranks disagree on the configuration of RingDilatedAttention: segment_lengths: rank 0
+//    has [2048,4096], rank 1 has [2048]; pass the same configuration on every rank".
+// One allgather of a 64-bit hash per rank; only when they differ, a second one with each
+// field's length, hash and first 16 values (longer lists are shown by their first values,
+// length and hash).
+void check_same_on_all_ranks(Communicator& comm, const std::string& what,
+                             const std::vector<AgreedField>& fields);
+// The same for one unnamed list of values ("ranks disagree on <what>: rank 0 has [...]").
 void check_same_on_all_ranks(Communicator& comm, const std::string& what,
                              const std::vector<int64_t>& values);
 

@@ -24,6 +24,9 @@ struct ExecOptions {
   // CUDA: the cudaStream_t to run on (nullptr = the default stream). forward and backward
   // return once their results are written (they synchronize this stream).
   void* cuda_stream = nullptr;
+
+  // A known backend and num_threads >= 0; throws Error(kInvalidArgument) naming the field.
+  void validate() const;
 };
 
 // Tensors on Device::kCUDA run on the CUDA backend (backend cpu or cuda; reference runs on
@@ -60,6 +63,12 @@ class DilatedAttention {
   const ExecOptions& options() const { return options_; }
 
  private:
+  void run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const std::optional<TensorView>& lse) const;
+  void run_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                    const TensorView& v, const TensorView& out, const TensorView& lse,
+                    const TensorView& dq, const TensorView& dk, const TensorView& dv) const;
+
   DilatedConfig config_;
   ExecOptions options_;
 };
