@@ -489,21 +489,22 @@ class CpuBlockBackward {
     const int world = plan_.world;
     const auto poll = [&comm] { comm.progress(); };
     // The gradients of this rank's blocks come back from every rank they went to (fp32, the
-    // message's layout): receives posted up front, added in step order at the end.
+    // message's layout), added in step order at the end. Step e's receive is posted after
+    // step e's blocks arrived, so that no wait on a block (which some communicators complete
+    // together with everything posted before it) depends on a peer's gradients.
     const size_t steps = plan_.steps.size();
     std::vector<CommRequest> grad_recvs(steps), grad_sends(steps);
-    for (size_t e = 0; e < steps; ++e) {
-      const Plan::Step& st = plan_.steps[e];
-      if (st.send.slots() == 0) continue;
-      grad_recvs[e] = comm.irecv(grads_in_[e].data(), grads_in_[e].size() * sizeof(float),
-                                 st.send_to, world + st.tag);
-    }
     ring_.start(comm, stats);
     backward_pass(shard_, p, plan_, plan_.rank, KeyBlocks(p, plan_, local_), nullptr, poll);
     for (size_t e = 0; e < steps; ++e) {
       detail::fault_point("ring.step");
       const Plan::Step& st = plan_.steps[e];
-      if (const uint8_t* msg = ring_.receive(e)) {
+      const uint8_t* msg = ring_.receive(e);
+      if (st.send.slots() > 0) {
+        grad_recvs[e] = comm.irecv(grads_in_[e].data(), grads_in_[e].size() * sizeof(float),
+                                   st.send_to, world + st.tag);
+      }
+      if (msg != nullptr) {
         const KeyBlocks keys(p, plan_, st.recv, msg);
         std::fill(grads_out_[e].begin(), grads_out_[e].end(), 0.0f);
         backward_pass(shard_, p, plan_, st.recv_from, keys, grads_out_[e].data(), poll);

@@ -142,7 +142,8 @@ bool views_overlap(const TensorView& a, const TensorView& b) {
   if (a1 < b0 || b1 < a0) return false;
   // An element of a covers bytes [A, A + ea), one of b [B, B + eb): they meet iff
   // B - A lies in [-(eb - 1), ea - 1].
-  const i128 ea = static_cast<i128>(dtype_size(a.dtype)), eb = static_cast<i128>(dtype_size(b.dtype));
+  const i128 ea = static_cast<i128>(dtype_size(a.dtype)),
+             eb = static_cast<i128>(dtype_size(b.dtype));
   std::vector<Var> vars;
   add_vars(b, 1, vars);
   add_vars(a, -1, vars);
