@@ -2,6 +2,7 @@
 
 #include "problem.h"
 
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -9,6 +10,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "index_math.h"
 #include "tensor_checks.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
@@ -63,9 +65,12 @@ Strides3 bnhd_strides(const TensorView& t, const char* name) {
   return {t.strides[0], t.strides[1], t.strides[2]};
 }
 
+// The least common multiple of the values (>= 1), or 0 when it overflows int64.
 int64_t lcm_of(const std::vector<int64_t>& values) {
   int64_t l = 1;
-  for (int64_t v : values) l = std::lcm(l, v);
+  for (int64_t v : values) {
+    if (__builtin_mul_overflow(l / std::gcd(l, v), v, &l)) return 0;
+  }
   return l;
 }
 
@@ -123,32 +128,6 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   p.v_st = bnhd_strides(v, "v");
   p.out_st = bnhd_strides(out, "out");
 
-  const int g = config.num_branches();
-  for (int i = 0; i < g; ++i) {
-    const int64_t s = config.segment_lengths[i];
-    if (p.seq % s != 0) {
-      const int64_t l = lcm_of(config.segment_lengths);
-      fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
-           " does not divide the sequence length N = ", p.seq,
-           shard.world > 1 ? " (" + std::to_string(shard.world) + " ranks x " +
-                                 std::to_string(p.shard_rows) + " rows)"
-                           : std::string(),
-           "; pad the sequence to a multiple of ", l,
-           " (the least common multiple of segment_lengths), e.g. N = ", ((p.seq + l - 1) / l) * l);
-    }
-    p.branches.push_back({s, config.dilation_rates[i]});
-  }
-  // The layer's heads: all of q's, or (head parallelism) a slice of total_heads.
-  const int64_t total_heads = config.total_heads > 0 ? config.total_heads : p.heads;
-  require(config.head_offset + p.heads <= total_heads, "head_offset = ", config.head_offset,
-          " plus the H = ", p.heads, " heads of q exceeds total_heads = ", total_heads,
-          "; q must hold heads [head_offset, head_offset + H) of the layer's total_heads");
-  if (config.mode == Mode::kGroups) {
-    require(total_heads >= g,
-            "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
-            " branches; use more heads, fewer branches, or mode = longnet");
-  }
-
   if (lse) {
     const TensorView& l = *lse;
     check_view(l, "lse", 3, "[B, H, N]", device, backend);
@@ -161,6 +140,43 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
     p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
   }
 
+  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
+                         {{"q", &q}, {"k", &k}, {"v", &v}});
+
+  const int g = config.num_branches();
+  for (int i = 0; i < g; ++i) {
+    const int64_t s = config.segment_lengths[i];
+    if (p.seq % s != 0) {
+      const int64_t l = lcm_of(config.segment_lengths);
+      const int64_t padded = l > 0 && p.seq / l < INT64_MAX / l - 1 ? ceil_div(p.seq, l) * l : 0;
+      fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
+           " does not divide the sequence length N = ", p.seq,
+           shard.world > 1 ? " (" + std::to_string(shard.world) + " ranks x " +
+                                 std::to_string(p.shard_rows) + " rows)"
+                           : std::string(),
+           "; pad the sequence to a multiple of ",
+           l > 0 ? std::to_string(l) : std::string("every segment length"),
+           " (the least common multiple of segment_lengths)",
+           padded > 0 ? ", e.g. N = " + std::to_string(padded) : std::string());
+    }
+    p.branches.push_back({s, config.dilation_rates[i]});
+  }
+  // The layer's heads: all of q's, or (head parallelism) a slice of total_heads.
+  const int64_t total_heads = config.total_heads > 0 ? config.total_heads : p.heads;
+  require(config.head_offset <= total_heads - p.heads, "head_offset = ", config.head_offset,
+          " plus the H = ", p.heads, " heads of q exceeds total_heads = ", total_heads,
+          "; q must hold heads [head_offset, head_offset + H) of the layer's total_heads");
+  if (config.mode == Mode::kGroups) {
+    require(total_heads >= g,
+            "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
+            " branches; use more heads, fewer branches, or mode = longnet");
+  }
+
+  if (total_heads > INT_MAX / g) {
+    fail(ErrorCode::kUnsupported, "total_heads = ", total_heads, " heads x ", g,
+         " branches is more head-branch entries than this version indexes (2^31 - 1); use fewer "
+         "heads per call");
+  }
   p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   p.out_factor = config.mode == Mode::kGroups ? 1.0f / static_cast<float>(g) : 1.0f;
   assign_heads(config.mode, p.branches, total_heads, p.head_begin, p.head_branches);
@@ -173,8 +189,6 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
                                     p.head_begin.begin() + config.head_offset + p.heads + 1);
     for (int& x : p.head_begin) x -= first;
   }
-  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
-                         {{"q", &q}, {"k", &k}, {"v", &v}});
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;

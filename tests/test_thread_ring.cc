@@ -66,7 +66,8 @@ void expect_ring_matches_single(const RingSetup& s, Matching matching) {
                   rows_of(v, r0, n, 1), rows_of(r_out, r0, n, 1), rows_of(r_lse, r0, n, 2),
                   rows_of(r_dq, r0, n, 1), rows_of(r_dk, r0, n, 1), rows_of(r_dv, r0, n, 1));
   });
-  for (int r = 0; r < s.P; ++r) ASSERT_TRUE(results[static_cast<size_t>(r)].ok) << results[r].message;
+  for (int r = 0; r < s.P; ++r)
+    ASSERT_TRUE(results[static_cast<size_t>(r)].ok) << results[r].message;
   for (const auto& [ring_t, one_t] : {std::pair<const Tensor*, const Tensor*>{&r_out, &out},
                                       {&r_dq, &dq},
                                       {&r_dk, &dk},
@@ -137,7 +138,12 @@ TEST(ThreadRing, RingsFollowNcclMatchingRules) {
   for (int P : {2, 3}) {
     for (bool causal : {false, true}) {
       SCOPED_TRACE("P=" + std::to_string(P) + (causal ? " causal" : " full"));
-      const RingSetup s{P, 1, 32, 2, 1, 16,
+      const RingSetup s{P,
+                        1,
+                        32,
+                        2,
+                        1,
+                        16,
                         DilatedConfig{{16, 32 * P}, {1, 2}, Mode::kLongNet, causal, std::nullopt}};
       expect_ring_matches_single(s, Matching::kNccl);
     }
@@ -251,8 +257,8 @@ TEST(RingPlan, EveryTransferHasItsPartnerAndIsNotEmpty) {
         const auto it = std::find_if(theirs.begin(), theirs.end(), [&](const RingStep& x) {
           return x.recv_from == a && x.tag == st.tag && x.span == st.span;
         });
-        ASSERT_NE(it, theirs.end()) << "rank " << a << " sends to " << st.send_to
-                                    << " with tag " << st.tag << " but nobody receives it";
+        ASSERT_NE(it, theirs.end()) << "rank " << a << " sends to " << st.send_to << " with tag "
+                                    << st.tag << " but nobody receives it";
       }
       for (const RingStep& st : plans[static_cast<size_t>(a)].steps) {
         if (st.recv_from < 0) continue;

@@ -24,7 +24,7 @@ struct Group;
 struct Op {
   bool recv = false;
   int src = 0, dst = 0, tag = 0;
-  void* buf = nullptr;  // receives
+  void* buf = nullptr;     // receives
   std::vector<char> data;  // sends
   size_t bytes = 0;
   bool matched = false, cancelled = false;
@@ -165,11 +165,11 @@ class ThreadComm final : public Communicator {
     std::unique_lock<std::mutex> lock(world_->mutex);
     flush();
     const std::string what = std::string(op->recv ? "the irecv of " : "the isend of ") +
-                             std::to_string(op->bytes) + " bytes " +
-                             (op->recv ? "from" : "to") + " peer " +
-                             std::to_string(op->recv ? op->src : op->dst) + ", tag " +
+                             std::to_string(op->bytes) + " bytes " + (op->recv ? "from" : "to") +
+                             " peer " + std::to_string(op->recv ? op->src : op->dst) + ", tag " +
                              std::to_string(op->tag);
-    block(lock, [&] { return op->group->done(); }, "wait: " + what);
+    block(
+        lock, [&] { return op->group->done(); }, "wait: " + what);
     lock.unlock();
     if (!op->error.empty()) {
       mark_broken(op->error);
@@ -251,14 +251,14 @@ class ThreadComm final : public Communicator {
   // Waits (lock held) until ready(), another rank's abort, or the deadline.
   template <typename Ready>
   void block(std::unique_lock<std::mutex>& lock, Ready&& ready, const std::string& what) {
-    const auto deadline =
-        Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                           std::chrono::duration<double>(timeout_seconds()));
+    const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(timeout_seconds()));
     while (!ready()) {
       for (int r = 0; r < world_->size; ++r) {
         const std::string& reason = world_->aborted[static_cast<size_t>(r)];
         if (r == rank_ || reason.empty()) continue;
-        const std::string m = "rank " + std::to_string(r) + " of this communicator failed: " + reason;
+        const std::string m =
+            "rank " + std::to_string(r) + " of this communicator failed: " + reason;
         lock.unlock();
         mark_broken(m);
         throw Error(ErrorCode::kCommunication, m + "; every rank stops");
@@ -281,8 +281,9 @@ class ThreadComm final : public Communicator {
     c.parts[static_cast<size_t>(rank_)].assign(data, data + bytes);
     ++c.arrived;
     world_->changed.notify_all();
-    block(lock, [&] { return c.arrived == world_->size; },
-          std::string(what) + " (collective call " + std::to_string(id) + ")");
+    block(
+        lock, [&] { return c.arrived == world_->size; },
+        std::string(what) + " (collective call " + std::to_string(id) + ")");
     std::vector<std::vector<char>> parts = c.parts;
     if (++c.left == world_->size) world_->collectives.erase(id);
     return parts;
