@@ -117,8 +117,8 @@ TEST(InputChecks, HandBuiltPatternsAreChecked) {
   BlockSparseConfig cfg;
   cfg.patterns = {window};
   auto comm = make_self_communicator();
-  expect_error([&] { BlockSparseRingDilatedAttention b(cfg, *comm); },
-               ErrorCode::kInvalidArgument, {"window = -5"});
+  expect_error([&] { BlockSparseRingDilatedAttention b(cfg, *comm); }, ErrorCode::kInvalidArgument,
+               {"window = -5"});
 }
 
 TEST(InputChecks, PatternArithmeticDoesNotOverflow) {
@@ -139,10 +139,16 @@ TEST(InputChecks, BlockListsAreReadOnlyWhereChecked) {
   // A valid list (its checks once read cols[-1]); a row_ptr entry past cols.size(); one that
   // decreases.
   EXPECT_NO_THROW((void)BlockPattern::block_list(8, {0, 1, 3}, {0, 0, 1}).layout(16));
-  expect_error([] { (void)BlockPattern::block_list(8, {0, 7, 2}, {0, 1}).layout(16); },
-               ErrorCode::kInvalidArgument, {"row_ptr[1] = 7 is past the end of cols (2 entries)"});
-  expect_error([] { (void)BlockPattern::block_list(8, {0, 2, 1, 2}, {0, 1}).layout(24); },
-               ErrorCode::kInvalidArgument, {"row_ptr[2] = 1 < row_ptr[1] = 2"});
+  expect_error(
+      [] {
+        (void)BlockPattern::block_list(8, {0, 7, 2}, {0, 1}).layout(16);
+      },
+      ErrorCode::kInvalidArgument, {"row_ptr[1] = 7 is past the end of cols (2 entries)"});
+  expect_error(
+      [] {
+        (void)BlockPattern::block_list(8, {0, 2, 1, 2}, {0, 1}).layout(24);
+      },
+      ErrorCode::kInvalidArgument, {"row_ptr[2] = 1 < row_ptr[1] = 2"});
 }
 
 // The bytes a view touches, by enumeration.
@@ -153,8 +159,8 @@ std::set<uintptr_t> bytes_of(const TensorView& t) {
     for (int64_t b = 0; b < (t.ndim > 1 ? t.shape[1] : 1); ++b)
       for (int64_t c = 0; c < (t.ndim > 2 ? t.shape[2] : 1); ++c)
         for (int64_t d = 0; d < (t.ndim > 3 ? t.shape[3] : 1); ++d) {
-          const int64_t off = a * t.strides[0] + b * t.strides[1] + c * t.strides[2] +
-                              d * t.strides[3];
+          const int64_t off =
+              a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + d * t.strides[3];
           for (size_t x = 0; x < es; ++x) {
             bytes.insert(reinterpret_cast<uintptr_t>(t.data) + static_cast<size_t>(off) * es + x);
           }
@@ -214,14 +220,14 @@ TEST(InputChecks, OutputsThatOverlapInputsOrEachOther) {
       ErrorCode::kInvalidArgument, {"the output dq overlaps the input dout"});
   expect_error(
       [&] {
-        attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(),
-                      dq.view(), dk.view(), k.view());
+        attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                      dk.view(), k.view());
       },
       ErrorCode::kInvalidArgument, {"the output dv overlaps the input k"});
   expect_error(
       [&] {
-        attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(),
-                      dq.view(), dq.view(), dv.view());
+        attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                      dq.view(), dv.view());
       },
       ErrorCode::kInvalidArgument, {"the outputs dq and dk overlap"});
   // An output whose rows overlap each other (a stride of 0).
@@ -241,7 +247,8 @@ TEST(InputChecks, OutputsThatOverlapInputsOrEachOther) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
-          fused[static_cast<size_t>(((n * 3 + which) * H + h) * D + d)] = parts[which]->get(0, n, h, d);
+          fused[static_cast<size_t>(((n * 3 + which) * H + h) * D + d)] =
+              parts[which]->get(0, n, h, d);
   attn.backward(dout.view(), slice(fused, 0), slice(fused, 1), slice(fused, 2), out.view(),
                 lse.view(), slice(dfused, 0), slice(dfused, 1), slice(dfused, 2));
   attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
@@ -255,7 +262,8 @@ TEST(InputChecks, OutputsThatOverlapInputsOrEachOther) {
           mismatches += dfused[static_cast<size_t>(((n * 3 + which) * H + h) * D + d)] !=
                         grads[which]->get(0, n, h, d);
   EXPECT_EQ(mismatches, 0);
-  EXPECT_GT(compare_bnhd(dv, std::vector<double>(static_cast<size_t>(dv.view().numel()))).nonzero, 0);
+  EXPECT_GT(compare_bnhd(dv, std::vector<double>(static_cast<size_t>(dv.view().numel()))).nonzero,
+            0);
 }
 
 TEST(InputChecks, MultiheadOutputOverlappingItsInput) {
