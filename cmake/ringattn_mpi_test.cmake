@@ -1,8 +1,9 @@
 # ringattn_add_mpi_test(NAME <prefix> TARGET <executable> NP <n>...
-#                       [TIMEOUT <seconds>] [LABELS <label>...] [ARGS <arg>...])
+#                       [TIMEOUT <seconds>] [LABELS <label>...] [ARGS <arg>...]
+#                       [LAUNCHER <command>...])
 #
 # Registers one CTest test per process count: <prefix>_np<n> runs
-#   mpiexec -n <n> [--oversubscribe] <executable> <args>
+#   [<launcher>] mpiexec -n <n> [--oversubscribe] <executable> <args>
 # with label "mpi" (plus LABELS), a timeout (default 300 s, so a hang fails instead of
 # stalling) and the environment OpenMPI needs in this setup (RINGATTN_MPI_TEST_ENV).
 # Run them with `ctest -L mpi`.
@@ -26,7 +27,7 @@ if(NOT DEFINED RINGATTN_MPIEXEC_IS_OPENMPI)
 endif()
 
 function(ringattn_add_mpi_test)
-  cmake_parse_arguments(PARSE_ARGV 0 ARG "" "NAME;TARGET;TIMEOUT" "NP;LABELS;ARGS")
+  cmake_parse_arguments(PARSE_ARGV 0 ARG "" "NAME;TARGET;TIMEOUT" "NP;LABELS;ARGS;LAUNCHER")
   if(NOT ARG_NAME OR NOT ARG_TARGET OR NOT ARG_NP)
     message(FATAL_ERROR "ringattn_add_mpi_test: NAME, TARGET and NP are required")
   endif()
@@ -41,7 +42,8 @@ function(ringattn_add_mpi_test)
   foreach(_np IN LISTS ARG_NP)
     set(_test ${ARG_NAME}_np${_np})
     add_test(NAME ${_test}
-             COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${_np} ${_oversubscribe}
+             COMMAND ${ARG_LAUNCHER} ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${_np}
+                     ${_oversubscribe}
                      ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${ARG_TARGET}> ${MPIEXEC_POSTFLAGS}
                      ${ARG_ARGS})
     set_tests_properties(${_test} PROPERTIES

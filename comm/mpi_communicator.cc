@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -157,8 +158,21 @@ class MpiCommunicator final : public Communicator {
     require(comm != MPI_COMM_NULL,
             "make_mpi_communicator: comm is MPI_COMM_NULL; pass a valid communicator such as "
             "MPI_COMM_WORLD");
-    // Collective over the caller's communicator; errors here follow the caller's handler.
-    RINGATTN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+    // Collective over the caller's communicator (a non-blocking duplicate, so that it has a
+    // deadline too); errors here follow the caller's handler.
+    auto dup = std::make_unique<MPI_Comm>(MPI_COMM_NULL);
+    MPI_Request req = MPI_REQUEST_NULL;
+    RINGATTN_MPI_CHECK(MPI_Comm_idup(comm, dup.get(), &req));
+    Deadline deadline(timeout_seconds());
+    for (int done = 0; !done;) {
+      RINGATTN_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+      if (!done && deadline.passed()) {
+        dup.release();  // NOLINT: MPI writes it when the duplicate is made
+        fail_timeout("make_mpi_communicator: MPI_Comm_idup (collective over every rank of comm)");
+      }
+      deadline.pause();
+    }
+    comm_ = *dup;
     try {
       RINGATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
       RINGATTN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
@@ -166,7 +180,8 @@ class MpiCommunicator final : public Communicator {
       void* attr = nullptr;
       int flag = 0;
       RINGATTN_MPI_CHECK(MPI_Comm_get_attr(comm_, MPI_TAG_UB, &attr, &flag));
-      if (flag && attr != nullptr) max_tag_ = *static_cast<int*>(attr);
+      if (flag && attr != nullptr) max_tag_ = *static_cast<int*>(attr) - 1;
+      abort_tag_ = max_tag_ + 1;
     } catch (...) {
       MPI_Comm_free(&comm_);
       throw;
@@ -174,7 +189,15 @@ class MpiCommunicator final : public Communicator {
   }
 
   ~MpiCommunicator() override {
-    if (comm_ != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm_);
+    if (mpi_finalized()) return;
+    for (MPI_Request& r : notices_) {
+      int done = 0;
+      if (r != MPI_REQUEST_NULL) MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+      if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);  // finishes on its own
+    }
+    // A notice still in flight reads notice_: it must outlive this object.
+    if (!notices_.empty()) new std::string(std::move(notice_));
+    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   }
 
   int rank() const override { return rank_; }
@@ -183,6 +206,7 @@ class MpiCommunicator final : public Communicator {
   int max_tag() const override { return max_tag_; }
 
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("isend");
     check_transfer_args("isend", buf, bytes, peer, tag);
     auto t = start(false, bytes, peer, tag);
     const auto* p = static_cast<const char*>(stage_send(*t, buf, bytes));
@@ -196,6 +220,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("irecv");
     check_transfer_args("irecv", buf, bytes, peer, tag);
     auto t = start(true, bytes, peer, tag);
     auto* p = static_cast<char*>(stage_recv(*t, buf, bytes));
@@ -208,12 +233,14 @@ class MpiCommunicator final : public Communicator {
   }
 
   void progress() override {
+    check_usable("progress");
     int flag = 0;
     RINGATTN_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm_, &flag, MPI_STATUS_IGNORE));
   }
 
   void wait(CommRequest& req) override {
     if (req.complete()) return;
+    check_usable("wait");
     require(req.owner() == this,
             "wait: the request belongs to another communicator; wait on it with the "
             "communicator that made it");
@@ -221,10 +248,12 @@ class MpiCommunicator final : public Communicator {
     while (t->next < t->reqs.size()) {
       const size_t i = t->next;
       MPI_Status status;
-      const int rc = MPI_Wait(&t->reqs[i], &status);
+      const int rc =
+          test_until_done(&t->reqs[i], &status, [&] { return "wait: the " + t->describe(); });
       if (rc != MPI_SUCCESS) {
         t->reqs[i] = MPI_REQUEST_NULL;  // a request that failed is not waited on again
         t->next = i + 1;
+        mark_broken("MPI_Wait failed: " + mpi_error_string(rc) + " (" + t->describe() + ")");
         check_mpi(rc, "MPI_Wait", __FILE__, __LINE__, t->describe());
       }
       t->next = i + 1;
@@ -232,6 +261,7 @@ class MpiCommunicator final : public Communicator {
         int count = 0;
         RINGATTN_MPI_CHECK(MPI_Get_count(&status, MPI_BYTE, &count), t->describe());
         if (count != t->piece_bytes[i]) {
+          mark_broken("a receive got a message of another size (" + t->describe() + ")");
           fail(ErrorCode::kCommunication, "wait: ", t->describe(), " got a message of ", count,
                " bytes", t->reqs.size() > 1 ? " in one of its pieces" : "",
                "; post the receive with the exact size of the send");
@@ -261,6 +291,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
+    check_usable("allgather");
     require(bytes_per_rank <= static_cast<size_t>(INT_MAX),
             "allgather: bytes_per_rank = ", bytes_per_rank,
             " is above INT_MAX; gather small arrays only");
@@ -268,34 +299,47 @@ class MpiCommunicator final : public Communicator {
             "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
             "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
     const size_t total = bytes_per_rank * static_cast<size_t>(size_);
-    const auto* s = static_cast<const char*>(send);
-    auto* r = static_cast<char*>(recv);
-    std::vector<char> copy;
-    const void* send_arg = send;
-    if (bytes_per_rank > 0 && s == r + bytes_per_rank * static_cast<size_t>(rank_)) {
-      send_arg = MPI_IN_PLACE;
-    } else if (bytes_per_rank > 0 && s < r + total && r < s + bytes_per_rank) {
-      copy.assign(s, s + bytes_per_rank);  // overlaps recv elsewhere: MPI forbids aliasing
-      send_arg = copy.data();
-    }
+    // MPI writes staged buffers, never the caller's: a collective that times out stays in
+    // flight, and its buffers are left to MPI.
+    auto staged = std::make_unique<std::vector<char>>(total + bytes_per_rank);
+    char* in = staged->data() + total;
+    if (bytes_per_rank > 0) std::memcpy(in, send, bytes_per_rank);
     const int count = static_cast<int>(bytes_per_rank);
-    RINGATTN_MPI_CHECK(MPI_Allgather(send_arg, count, MPI_BYTE, recv, count, MPI_BYTE, comm_));
+    MPI_Request req = MPI_REQUEST_NULL;
+    RINGATTN_MPI_CHECK(
+        MPI_Iallgather(in, count, MPI_BYTE, staged->data(), count, MPI_BYTE, comm_, &req));
+    complete_collective(req, std::move(staged),
+                        "allgather of " + std::to_string(bytes_per_rank) + " bytes per rank");
+    if (total > 0) std::memcpy(recv, last_staged_->data(), total);
+    last_staged_.reset();
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
+    check_usable("broadcast");
     require(root >= 0 && root < size_, "broadcast: root = ", root, " is outside [0, ", size_,
             "); pass a rank of this communicator");
     require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
             "; pass a buffer of at least that many bytes");
     auto* p = static_cast<char*>(buf);
     for (size_t off = 0; off < bytes; off += max_piece_) {
-      const int n = static_cast<int>(std::min(max_piece_, bytes - off));
-      RINGATTN_MPI_CHECK(MPI_Bcast(p + off, n, MPI_BYTE, root, comm_));
+      const size_t n = std::min(max_piece_, bytes - off);
+      auto staged = std::make_unique<std::vector<char>>(p + off, p + off + n);
+      MPI_Request req = MPI_REQUEST_NULL;
+      RINGATTN_MPI_CHECK(
+          MPI_Ibcast(staged->data(), static_cast<int>(n), MPI_BYTE, root, comm_, &req));
+      complete_collective(
+          req, std::move(staged),
+          "broadcast of " + std::to_string(bytes) + " bytes from rank " + std::to_string(root));
+      std::memcpy(p + off, last_staged_->data(), n);
+      last_staged_.reset();
     }
   }
 
   void barrier() override {
-    RINGATTN_MPI_CHECK(MPI_Barrier(comm_));
+    check_usable("barrier");
+    MPI_Request req = MPI_REQUEST_NULL;
+    RINGATTN_MPI_CHECK(MPI_Ibarrier(comm_, &req));
+    complete_collective(req, nullptr, "barrier");
   }
 
  private:
@@ -317,18 +361,99 @@ class MpiCommunicator final : public Communicator {
 
   template <typename T>
   void allreduce(const char* call, T* data, size_t n, MPI_Datatype type, MPI_Op op) {
+    check_usable(call);
     require(n <= static_cast<size_t>(INT_MAX), call, ": n = ", n,
             " is above INT_MAX; reduce small arrays only");
     require(data != nullptr || n == 0, call, ": data is null but n = ", n,
             "; pass an array of n elements");
-    RINGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), type, op, comm_));
+    const size_t bytes = n * sizeof(T);
+    auto staged = std::make_unique<std::vector<char>>(bytes);
+    if (bytes > 0) std::memcpy(staged->data(), data, bytes);
+    MPI_Request req = MPI_REQUEST_NULL;
+    RINGATTN_MPI_CHECK(
+        MPI_Iallreduce(MPI_IN_PLACE, staged->data(), static_cast<int>(n), type, op, comm_, &req));
+    complete_collective(req, std::move(staged),
+                        std::string(call) + " of " + std::to_string(n) + " elements");
+    if (bytes > 0) std::memcpy(data, last_staged_->data(), bytes);
+    last_staged_.reset();
+  }
+
+  // Tests `req` until it completes, the deadline passes (fail_timeout(what())) or another
+  // rank's abort notice arrives (Error naming that rank and its reason). Returns MPI_Test's
+  // error code.
+  template <typename What>
+  int test_until_done(MPI_Request* req, MPI_Status* status, const What& what) {
+    Deadline deadline(timeout_seconds());
+    while (true) {
+      int done = 0;
+      const int rc = MPI_Test(req, &done, status);
+      if (rc != MPI_SUCCESS || done) return rc;
+      check_abort_notices();
+      if (deadline.passed()) fail_timeout(what());
+      deadline.pause();
+    }
+  }
+
+  // Waits for a non-blocking collective whose buffers are `staged` (kept in last_staged_ when
+  // it completes; left to MPI when it does not).
+  void complete_collective(MPI_Request& req, std::unique_ptr<std::vector<char>> staged,
+                           const std::string& what) {
+    try {
+      const int rc = test_until_done(&req, MPI_STATUS_IGNORE, [&] { return what; });
+      if (rc != MPI_SUCCESS) {
+        mark_broken("the " + what + " failed: " + mpi_error_string(rc));
+        check_mpi(rc, "MPI collective", __FILE__, __LINE__, what);
+      }
+    } catch (...) {
+      staged.release();  // NOLINT: MPI may still write it
+      throw;
+    }
+    last_staged_ = std::move(staged);
+  }
+
+  // An abort notice from another rank breaks this communicator and throws.
+  void check_abort_notices() {
+    int flag = 0;
+    MPI_Status status;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, abort_tag_, comm_, &flag, &status) != MPI_SUCCESS || !flag) {
+      return;
+    }
+    int count = 0;
+    MPI_Get_count(&status, MPI_CHAR, &count);
+    std::string reason(static_cast<size_t>(std::max(count, 0)), '\0');
+    MPI_Recv(reason.data(), count, MPI_CHAR, status.MPI_SOURCE, abort_tag_, comm_,
+             MPI_STATUS_IGNORE);
+    const std::string what =
+        "rank " + std::to_string(status.MPI_SOURCE) + " of this communicator failed: " + reason;
+    mark_broken(what);
+    fail(ErrorCode::kCommunication, what, "; every rank stops");
+  }
+
+  void notify_abort(const std::string& reason) noexcept override {
+    if (mpi_finalized() || comm_ == MPI_COMM_NULL) return;
+    try {
+      notice_ = reason.substr(0, 2000);
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_) continue;
+        MPI_Request req = MPI_REQUEST_NULL;
+        if (MPI_Isend(notice_.data(), static_cast<int>(notice_.size()), MPI_CHAR, r, abort_tag_,
+                      comm_, &req) == MPI_SUCCESS) {
+          notices_.push_back(req);
+        }
+      }
+    } catch (...) {  // out of memory: the others find out at their deadline
+    }
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
-  int max_tag_ = 32767;  // the minimum MPI guarantees
+  int max_tag_ = 32766;  // the minimum MPI guarantees, less the abort notices' tag
+  int abort_tag_ = 32767;
   size_t max_piece_;
+  std::unique_ptr<std::vector<char>> last_staged_;  // buffers of the last collective
+  std::string notice_;                              // the reason abort() sent
+  std::vector<MPI_Request> notices_;
 };
 
 }  // namespace

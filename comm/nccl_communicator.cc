@@ -78,6 +78,7 @@ class NcclCommunicator final : public Communicator {
     require(comm != nullptr,
             "make_nccl_communicator: comm is null; pass an initialized ncclComm_t");
     try {
+      settle("ncclCommInitRank");
       RA_NCCL_CHECK(ncclCommUserRank(comm_, &rank_), comm_);
       RA_NCCL_CHECK(ncclCommCount(comm_, &size_), comm_);
       RA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -97,6 +98,7 @@ class NcclCommunicator final : public Communicator {
   int max_tag() const override { return INT_MAX; }  // tags are checked, not used by NCCL
 
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("isend");
     check_transfer_args("isend", buf, bytes, peer, tag);
     check_device("isend", buf, bytes);
     count_sent(bytes);
@@ -104,23 +106,27 @@ class NcclCommunicator final : public Communicator {
   }
 
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("irecv");
     check_transfer_args("irecv", buf, bytes, peer, tag);
     check_device("irecv", buf, bytes);
     return enqueue(true, buf, bytes, peer);
   }
 
-  void progress() override { flush(); }
+  void progress() override {
+    check_usable("progress");
+    flush();
+  }
 
   void wait(CommRequest& req) override {
     if (req.complete()) return;
+    check_usable("wait");
     require(req.owner() == this,
             "wait: the request belongs to another communicator; wait on it with the "
             "communicator that made it");
     const std::shared_ptr<Batch> batch = static_cast<NcclTransfer*>(req.state())->batch;
     if (!batch->launched) flush();
     RA_CUDA_CHECK(cudaStreamWaitEvent(compute_, batch->done, 0));
-    RA_CUDA_CHECK(cudaEventSynchronize(batch->done));
-    check_async_error();
+    wait_event(batch->done, "wait: a group of NCCL transfers");
     req.reset();
   }
 
@@ -130,38 +136,40 @@ class NcclCommunicator final : public Communicator {
   void allreduce_max(int64_t* data, size_t n) override { allreduce(data, n, ncclInt64, ncclMax); }
   void allreduce_min(int64_t* data, size_t n) override { allreduce(data, n, ncclInt64, ncclMin); }
 
+  // Collectives stage host arrays through device scratch: copied in on the communication
+  // stream (so NCCL reads them after the copy), the result copied out once the stream's
+  // event says the collective is done (within the deadline).
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
+    check_usable("allgather");
     require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
             "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
             "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
     flush();
     const size_t total = bytes_per_rank * static_cast<size_t>(size_);
     const Scratch dsend(bytes_per_rank), drecv(total);
-    if (bytes_per_rank > 0) {
-      RA_CUDA_CHECK(cudaMemcpy(dsend.get(), send, bytes_per_rank, cudaMemcpyHostToDevice));
-    }
+    copy_in(dsend.get(), send, bytes_per_rank);
     RA_NCCL_CHECK(
         ncclAllGather(dsend.get(), drecv.get(), bytes_per_rank, ncclUint8, comm_, stream_), comm_);
-    finish_collective();
-    if (total > 0) RA_CUDA_CHECK(cudaMemcpy(recv, drecv.get(), total, cudaMemcpyDeviceToHost));
+    finish_collective("allgather");
+    copy_out(recv, drecv.get(), total);
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
+    check_usable("broadcast");
     require(root >= 0 && root < size_, "broadcast: root = ", root, " is outside [0, ", size_,
             "); pass a rank of this communicator");
     require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
             "; pass a buffer of at least that many bytes");
     flush();
     const Scratch d(bytes);
-    if (rank_ == root && bytes > 0) {
-      RA_CUDA_CHECK(cudaMemcpy(d.get(), buf, bytes, cudaMemcpyHostToDevice));
-    }
+    if (rank_ == root) copy_in(d.get(), buf, bytes);
     RA_NCCL_CHECK(ncclBroadcast(d.get(), d.get(), bytes, ncclUint8, root, comm_, stream_), comm_);
-    finish_collective();
-    if (bytes > 0) RA_CUDA_CHECK(cudaMemcpy(buf, d.get(), bytes, cudaMemcpyDeviceToHost));
+    finish_collective("broadcast");
+    copy_out(buf, d.get(), bytes);
   }
 
   void barrier() override {
+    check_usable("barrier");
     int64_t token = 0;
     allreduce_sum(&token, 1);
   }
@@ -207,32 +215,102 @@ class NcclCommunicator final : public Communicator {
       }
     }
     const ncclResult_t end = ncclGroupEnd();  // always closes the group
-    if (first_error != ncclSuccess) check_nccl(first_error, failed_call, __FILE__, __LINE__, comm_);
-    RA_NCCL_CHECK(end, comm_);
+    if (first_error != ncclSuccess) {
+      mark_broken(std::string(failed_call) + " failed: " + ncclGetErrorString(first_error));
+      check_nccl(first_error, failed_call, __FILE__, __LINE__, comm_);
+    }
+    if (end != ncclInProgress) RA_NCCL_CHECK(end, comm_);
+    settle("ncclGroupEnd");  // a non-blocking communicator enqueues the group in the background
     RA_CUDA_CHECK(cudaEventRecord(batch->done, stream_));
   }
 
   template <typename T>
   void allreduce(T* data, size_t n, ncclDataType_t type, ncclRedOp_t op) {
+    check_usable("allreduce");
     require(data != nullptr || n == 0, "allreduce: data is null but n = ", n,
             "; pass an array of n elements");
     flush();
     const Scratch d(n * sizeof(T));
-    if (n > 0) RA_CUDA_CHECK(cudaMemcpy(d.get(), data, n * sizeof(T), cudaMemcpyHostToDevice));
+    copy_in(d.get(), data, n * sizeof(T));
     RA_NCCL_CHECK(ncclAllReduce(d.get(), d.get(), n, type, op, comm_, stream_), comm_);
-    finish_collective();
-    if (n > 0) RA_CUDA_CHECK(cudaMemcpy(data, d.get(), n * sizeof(T), cudaMemcpyDeviceToHost));
+    finish_collective("allreduce");
+    copy_out(data, d.get(), n * sizeof(T));
   }
 
-  void finish_collective() {
-    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    check_async_error();
+  // Host bytes into device scratch, in order on the communication stream. (From pageable
+  // memory the copy has read `host` when it returns.)
+  void copy_in(void* device, const void* host, size_t bytes) {
+    if (bytes > 0) {
+      RA_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
+    }
+  }
+  // Device scratch to host, after finish_collective.
+  void copy_out(void* host, const void* device, size_t bytes) {
+    if (bytes > 0) {
+      RA_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_));
+      RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the copy alone: the collective is done
+    }
   }
 
-  void check_async_error() {
-    ncclResult_t async = ncclSuccess;
-    RA_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async), comm_);
-    RA_NCCL_CHECK(async, comm_);
+  void finish_collective(const char* what) {
+    settle(what);
+    RA_CUDA_CHECK(cudaEventRecord(ready_, stream_));
+    wait_event(ready_, std::string(what) + " (an NCCL collective)");
+  }
+
+  // Until the communicator's asynchronous state leaves ncclInProgress (a non-blocking
+  // communicator's calls return before they are done), within the deadline. An error or a
+  // timeout breaks the communicator and aborts it.
+  void settle(const char* what) {
+    Deadline deadline(timeout_seconds());
+    while (true) {
+      ncclResult_t state = ncclSuccess;
+      RA_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state), comm_);
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) fail_async(state);
+      if (deadline.passed()) {
+        abort_nccl();
+        fail_timeout(what);
+      }
+      deadline.pause();
+    }
+  }
+
+  // Until `done` (work on a stream) completes, polling NCCL's asynchronous error; at the
+  // deadline the communicator is aborted (ncclCommAbort ends its kernels) and broken.
+  void wait_event(cudaEvent_t done, const std::string& what) {
+    Deadline deadline(timeout_seconds());
+    while (true) {
+      const cudaError_t q = cudaEventQuery(done);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) {
+        mark_broken(std::string("a CUDA error while waiting: ") + cudaGetErrorString(q));
+        RA_CUDA_CHECK(q);
+      }
+      ncclResult_t async = ncclSuccess;
+      RA_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async), comm_);
+      if (async != ncclSuccess && async != ncclInProgress) fail_async(async);
+      if (deadline.passed()) {
+        abort_nccl();
+        fail_timeout(what);
+      }
+      deadline.pause();
+    }
+  }
+
+  [[noreturn]] void fail_async(ncclResult_t state) {
+    const std::string reason =
+        std::string("NCCL reported an asynchronous error: ") + ncclGetErrorString(state);
+    abort_nccl();
+    mark_broken(reason);
+    fail(ErrorCode::kCommunication, reason, "; the communicator was aborted");
+  }
+
+  // Ends the NCCL communicator's work (its kernels stop); it cannot be used again.
+  void abort_nccl() noexcept {
+    queued_.clear();
+    if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+    comm_ = nullptr;
   }
 
   // Both ring neighbours, both directions: NCCL connects peers lazily at their first
@@ -259,7 +337,8 @@ class NcclCommunicator final : public Communicator {
 
   void release() {
     queued_.clear();
-    if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+    if (broken()) abort_nccl();  // work in flight may never end: do not wait for it
+    if (stream_ != nullptr && comm_ != nullptr) (void)cudaStreamSynchronize(stream_);
     if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
     if (owned_ && comm_ != nullptr) (void)ncclCommDestroy(comm_);
@@ -308,8 +387,12 @@ std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, cudaStream_t
   if (!shared.ok) {
     fail(ErrorCode::kCommunication, "ncclGetUniqueId failed on rank 0; check the NCCL install");
   }
+  // Non-blocking, so that every wait can have a deadline (and end in ncclCommAbort).
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
   ncclComm_t nccl = nullptr;
-  RA_NCCL_CHECK(ncclCommInitRank(&nccl, size, shared.id, rank), nullptr);
+  const ncclResult_t rc = ncclCommInitRankConfig(&nccl, size, shared.id, rank, &config);
+  if (rc != ncclInProgress) RA_NCCL_CHECK(rc, nullptr);
   return std::make_unique<NcclCommunicator>(nccl, true, compute_stream);
 }
 

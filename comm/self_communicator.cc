@@ -58,6 +58,7 @@ class SelfCommunicator final : public Communicator {
   int max_tag() const override { return INT_MAX; }
 
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("isend");
     check_transfer_args("isend", buf, bytes, peer, tag);
     auto& recvs = box_->unmatched_recvs;
     auto it = std::find_if(recvs.begin(), recvs.end(),
@@ -76,6 +77,7 @@ class SelfCommunicator final : public Communicator {
   }
 
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("irecv");
     check_transfer_args("irecv", buf, bytes, peer, tag);
     auto& sends = box_->unmatched_sends;
     auto it = std::find_if(sends.begin(), sends.end(),
@@ -92,11 +94,13 @@ class SelfCommunicator final : public Communicator {
 
   void wait(CommRequest& req) override {
     if (req.complete()) return;
+    check_usable("wait");
     require(req.owner() == this,
             "wait: the request belongs to another communicator; wait on it with the "
             "communicator that made it");
     auto* recv = static_cast<PendingRecv*>(req.state());
     if (!recv->matched) {
+      mark_broken("a receive had no matching send");
       fail(ErrorCode::kCommunication, "wait: the irecv of ", recv->bytes, " bytes with tag ",
            recv->tag,
            " has no matching isend, so it could never complete in a one-process "
@@ -112,6 +116,7 @@ class SelfCommunicator final : public Communicator {
   void allreduce_min(int64_t* data, size_t n) override { check_array("allreduce_min", data, n); }
 
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
+    check_usable("allgather");
     require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
             "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
             "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
@@ -119,16 +124,18 @@ class SelfCommunicator final : public Communicator {
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
+    check_usable("broadcast");
     require(root == 0, "broadcast: root = ", root,
             " is outside [0, 1); pass a rank of this communicator");
     require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
             "; pass a buffer of at least that many bytes");
   }
 
-  void barrier() override {}
+  void barrier() override { check_usable("barrier"); }
 
  private:
-  static void check_array(const char* call, const void* data, size_t n) {
+  void check_array(const char* call, const void* data, size_t n) const {
+    check_usable(call);
     require(data != nullptr || n == 0, call, ": data is null but n = ", n,
             "; pass an array of n elements");
   }

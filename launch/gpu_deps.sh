@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Packs what launch/gpu_check.sh needs beyond CUDA into .gpu-deps/ (git-ignored), for a GPU
 # machine that has nvcc, CMake and a C++ compiler but no network and none of our packages:
-# Highway, GoogleTest, CLI11, nlohmann-json, OpenBLAS and OpenMPI as Debian packages (about
-# 21 MB). Run it here, where apt works; then send .gpu-deps along with the working tree (the
+# Highway, GoogleTest, CLI11, nlohmann-json, OpenBLAS, OpenMPI (with the libraries a bare image
+# lacks: libudev, zlib, libquadmath) and Ninja as Debian packages (about 22 MB). Run it here, where apt works; then send .gpu-deps along with the working tree (the
 # device tool: carry [".gpu-deps"]). gpu_check.sh unpacks them with dpkg -x into a private
 # prefix, so nothing on the GPU machine's own system is touched.
 set -euo pipefail
@@ -13,7 +13,7 @@ packages=(
   libopenmpi-dev libopenmpi3 openmpi-bin openmpi-common libpmix2 libhwloc15 libhwloc-plugins
   libevent-2.1-7 libevent-core-2.1-7 libevent-pthreads-2.1-7 libfabric1 libucx0 libibverbs1
   librdmacm1 libpsm-infinipath1 libpsm2-2 libnl-3-200 libnl-route-3-200 libnuma1 libmunge2
-  libltdl7 libpciaccess0 libxnvctrl0
+  libltdl7 libpciaccess0 libxnvctrl0 libudev1 zlib1g libquadmath0 ninja-build
 )
 rm -rf .gpu-deps
 mkdir -p .gpu-deps

@@ -17,6 +17,8 @@ if compgen -G ".gpu-deps/*.deb" >/dev/null; then
   export OPAL_PREFIX=${u} OPAL_SYSCONFDIR=${deps_root}/etc/openmpi
   export OPAL_LIBDIR=${lib}/openmpi/lib OPAL_PKGDATADIR=${u}/share/openmpi
   export OMPI_MCA_mca_base_component_path=${lib}/openmpi/lib/openmpi3
+  export PMIX_MCA_mca_base_component_path=${lib}/pmix2/lib/pmix
+  export PMIX_PREFIX=${lib}/pmix2
   cmake_deps_args=(-DCMAKE_PREFIX_PATH="${u}" -DBLA_VENDOR=OpenBLAS
                    -DCMAKE_LIBRARY_PATH="${lib}/openblas-pthread"
                    -DMPI_CXX_COMPILER="${u}/bin/mpicxx" -DMPIEXEC_EXECUTABLE="${u}/bin/mpirun")

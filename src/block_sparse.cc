@@ -11,14 +11,17 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "agreement.h"
 #include "check.h"
 #include "cpu/attention_cpu.h"
-#include "cpu/bf16_kernels.h"
 #include "dtype.h"
+#include "fault.h"
+#include "memory.h"
 #include "problem.h"
 #include "ring_timing.h"
 #include "ringattn/block_sparse.h"
@@ -146,35 +149,39 @@ Plan make_plan(const BlockSparseConfig& config, const Problem& p, int rank, int 
   return plan;
 }
 
-// What every rank must agree on: the patterns, shapes and options.
-std::vector<int64_t> agreement_values(const BlockSparseConfig& c, const Problem& p) {
+// What every rank must agree on, field by field: the patterns, shapes and options.
+std::vector<AgreedField> agreement_fields(const BlockSparseConfig& c, const Problem& p) {
   uint32_t scale_bits;
   std::memcpy(&scale_bits, &p.scale, sizeof(scale_bits));
-  std::vector<int64_t> v = {c.causal,
-                            p.batch,
-                            p.shard_rows,
-                            p.heads,
-                            p.kv_heads,
-                            p.head_dim,
-                            static_cast<int64_t>(p.dtype),
-                            scale_bits,
-                            static_cast<int64_t>(c.patterns.size())};
-  for (const BlockPattern& x : c.patterns) {
-    v.insert(v.end(), {static_cast<int64_t>(x.kind), x.block_size, x.window, x.global_blocks,
-                       static_cast<int64_t>(x.rates.size()), static_cast<int64_t>(x.row_ptr.size()),
-                       static_cast<int64_t>(x.cols.size())});
-    v.insert(v.end(), x.rates.begin(), x.rates.end());
-    v.insert(v.end(), x.row_ptr.begin(), x.row_ptr.end());
-    v.insert(v.end(), x.cols.begin(), x.cols.end());
+  std::vector<AgreedField> f = {
+      {"causal", {c.causal}},
+      {"B (q.shape[0])", {p.batch}},
+      {"N_loc (q.shape[1])", {p.shard_rows}},
+      {"H (q.shape[2])", {p.heads}},
+      {"Hkv (k.shape[2])", {p.kv_heads}},
+      {"D (q.shape[3])", {p.head_dim}},
+      {"dtype (0 = fp32, 1 = fp16, 2 = bf16)", {static_cast<int64_t>(p.dtype)}},
+      {"scale (fp32 bits)", {scale_bits}},
+      {"the number of patterns", {static_cast<int64_t>(c.patterns.size())}}};
+  for (size_t i = 0; i < c.patterns.size(); ++i) {
+    const BlockPattern& x = c.patterns[i];
+    const std::string name = "patterns[" + std::to_string(i) + "]";
+    f.push_back({name + " (kind, block_size, window, global_blocks)",
+                 {static_cast<int64_t>(x.kind), x.block_size, x.window, x.global_blocks}});
+    f.push_back({name + ".rates", x.rates});
+    f.push_back({name + ".row_ptr", x.row_ptr});
+    f.push_back({name + ".cols", x.cols});
   }
-  return v;
+  return f;
 }
 
 // The dilated problem the kernels run: one dense branch over the whole sequence (key index =
 // global row), so the shapes, dtypes and strides are validated as for dilated attention.
 DilatedConfig dense_config(const BlockSparseConfig& c, const TensorView& q, int world) {
   DilatedConfig d;
-  d.segment_lengths = {world * std::max<int64_t>(1, q.shape[1])};
+  // (make_problem rejects a q.shape[1] that overflows N; until then, any valid length.)
+  const int64_t rows = q.shape[1] >= 1 && q.shape[1] <= INT64_MAX / world ? q.shape[1] : 1;
+  d.segment_lengths = {world * rows};
   d.dilation_rates = {1};
   d.mode = Mode::kLongNet;
   d.causal = c.causal;
@@ -191,8 +198,8 @@ struct LocalKv {
   LocalKv(const Problem& p, int num_threads) {
     const size_t esize = dtype_size(p.dtype), row_bytes = esize * static_cast<size_t>(p.head_dim);
     const int64_t rows = p.batch * p.kv_heads * p.shard_rows;
-    k.resize(static_cast<size_t>(rows) * row_bytes);
-    v.resize(k.size());
+    resize_buffer(k, static_cast<size_t>(rows) * row_bytes, "the block-sparse copy of K");
+    resize_buffer(v, k.size(), "the block-sparse copy of V");
 #pragma omp parallel for num_threads(num_threads > 0 ? num_threads : omp_get_max_threads())
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t n = i % p.shard_rows, hk = i / p.shard_rows % p.kv_heads;
@@ -272,54 +279,77 @@ void pack_blocks(const Problem& p, const Plan& plan, const BlockSet& set,
   }
 }
 
+// The largest K/V message of the plan (in elements of one part, K or V), sent or received.
+int64_t most_part_elements(const Problem& p, const Plan& plan, bool sent) {
+  int64_t most = 0;
+  for (const Plan::Step& st : plan.steps) {
+    const BlockSet& set = sent ? st.send : st.recv;
+    if (set.slots() > 0) most = std::max(most, KeyBlocks(p, plan, set, nullptr).part_elements());
+  }
+  return most;
+}
+
 // The K/V block traffic, shared by forward and backward: step e's message lands in one of
 // two buffers while the previous one is computed on (double buffering); steps with an empty
-// set send or receive nothing.
+// set send or receive nothing. The buffers are made (at the size of the largest message)
+// before the ring starts.
 class BlockRing {
  public:
-  BlockRing(Communicator& comm, const Problem& p, const Plan& plan, RingStats& stats)
-      : comm_(comm), p_(p), plan_(plan), stats_(stats) {
+  BlockRing(const Problem& p, const Plan& plan) : p_(p), plan_(plan) {
+    const size_t esize = dtype_size(p.dtype);
+    for (int i = 0; i < 2; ++i) {
+      resize_buffer(inbox_[i], 2 * static_cast<size_t>(most_part_elements(p, plan, false)) * esize,
+                    "the block-sparse K/V receive buffers");
+      resize_buffer(outbox_[i], 2 * static_cast<size_t>(most_part_elements(p, plan, true)) * esize,
+                    "the block-sparse K/V send buffers");
+    }
+  }
+
+  // Posts steps 0 and 1; then receive(e) / release(e) for e = 0, 1, ...
+  void start(Communicator& comm, RingStats& stats) {
+    comm_ = &comm;
+    stats_ = &stats;
     post(0);
     post(1);
   }
-
-  // Waits for step e's blocks (nullptr when the step receives nothing). Call for e = 0, 1, ...
+  // Waits for step e's blocks (nullptr when the step receives nothing).
   const uint8_t* receive(size_t e) {
     if (plan_.steps[e].recv.slots() == 0) return nullptr;
-    wait(recvs_[e % 2]);
+    wait(recvs_[e % 2], e);
     return inbox_[e % 2].data();
   }
   // Step e is done: its buffers take step e + 2.
   void release(size_t e) {
-    wait(sends_[e % 2]);
+    wait(sends_[e % 2], e);
     post(e + 2);
   }
-  void wait(CommRequest& req) { timed_wait(comm_, req, stats_); }
+  void wait(CommRequest& req, size_t step) { timed_wait(*comm_, req, *stats_, step); }
   void finish() {
-    for (CommRequest& req : sends_) wait(req);
+    for (CommRequest& req : sends_) wait(req, plan_.steps.size());
   }
 
  private:
   void post(size_t e) {
     if (e >= plan_.steps.size()) return;
     const Plan::Step& st = plan_.steps[e];
+    const size_t esize = dtype_size(p_.dtype);
     if (st.recv.slots() > 0) {
-      std::vector<uint8_t>& buf = inbox_[e % 2];
-      buf.resize(2 * static_cast<size_t>(KeyBlocks(p_, plan_, st.recv, nullptr).part_elements()) *
-                 dtype_size(p_.dtype));
-      recvs_[e % 2] = comm_.irecv(buf.data(), buf.size(), st.recv_from, st.tag);
+      const size_t bytes =
+          2 * static_cast<size_t>(KeyBlocks(p_, plan_, st.recv, nullptr).part_elements()) * esize;
+      recvs_[e % 2] = comm_->irecv(inbox_[e % 2].data(), bytes, st.recv_from, st.tag);
     }
     if (st.send.slots() > 0) {
       pack_blocks(p_, plan_, st.send, outbox_[e % 2]);
-      sends_[e % 2] = comm_.isend(outbox_[e % 2].data(), outbox_[e % 2].size(), st.send_to, st.tag);
-      ++stats_.messages_sent;
+      sends_[e % 2] =
+          comm_->isend(outbox_[e % 2].data(), outbox_[e % 2].size(), st.send_to, st.tag);
+      ++stats_->messages_sent;
     }
   }
 
-  Communicator& comm_;
   const Problem& p_;
   const Plan& plan_;
-  RingStats& stats_;
+  Communicator* comm_ = nullptr;
+  RingStats* stats_ = nullptr;
   std::vector<uint8_t> inbox_[2], outbox_[2];
   CommRequest sends_[2], recvs_[2];
 };
@@ -395,154 +425,119 @@ Device sparse_device(const TensorView& q, Backend backend, int world) {
   return device;
 }
 
-// Validates on every rank together, agrees on the configuration, and plans.
-Plan agree_and_plan(Communicator& comm, const BlockSparseConfig& config, const Problem& p) {
-  check_same_on_all_ranks(comm,
-                          "the patterns, shapes and options of BlockSparseRingDilatedAttention",
-                          agreement_values(config, p));
-  Plan plan;
-  check_on_all_ranks(comm, [&] { plan = make_plan(config, p, comm.rank(), comm.size()); });
-  return plan;
-}
+// One rank of the CPU block-sparse forward: the local K/V copy and the block traffic's
+// buffers are made by the constructor (inside the ranks' agreement); run() is the protocol.
+class CpuBlockForward {
+ public:
+  CpuBlockForward(const Problem& p, const Plan& plan, const ExecOptions& options)
+      : p_(p), plan_(plan), shard_(p, options), local_(p, options.num_threads), ring_(p, plan) {}
 
-}  // namespace
-
-BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConfig config,
-                                                                 Communicator& comm,
-                                                                 ExecOptions options)
-    : config_(std::move(config)), comm_(comm), options_(options) {
-  check_on_all_ranks(comm_, [&] {
-    config_.validate();
-    require_ring_backend(options_.backend, "BlockSparseRingDilatedAttention");
-    if (options_.backend == Backend::kCpu) cpu::resolve_bf16(options_.cpu_bf16);
-  });
-}
-
-void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorView& k,
-                                              const TensorView& v, const TensorView& out,
-                                              const std::optional<TensorView>& lse) {
-  const Clock::time_point t_start = Clock::now();
-  const int rank = comm_.rank(), world = comm_.size();
-  Problem p;
-  Device device = Device::kCPU;
-  check_on_all_ranks(comm_, [&] {
-    device = sparse_device(q, options_.backend, world);
-    p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, max_head_dim(device),
-                     backend_of(device), Shard{rank, world}, device);
-#if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
-#endif
-  });
-  const Plan plan = agree_and_plan(comm_, config_, p);
-
-  stats_ = RingStats{};
-#if defined(RINGATTN_HAVE_CUDA)
-  if (device == Device::kCUDA) {
-    cuda::block_sparse_forward(p, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
-                               options_.cuda_stream);
-    stats_.total_ms = ms_since(t_start);
-    return;
-  }
-#endif
-  const int64_t sent_before = comm_.bytes_sent();
-  const auto poll = [this] { comm_.progress(); };
-  cpu::ShardForward shard(p, options_);
-  BlockRing ring(comm_, p, plan, stats_);
-  {
-    const LocalKv local(p, options_.num_threads);
-    forward_pass(shard, p, plan, rank, KeyBlocks(p, plan, local), poll);
-  }
-  for (size_t e = 0; e < plan.steps.size(); ++e) {
-    const Plan::Step& st = plan.steps[e];
-    if (const uint8_t* msg = ring.receive(e)) {
-      forward_pass(shard, p, plan, st.recv_from, KeyBlocks(p, plan, st.recv, msg), poll);
+  void run(Communicator& comm, RingStats& stats) {
+    const auto poll = [&comm] { comm.progress(); };
+    ring_.start(comm, stats);
+    forward_pass(shard_, p_, plan_, plan_.rank, KeyBlocks(p_, plan_, local_), poll);
+    for (size_t e = 0; e < plan_.steps.size(); ++e) {
+      detail::fault_point("ring.step");
+      const Plan::Step& st = plan_.steps[e];
+      if (const uint8_t* msg = ring_.receive(e)) {
+        forward_pass(shard_, p_, plan_, st.recv_from, KeyBlocks(p_, plan_, st.recv, msg), poll);
+      }
+      ring_.release(e);
     }
-    ring.release(e);
+    ring_.finish();
+    shard_.write_output();
   }
-  ring.finish();
-  shard.write_output();
-  stats_.bytes_sent = comm_.bytes_sent() - sent_before;
-  stats_.total_ms = ms_since(t_start);
-}
 
-void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
-                                               const TensorView& k, const TensorView& v,
-                                               const TensorView& out, const TensorView& lse,
-                                               const TensorView& dq, const TensorView& dk,
-                                               const TensorView& dv) {
-  const Clock::time_point t_start = Clock::now();
-  const int rank = comm_.rank(), world = comm_.size();
-  BackwardProblem bp;
-  Device device = Device::kCPU;
-  check_on_all_ranks(comm_, [&] {
-    device = sparse_device(q, options_.backend, world);
-    bp =
-        make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk, dv,
-                              max_head_dim(device), backend_of(device), Shard{rank, world}, device);
-#if defined(RINGATTN_HAVE_CUDA)
-    if (device == Device::kCUDA) cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-#endif
-  });
-  const Problem& p = bp.fwd;
-  const Plan plan = agree_and_plan(comm_, config_, p);
+ private:
+  const Problem& p_;
+  const Plan& plan_;
+  cpu::ShardForward shard_;
+  const LocalKv local_;
+  BlockRing ring_;
+};
 
-  stats_ = RingStats{};
-#if defined(RINGATTN_HAVE_CUDA)
-  if (device == Device::kCUDA) {
-    cuda::block_sparse_backward(bp, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
-                                cuda::key_major_csr(plan.layouts, plan.head_layout, p.causal),
-                                options_.cuda_stream);
-    stats_.total_ms = ms_since(t_start);
-    return;
-  }
-#endif
-  const int64_t sent_before = comm_.bytes_sent();
-  const auto poll = [this] { comm_.progress(); };
-  const int64_t D = p.head_dim;
-  cpu::ShardBackward shard(bp, options_, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs);
-  // The gradients of this rank's blocks come back from every rank they went to (fp32, the
-  // message's layout): receives posted up front, added in step order at the end.
-  const size_t steps = plan.steps.size();
-  std::vector<std::vector<float>> grads_in(steps), grads_out(steps);
-  std::vector<CommRequest> grad_recvs(steps), grad_sends(steps);
-  for (size_t e = 0; e < steps; ++e) {
-    const Plan::Step& st = plan.steps[e];
-    if (st.send.slots() == 0) continue;
-    grads_in[e].resize(2 *
-                       static_cast<size_t>(KeyBlocks(p, plan, st.send, nullptr).part_elements()));
-    grad_recvs[e] = comm_.irecv(grads_in[e].data(), grads_in[e].size() * sizeof(float), st.send_to,
-                                world + st.tag);
-  }
-  BlockRing ring(comm_, p, plan, stats_);
-  {
-    const LocalKv local(p, options_.num_threads);
-    backward_pass(shard, p, plan, rank, KeyBlocks(p, plan, local), nullptr, poll);
-  }
-  for (size_t e = 0; e < steps; ++e) {
-    const Plan::Step& st = plan.steps[e];
-    if (const uint8_t* msg = ring.receive(e)) {
-      const KeyBlocks keys(p, plan, st.recv, msg);
-      grads_out[e].assign(2 * static_cast<size_t>(keys.part_elements()), 0.0f);
-      backward_pass(shard, p, plan, st.recv_from, keys, grads_out[e].data(), poll);
-      grad_sends[e] = comm_.isend(grads_out[e].data(), grads_out[e].size() * sizeof(float),
-                                  st.recv_from, world + st.tag);
-      ++stats_.messages_sent;
+// One rank of the CPU block-sparse backward, made like CpuBlockForward.
+class CpuBlockBackward {
+ public:
+  CpuBlockBackward(const BackwardProblem& bp, const Plan& plan, const ExecOptions& options)
+      : bp_(bp),
+        plan_(plan),
+        shard_(bp, options, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs),
+        local_(bp.fwd, options.num_threads),
+        ring_(bp.fwd, plan),
+        grads_in_(plan.steps.size()),
+        grads_out_(plan.steps.size()) {
+    for (size_t e = 0; e < plan.steps.size(); ++e) {
+      const Plan::Step& st = plan.steps[e];
+      if (st.send.slots() > 0) {
+        resize_buffer(
+            grads_in_[e],
+            2 * static_cast<size_t>(KeyBlocks(bp.fwd, plan, st.send, nullptr).part_elements()),
+            "the block-sparse returned fp32 K/V gradients");
+      }
+      if (st.recv.slots() > 0) {
+        resize_buffer(
+            grads_out_[e],
+            2 * static_cast<size_t>(KeyBlocks(bp.fwd, plan, st.recv, nullptr).part_elements()),
+            "the block-sparse fp32 K/V gradients");
+      }
     }
-    ring.release(e);
   }
-  for (size_t e = 0; e < steps; ++e) {
-    const Plan::Step& st = plan.steps[e];
-    if (st.send.slots() == 0) continue;
-    ring.wait(grad_recvs[e]);
-    const KeyBlocks from(p, plan, st.send, nullptr);
+
+  void run(Communicator& comm, RingStats& stats) {
+    const Problem& p = bp_.fwd;
+    const int world = plan_.world;
+    const auto poll = [&comm] { comm.progress(); };
+    // The gradients of this rank's blocks come back from every rank they went to (fp32, the
+    // message's layout), added in step order at the end. Step e's receive is posted after
+    // step e's blocks arrived, so that no wait on a block (which some communicators complete
+    // together with everything posted before it) depends on a peer's gradients.
+    const size_t steps = plan_.steps.size();
+    std::vector<CommRequest> grad_recvs(steps), grad_sends(steps);
+    ring_.start(comm, stats);
+    backward_pass(shard_, p, plan_, plan_.rank, KeyBlocks(p, plan_, local_), nullptr, poll);
+    for (size_t e = 0; e < steps; ++e) {
+      detail::fault_point("ring.step");
+      const Plan::Step& st = plan_.steps[e];
+      const uint8_t* msg = ring_.receive(e);
+      if (st.send.slots() > 0) {
+        grad_recvs[e] = comm.irecv(grads_in_[e].data(), grads_in_[e].size() * sizeof(float),
+                                   st.send_to, world + st.tag);
+      }
+      if (msg != nullptr) {
+        const KeyBlocks keys(p, plan_, st.recv, msg);
+        std::fill(grads_out_[e].begin(), grads_out_[e].end(), 0.0f);
+        backward_pass(shard_, p, plan_, st.recv_from, keys, grads_out_[e].data(), poll);
+        grad_sends[e] = comm.isend(grads_out_[e].data(), grads_out_[e].size() * sizeof(float),
+                                   st.recv_from, world + st.tag);
+        ++stats.messages_sent;
+      }
+      ring_.release(e);
+    }
+    for (size_t e = 0; e < steps; ++e) {
+      if (plan_.steps[e].send.slots() == 0) continue;
+      ring_.wait(grad_recvs[e], e);
+      add_returned(plan_.steps[e], grads_in_[e].data());
+    }
+    for (CommRequest& req : grad_sends) ring_.wait(req, steps);
+    ring_.finish();
+    shard_.write_output();
+  }
+
+ private:
+  // Adds the gradients of this rank's blocks `st.send` that their receiver sent back.
+  void add_returned(const Plan::Step& st, const float* grads) {
+    const Problem& p = bp_.fwd;
+    const int64_t D = p.head_dim;
+    const KeyBlocks from(p, plan_, st.send, nullptr);
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
         for (int64_t kb : st.send.blocks[static_cast<size_t>(hk)]) {
-          const float* gk = grads_in[e].data() + from.offset(b, hk, kb);
+          const float* gk = grads + from.offset(b, hk, kb);
           const float* gv = gk + from.part_elements();
-          for (int64_t r = 0; r < plan.bs; ++r) {
-            float* dk_row = shard.dk_row(b, kb * plan.bs + r - p.shard_begin, hk);
-            float* dv_row = shard.dv_row(b, kb * plan.bs + r - p.shard_begin, hk);
+          for (int64_t r = 0; r < plan_.bs; ++r) {
+            float* dk_row = shard_.dk_row(b, kb * plan_.bs + r - p.shard_begin, hk);
+            float* dv_row = shard_.dv_row(b, kb * plan_.bs + r - p.shard_begin, hk);
             for (int64_t d = 0; d < D; ++d) {
               dk_row[d] += gk[r * D + d];
               dv_row[d] += gv[r * D + d];
@@ -552,11 +547,116 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
       }
     }
   }
-  for (CommRequest& req : grad_sends) ring.wait(req);
-  ring.finish();
-  shard.write_output();
-  stats_.bytes_sent = comm_.bytes_sent() - sent_before;
-  stats_.total_ms = ms_since(t_start);
+
+  const BackwardProblem& bp_;
+  const Plan& plan_;
+  cpu::ShardBackward shard_;
+  const LocalKv local_;
+  BlockRing ring_;
+  std::vector<std::vector<float>> grads_in_, grads_out_;
+};
+
+constexpr const char* kWhat = "the patterns, shapes and options of BlockSparseRingDilatedAttention";
+
+}  // namespace
+
+BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConfig config,
+                                                                 Communicator& comm,
+                                                                 ExecOptions options)
+    : config_(std::move(config)), comm_(comm), options_(options) {
+  check_on_all_ranks(comm_, [&] {
+    config_.validate();
+    options_.validate();
+    require_ring_backend(options_.backend, "BlockSparseRingDilatedAttention");
+  });
+}
+
+void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorView& k,
+                                              const TensorView& v, const TensorView& out,
+                                              const std::optional<TensorView>& lse) {
+  guarded("BlockSparseRingDilatedAttention::forward", [&] {
+    const Clock::time_point t_start = Clock::now();
+    const int rank = comm_.rank(), world = comm_.size();
+    Problem p;
+    Device device = Device::kCPU;
+    check_on_all_ranks(comm_, [&] {
+      device = sparse_device(q, options_.backend, world);
+      p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, max_head_dim(device),
+                       backend_of(device), Shard{rank, world}, device);
+#if defined(RINGATTN_HAVE_CUDA)
+      if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
+#endif
+    });
+    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p));
+    Plan plan;
+    std::unique_ptr<CpuBlockForward> cpu;
+    check_on_all_ranks(comm_, [&] {
+      plan = make_plan(config_, p, rank, world);
+      if (device == Device::kCPU) cpu = std::make_unique<CpuBlockForward>(p, plan, options_);
+    });
+
+    stats_ = RingStats{};
+    const int64_t sent_before = comm_.bytes_sent();
+    run_or_abort(comm_, "block-sparse attention", [&] {
+#if defined(RINGATTN_HAVE_CUDA)
+      if (device == Device::kCUDA) {
+        return cuda::block_sparse_forward(
+            p, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
+            options_.cuda_stream);
+      }
+#endif
+      cpu->run(comm_, stats_);
+    });
+    stats_.bytes_sent = comm_.bytes_sent() - sent_before;
+    stats_.total_ms = ms_since(t_start);
+  });
+}
+
+void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
+                                               const TensorView& k, const TensorView& v,
+                                               const TensorView& out, const TensorView& lse,
+                                               const TensorView& dq, const TensorView& dk,
+                                               const TensorView& dv) {
+  guarded("BlockSparseRingDilatedAttention::backward", [&] {
+    const Clock::time_point t_start = Clock::now();
+    const int rank = comm_.rank(), world = comm_.size();
+    BackwardProblem bp;
+    Device device = Device::kCPU;
+    check_on_all_ranks(comm_, [&] {
+      device = sparse_device(q, options_.backend, world);
+      bp = make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk,
+                                 dv, max_head_dim(device), backend_of(device), Shard{rank, world},
+                                 device);
+#if defined(RINGATTN_HAVE_CUDA)
+      if (device == Device::kCUDA) {
+        cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
+      }
+#endif
+    });
+    const Problem& p = bp.fwd;
+    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p));
+    Plan plan;
+    std::unique_ptr<CpuBlockBackward> cpu;
+    check_on_all_ranks(comm_, [&] {
+      plan = make_plan(config_, p, rank, world);
+      if (device == Device::kCPU) cpu = std::make_unique<CpuBlockBackward>(bp, plan, options_);
+    });
+
+    stats_ = RingStats{};
+    const int64_t sent_before = comm_.bytes_sent();
+    run_or_abort(comm_, "block-sparse attention", [&] {
+#if defined(RINGATTN_HAVE_CUDA)
+      if (device == Device::kCUDA) {
+        return cuda::block_sparse_backward(
+            bp, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
+            cuda::key_major_csr(plan.layouts, plan.head_layout, p.causal), options_.cuda_stream);
+      }
+#endif
+      cpu->run(comm_, stats_);
+    });
+    stats_.bytes_sent = comm_.bytes_sent() - sent_before;
+    stats_.total_ms = ms_since(t_start);
+  });
 }
 
 }  // namespace ringattn

@@ -94,44 +94,84 @@ BlockPattern BlockPattern::block_list(int64_t block_size, std::vector<int64_t> r
   return p;
 }
 
+namespace {
+
+// The fields a factory checks, checked again for patterns built by hand.
+void check_fields(const BlockPattern& p) {
+  const int kind = static_cast<int>(p.kind);
+  require(kind >= 0 && kind <= static_cast<int>(BlockPatternKind::kBlockList),
+          "pattern kind = ", kind,
+          " is not a BlockPatternKind; build patterns with the BlockPattern factories");
+  check_block_size(p.block_size);
+  if (p.kind == BlockPatternKind::kLocalWindow || p.kind == BlockPatternKind::kGlobalLocal) {
+    check_window(p.window);
+  }
+  if (p.kind == BlockPatternKind::kGlobalLocal) {
+    require(p.global_blocks >= 0, "global_blocks = ", p.global_blocks,
+            "; the number of global blocks must be >= 0");
+  }
+  if (p.kind == BlockPatternKind::kDilated) {
+    require(!p.rates.empty(),
+            "dilated pattern without rates; give at least one rate, e.g. {1, 2, 4}");
+    for (size_t i = 0; i < p.rates.size(); ++i) {
+      require(p.rates[i] >= 1, "rates[", i, "] = ", p.rates[i],
+              "; a dilated pattern's rates are block distances >= 1");
+    }
+  }
+}
+
+// A caller's CSR over nb query blocks: row_ptr from 0 to cols.size(), non-decreasing; each
+// row's key blocks sorted, unique, in [0, nb). Reads only entries it has checked exist.
+void check_block_list(const std::vector<int64_t>& row_ptr, const std::vector<int64_t>& cols,
+                      int64_t seq, int64_t block_size, int64_t nb) {
+  const auto ncols = static_cast<int64_t>(cols.size());
+  require(static_cast<int64_t>(row_ptr.size()) == nb + 1, "block_list row_ptr has ", row_ptr.size(),
+          " entries, but N / block_size + 1 = ", seq, " / ", block_size, " + 1 = ", nb + 1,
+          " are needed (one per query block, plus the end)");
+  require(row_ptr[0] == 0, "block_list row_ptr[0] = ", row_ptr[0], "; it must be 0");
+  require(row_ptr[nb] == ncols, "block_list row_ptr[", nb, "] = ", row_ptr[nb], " but cols has ",
+          ncols, " entries; the last row_ptr entry must equal the length of cols");
+  for (int64_t qb = 0; qb < nb; ++qb) {
+    const int64_t begin = row_ptr[qb], end = row_ptr[qb + 1];
+    require(end >= begin, "block_list row_ptr[", qb + 1, "] = ", end, " < row_ptr[", qb,
+            "] = ", begin, " (query block ", qb, "); row_ptr must be non-decreasing");
+    require(end <= ncols, "block_list row_ptr[", qb + 1, "] = ", end, " is past the end of cols (",
+            ncols, " entries); row_ptr's entries index into cols");
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t kb = cols[i];
+      require(kb >= 0 && kb < nb, "block_list query block ", qb, " lists key block ", kb, " (cols[",
+              i, "]), outside [0, ", nb, "); key blocks are 0 .. N / block_size - 1");
+      if (i == begin || kb > cols[i - 1]) continue;
+      fail(ErrorCode::kInvalidArgument, "block_list query block ", qb, " lists key block ", kb,
+           " (cols[", i, "]) after ", cols[i - 1],
+           kb == cols[i - 1] ? " (a duplicate)" : " (out of order)",
+           "; each query block's key blocks must be sorted and unique");
+    }
+  }
+}
+
+}  // namespace
+
 BlockLayout BlockPattern::layout(int64_t seq) const {
-  check_block_size(block_size);
+  check_fields(*this);
   require(seq >= 1, "the sequence length N = ", seq, "; it must be >= 1");
-  require(seq % block_size == 0, "the sequence length N = ", seq,
-          " is not a multiple of block_size = ", block_size,
-          "; pad the sequence to N = ", round_up(seq, block_size),
-          " or choose a block size that divides N");
+  if (seq % block_size != 0) {
+    fail(ErrorCode::kInvalidArgument, "the sequence length N = ", seq,
+         " is not a multiple of block_size = ", block_size,
+         "; pad the sequence to N = ", seq / block_size * block_size + block_size,
+         " or choose a block size that divides N");
+  }
   BlockLayout l;
   l.block_size = block_size;
   l.blocks = seq / block_size;
   const int64_t nb = l.blocks;
   if (kind == BlockPatternKind::kBlockList) {
-    require(static_cast<int64_t>(row_ptr.size()) == nb + 1, "block_list row_ptr has ",
-            row_ptr.size(), " entries, but N / block_size + 1 = ", seq, " / ", block_size,
-            " + 1 = ", nb + 1, " are needed (one per query block, plus the end)");
-    require(row_ptr[0] == 0, "block_list row_ptr[0] = ", row_ptr[0], "; it must be 0");
-    require(row_ptr[nb] == static_cast<int64_t>(cols.size()), "block_list row_ptr[", nb,
-            "] = ", row_ptr[nb], " but cols has ", cols.size(),
-            " entries; the last row_ptr entry must equal the length of cols");
-    for (int64_t qb = 0; qb < nb; ++qb) {
-      require(row_ptr[qb + 1] >= row_ptr[qb], "block_list row_ptr[", qb + 1,
-              "] = ", row_ptr[qb + 1], " < row_ptr[", qb, "] = ", row_ptr[qb], " (query block ", qb,
-              "); row_ptr must be non-decreasing");
-      for (int64_t i = row_ptr[qb]; i < row_ptr[qb + 1]; ++i) {
-        require(cols[i] >= 0 && cols[i] < nb, "block_list query block ", qb, " lists key block ",
-                cols[i], " (cols[", i, "]), outside [0, ", nb, "); key blocks are 0 .. N / ",
-                "block_size - 1");
-        require(i == row_ptr[qb] || cols[i] > cols[i - 1], "block_list query block ", qb,
-                " lists key block ", cols[i], " (cols[", i, "]) after ", cols[i - 1],
-                cols[i] == cols[i - 1] ? " (a duplicate)" : " (out of order)",
-                "; each query block's key blocks must be sorted and unique");
-      }
-    }
+    check_block_list(row_ptr, cols, seq, block_size, nb);
     l.row_ptr = row_ptr;
     l.cols = cols;
     return l;
   }
-  const int64_t w = ceil_div(window, block_size);
+  const int64_t w = std::min(ceil_div(window, block_size), nb);  // nb: every block
   const int64_t g = std::min(global_blocks, nb);
   l.row_ptr.assign(1, 0);
   std::vector<int64_t> row;
@@ -140,9 +180,9 @@ BlockLayout BlockPattern::layout(int64_t seq) const {
     switch (kind) {
       case BlockPatternKind::kDilated:
         row.push_back(qb);
-        for (int64_t r : rates) {
-          if (qb - r >= 0) row.push_back(qb - r);
-          if (qb + r < nb) row.push_back(qb + r);
+        for (int64_t r : rates) {  // r >= 1 may be near INT64_MAX: no qb + r
+          if (r <= qb) row.push_back(qb - r);
+          if (r < nb - qb) row.push_back(qb + r);
         }
         break;
       case BlockPatternKind::kGlobalLocal:
@@ -169,7 +209,7 @@ void BlockSparseConfig::validate() const {
   require(!patterns.empty(),
           "BlockSparseConfig.patterns is empty; give one pattern for every head, or one per head");
   for (size_t i = 0; i < patterns.size(); ++i) {
-    check_block_size(patterns[i].block_size);
+    check_fields(patterns[i]);
     require(patterns[i].block_size == patterns[0].block_size, "patterns[", i,
             "].block_size = ", patterns[i].block_size,
             " but patterns[0].block_size = ", patterns[0].block_size,

@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "ringattn/config.h"
 #include "ringattn/dilated_attention.h"
 #include "ringattn/error.h"
@@ -32,13 +33,16 @@ const char* error_code_name(ErrorCode code) {
       return "device";
     case ErrorCode::kInternal:
       return "internal";
+    case ErrorCode::kOutOfMemory:
+      return "out of memory";
   }
   return "unknown";
 }
 
 Error::Error(ErrorCode code, const std::string& message)
     : std::runtime_error(std::string("ringattn: ") + error_code_name(code) + ": " + message),
-      code_(code) {}
+      code_(code),
+      message_(message) {}
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
@@ -70,7 +74,10 @@ TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list
   int64_t stride = 1;
   for (int d = t.ndim - 1; d >= 0; --d) {
     t.strides[d] = stride;
-    stride *= t.shape[d];
+    require(t.shape[d] >= 0 && !__builtin_mul_overflow(stride, t.shape[d], &stride),
+            "TensorView::contiguous: shape[", d, "] = ", t.shape[d],
+            (t.shape[d] < 0 ? " is negative" : " makes more than 2^63 elements"),
+            "; pass the extents of the buffer you have");
   }
   return t;
 }
@@ -86,13 +93,24 @@ TensorView TensorView::strided(void* data, DType dtype, std::initializer_list<in
 }
 
 int64_t TensorView::numel() const {
+  require(ndim >= 0 && ndim <= kMaxDims, "TensorView::numel: ndim = ", ndim, " is outside [0, ",
+          kMaxDims, "]");
   int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  for (int d = 0; d < ndim; ++d) {
+    require(shape[d] >= 0 && !__builtin_mul_overflow(n, shape[d], &n), "TensorView::numel: shape[",
+            d, "] = ", shape[d], " makes a negative count or more than 2^63 elements");
+  }
   return n;
 }
 
 const char* mode_name(Mode mode) {
-  return mode == Mode::kGroups ? "groups" : "longnet";
+  switch (mode) {
+    case Mode::kGroups:
+      return "groups";
+    case Mode::kLongNet:
+      return "longnet";
+  }
+  return "unknown";
 }
 
 Mode parse_mode(const std::string& text) {
@@ -121,6 +139,18 @@ Backend parse_backend(const std::string& text) {
        "' is not a backend; use 'cpu', 'reference' or 'cuda'");
 }
 
+void ExecOptions::validate() const {
+  const int b = static_cast<int>(backend);
+  require(b >= 0 && b <= static_cast<int>(Backend::kCuda), "ExecOptions.backend = ", b,
+          " is not a Backend; use Backend::kCpu, kReference or kCuda");
+  require(num_threads >= 0, "ExecOptions.num_threads = ", num_threads,
+          "; use a positive thread count, or 0 for OpenMP's default");
+  const int k = static_cast<int>(cpu_bf16);
+  require(k >= 0 && k <= static_cast<int>(CpuBf16::kAmx), "ExecOptions.cpu_bf16 = ", k,
+          " is not a CpuBf16; use CpuBf16::kAuto, kWiden, kDot or kAmx");
+  if (backend == Backend::kCpu) cpu::resolve_bf16(cpu_bf16);
+}
+
 const char* cpu_bf16_name(CpuBf16 kernel) {
   switch (kernel) {
     case CpuBf16::kAuto:
@@ -144,6 +174,8 @@ CpuBf16 parse_cpu_bf16(const std::string& text) {
 }
 
 void DilatedConfig::validate() const {
+  require(mode == Mode::kGroups || mode == Mode::kLongNet, "mode = ", static_cast<int>(mode),
+          " is not a Mode; use Mode::kGroups or Mode::kLongNet");
   const size_t g = segment_lengths.size();
   require(g >= 1,
           "segment_lengths is empty; give at least one branch, e.g. segment_lengths = "

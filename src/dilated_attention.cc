@@ -4,7 +4,6 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
-#include "cpu/bf16_kernels.h"
 #include "problem.h"
 #include "reference.h"
 #if defined(RINGATTN_HAVE_CUDA)
@@ -25,7 +24,7 @@ Backend effective_backend(Backend requested, const TensorView& q) {
 DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
     : config_(std::move(config)), options_(options) {
   config_.validate();
-  if (options_.backend == Backend::kCpu) cpu::resolve_bf16(options_.cpu_bf16);
+  options_.validate();
 #if !defined(RINGATTN_HAVE_CUDA)
   if (options_.backend == Backend::kCuda) {
     fail(ErrorCode::kUnsupported,
@@ -37,6 +36,12 @@ DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
 
 void DilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const std::optional<TensorView>& lse) const {
+  guarded("DilatedAttention::forward", [&] { run_forward(q, k, v, out, lse); });
+}
+
+void DilatedAttention::run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                   const TensorView& out,
+                                   const std::optional<TensorView>& lse) const {
   const Backend backend = effective_backend(options_.backend, q);
   const Problem p = make_problem(config_, q, k, v, out, lse, max_head_dim(q.device),
                                  backend_name(backend), Shard{}, q.device);
@@ -59,6 +64,13 @@ void DilatedAttention::backward(const TensorView& dout, const TensorView& q, con
                                 const TensorView& v, const TensorView& out, const TensorView& lse,
                                 const TensorView& dq, const TensorView& dk,
                                 const TensorView& dv) const {
+  guarded("DilatedAttention::backward", [&] { run_backward(dout, q, k, v, out, lse, dq, dk, dv); });
+}
+
+void DilatedAttention::run_backward(const TensorView& dout, const TensorView& q,
+                                    const TensorView& k, const TensorView& v, const TensorView& out,
+                                    const TensorView& lse, const TensorView& dq,
+                                    const TensorView& dk, const TensorView& dv) const {
   const Backend backend = effective_backend(options_.backend, q);
   const BackwardProblem bp =
       make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(q.device),

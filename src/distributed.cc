@@ -24,9 +24,17 @@ void check_on_grid(Communicator& seq, Communicator& head, const std::function<vo
 
 // check_same_on_all_ranks over both communicators, failing on every rank of the grid.
 void agree_on_grid(Communicator& seq, Communicator& head, const std::string& what,
-                   const std::vector<int64_t>& values) {
-  check_on_all_ranks(head, [&] { check_same_on_all_ranks(seq, what, values); });
-  check_on_all_ranks(seq, [&] { check_same_on_all_ranks(head, what, values); });
+                   const std::vector<AgreedField>& fields) {
+  check_on_all_ranks(head, [&] { check_same_on_all_ranks(seq, what, fields); });
+  check_on_all_ranks(seq, [&] { check_same_on_all_ranks(head, what, fields); });
+}
+
+// Runs the layer's communicating part: a failure on this rank breaks both communicators and
+// tells the other ranks of both (Communicator::abort).
+template <typename Fn>
+void run_on_grid(Communicator& seq, Communicator& head, Fn&& fn) {
+  run_or_abort(head, "the distributed layer",
+               [&] { run_or_abort(seq, "the distributed layer", std::forward<Fn>(fn)); });
 }
 
 int64_t float_bits(float f) {
@@ -51,23 +59,23 @@ MultiheadConfig agreed(MultiheadConfig config, Communicator& seq, Communicator& 
             "; use a head group size that divides both");
   });
   const DilatedConfig& a = config.attention;
-  std::vector<int64_t> v = {config.embed_dim,
-                            config.num_heads,
-                            config.kv_heads_or_all(),
-                            config.bias,
-                            config.layer_norm,
-                            float_bits(config.layer_norm_eps),
-                            float_bits(config.gamma_init),
-                            static_cast<int64_t>(a.mode),
-                            a.causal,
-                            a.scale ? float_bits(*a.scale) : -1,
-                            distributed.reduce_weight_grads,
-                            seq.size(),
-                            head.size(),
-                            static_cast<int64_t>(a.segment_lengths.size())};
-  v.insert(v.end(), a.segment_lengths.begin(), a.segment_lengths.end());
-  v.insert(v.end(), a.dilation_rates.begin(), a.dilation_rates.end());
-  agree_on_grid(seq, head, "the configuration of DistributedDilatedAttention", v);
+  const std::vector<AgreedField> fields = {
+      {"embed_dim", {config.embed_dim}},
+      {"num_heads", {config.num_heads}},
+      {"kv_heads", {config.kv_heads_or_all()}},
+      {"bias", {config.bias}},
+      {"layer_norm", {config.layer_norm}},
+      {"layer_norm_eps (fp32 bits)", {float_bits(config.layer_norm_eps)}},
+      {"gamma_init (fp32 bits)", {float_bits(config.gamma_init)}},
+      {"attention.mode (0 = groups, 1 = longnet)", {static_cast<int64_t>(a.mode)}},
+      {"attention.causal", {a.causal}},
+      {"attention.scale (fp32 bits, -1 = unset)", {a.scale ? float_bits(*a.scale) : -1}},
+      {"reduce_weight_grads", {distributed.reduce_weight_grads}},
+      {"seq_comm size", {seq.size()}},
+      {"head_comm size", {head.size()}},
+      {"attention.segment_lengths", a.segment_lengths},
+      {"attention.dilation_rates", a.dilation_rates}};
+  agree_on_grid(seq, head, "the configuration of DistributedDilatedAttention", fields);
   return config;
 }
 
@@ -209,6 +217,13 @@ void DistributedDilatedAttention::forward(const TensorView& x, const TensorView&
 void DistributedDilatedAttention::forward(const TensorView& query, const TensorView& key,
                                           const TensorView& value, const TensorView& y,
                                           MultiheadSaved* saved) {
+  guarded("DistributedDilatedAttention::forward",
+          [&] { run_forward(query, key, value, y, saved); });
+}
+
+void DistributedDilatedAttention::run_forward(const TensorView& query, const TensorView& key,
+                                              const TensorView& value, const TensorView& y,
+                                              MultiheadSaved* saved) {
   MultiheadSaved local;
   MultiheadSaved& s = saved ? *saved : local;
   const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
@@ -218,10 +233,12 @@ void DistributedDilatedAttention::forward(const TensorView& query, const TensorV
     call = detail::forward_call(config_.embed_dim, query, key, value, y);
     layer.prepare(call.in, s);
   });
-  agree_on_grid(seq_comm_, head_comm_, "B and N_loc of DistributedDilatedAttention::forward",
-                {call.in.batch, call.in.seq});
-  layer.forward(weights_, call.in, call.y, s);
-  call.finish();
+  agree_on_grid(seq_comm_, head_comm_, "the shapes of DistributedDilatedAttention::forward",
+                {{"B", {call.in.batch}}, {"N_loc", {call.in.seq}}});
+  run_on_grid(seq_comm_, head_comm_, [&] {
+    layer.forward(weights_, call.in, call.y, s);
+    call.finish();
+  });
 }
 
 void DistributedDilatedAttention::backward(const TensorView& x, const TensorView& dy,
@@ -235,6 +252,15 @@ void DistributedDilatedAttention::backward(const TensorView& query, const Tensor
                                            const MultiheadSaved& saved, const TensorView& dquery,
                                            const TensorView& dkey, const TensorView& dvalue,
                                            MultiheadWeights& grads) {
+  guarded("DistributedDilatedAttention::backward",
+          [&] { run_backward(query, key, value, dy, saved, dquery, dkey, dvalue, grads); });
+}
+
+void DistributedDilatedAttention::run_backward(const TensorView& query, const TensorView& key,
+                                               const TensorView& value, const TensorView& dy,
+                                               const MultiheadSaved& saved,
+                                               const TensorView& dquery, const TensorView& dkey,
+                                               const TensorView& dvalue, MultiheadWeights& grads) {
   const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
   detail::BackwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
@@ -242,11 +268,16 @@ void DistributedDilatedAttention::backward(const TensorView& query, const Tensor
     call = detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
     layer.check_saved(call.in, saved);
   });
-  agree_on_grid(seq_comm_, head_comm_, "B and N_loc of DistributedDilatedAttention::backward",
-                {call.in.batch, call.in.seq});
-  layer.backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
-  call.finish();
-  if (!distributed_.reduce_weight_grads || seq_comm_.size() == 1) return;
+  agree_on_grid(seq_comm_, head_comm_, "the shapes of DistributedDilatedAttention::backward",
+                {{"B", {call.in.batch}}, {"N_loc", {call.in.seq}}});
+  run_on_grid(seq_comm_, head_comm_, [&] {
+    layer.backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+    call.finish();
+    if (distributed_.reduce_weight_grads && seq_comm_.size() > 1) reduce_weight_grads(grads);
+  });
+}
+
+void DistributedDilatedAttention::reduce_weight_grads(MultiheadWeights& grads) {
   // One allreduce for every gradient buffer, in param_specs order.
   const std::vector<detail::ParamSpec> specs =
       detail::param_specs(config_, detail::LayerShape::of(config_, head_comm_.size()));

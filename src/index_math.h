@@ -12,8 +12,9 @@
 
 namespace ringattn {
 
+// The ceiling of a / b for b >= 1 and any a (no overflow near INT64_MAX).
 RA_HD int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
+  return a / b + (a % b > 0 ? 1 : 0);
 }
 RA_HD int64_t round_up(int64_t a, int64_t b) {
   return ceil_div(a, b) * b;

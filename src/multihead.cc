@@ -159,13 +159,15 @@ void MultiheadDilatedAttention::forward(const TensorView& x, const TensorView& y
 void MultiheadDilatedAttention::forward(const TensorView& query, const TensorView& key,
                                         const TensorView& value, const TensorView& y,
                                         MultiheadSaved* saved) const {
-  const detail::ForwardCall call = detail::forward_call(config_.embed_dim, query, key, value, y);
-  MultiheadSaved local;
-  MultiheadSaved& s = saved ? *saved : local;
-  const detail::MultiheadLayer layer = make_layer(config_, attention_, options_);
-  layer.prepare(call.in, s);
-  layer.forward(weights_, call.in, call.y, s);
-  call.finish();
+  guarded("MultiheadDilatedAttention::forward", [&] {
+    const detail::ForwardCall call = detail::forward_call(config_.embed_dim, query, key, value, y);
+    MultiheadSaved local;
+    MultiheadSaved& s = saved ? *saved : local;
+    const detail::MultiheadLayer layer = make_layer(config_, attention_, options_);
+    layer.prepare(call.in, s);
+    layer.forward(weights_, call.in, call.y, s);
+    call.finish();
+  });
 }
 
 void MultiheadDilatedAttention::backward(const TensorView& x, const TensorView& dy,
@@ -179,11 +181,13 @@ void MultiheadDilatedAttention::backward(const TensorView& query, const TensorVi
                                          const MultiheadSaved& saved, const TensorView& dquery,
                                          const TensorView& dkey, const TensorView& dvalue,
                                          MultiheadWeights& grads) const {
-  const detail::BackwardCall call =
-      detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
-  make_layer(config_, attention_, options_)
-      .backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
-  call.finish();
+  guarded("MultiheadDilatedAttention::backward", [&] {
+    const detail::BackwardCall call =
+        detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
+    make_layer(config_, attention_, options_)
+        .backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+    call.finish();
+  });
 }
 
 }  // namespace ringattn

@@ -9,6 +9,7 @@
 
 #include "check.h"
 #include "dtype.h"
+#include "tensor_checks.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
 #include "cuda/layer_backend.h"
@@ -195,6 +196,7 @@ void Staging::finish() const {
 ForwardCall forward_call(int64_t embed, const TensorView& query, const TensorView& key,
                          const TensorView& value, const TensorView& y, const char* y_name) {
   ForwardCall c = forward_rows(embed, query, key, value, y, y_name, true);
+  check_outputs_disjoint({{y_name, &y}}, {{"query", &query}, {"key", &key}, {"value", &value}});
   check_device_memory({{"query", &query}, {"key", &key}, {"value", &value}, {y_name, &y}});
   return c;
 }
@@ -211,6 +213,14 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
   c.dquery = embed_rows(dquery, "dquery", embed, c.in, first, c.staging, true);
   c.dkey = embed_rows(dkey, "dkey", embed, c.in, first, c.staging, true);
   c.dvalue = embed_rows(dvalue, "dvalue", embed, c.in, first, c.staging, true);
+  // Self-attention passes one gradient (dx) as dquery, dkey and dvalue: identical views are
+  // one output; outputs that only partly overlap are errors.
+  std::vector<NamedView> outputs = {{"dquery", &dquery}};
+  if (!same_view(dkey, dquery)) outputs.push_back({"dkey", &dkey});
+  if (!same_view(dvalue, dquery) && !same_view(dvalue, dkey))
+    outputs.push_back({"dvalue", &dvalue});
+  check_outputs_disjoint(outputs,
+                         {{"query", &query}, {"key", &key}, {"value", &value}, {"dy", &dy}});
   check_device_memory({{"query", &query},
                        {"key", &key},
                        {"value", &value},

@@ -2,12 +2,16 @@
 
 #include "problem.h"
 
+#include <climits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "index_math.h"
+#include "tensor_checks.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
 #endif
@@ -41,24 +45,15 @@ void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
 
 namespace {
 
-std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
-  return s + "]";
-}
-
 const char* device_name(Device device) {
   return device == Device::kCPU ? "the CPU (host memory)" : "a CUDA device";
 }
 
 void check_view(const TensorView& t, const char* name, int ndim, const char* layout, Device device,
                 const char* backend) {
+  check_view_fields(t, name);
   require(t.ndim == ndim, name, " has ", t.ndim, " dimensions ", shape_str(t), "; it must be ",
           layout);
-  for (int d = 0; d < ndim; ++d) {
-    require(t.shape[d] >= 1, name, ".shape[", d, "] = ", t.shape[d], " in ", shape_str(t),
-            "; every extent of ", layout, " must be >= 1");
-  }
   require(t.data != nullptr, name, ".data is null; pass a buffer holding ", layout);
   require(t.device == device, name, " lives on ", device_name(t.device), " but this call runs on ",
           device_name(device), " (", backend, " backend); put every tensor of the call there");
@@ -67,16 +62,15 @@ void check_view(const TensorView& t, const char* name, int ndim, const char* lay
 Strides3 bnhd_strides(const TensorView& t, const char* name) {
   require(t.strides[3] == 1, name, ".strides[3] = ", t.strides[3],
           "; the head dimension D must be contiguous (stride 1): make the tensor contiguous in D");
-  for (int d = 0; d < 3; ++d) {
-    require(t.strides[d] >= 0, name, ".strides[", d, "] = ", t.strides[d],
-            "; strides must be >= 0");
-  }
   return {t.strides[0], t.strides[1], t.strides[2]};
 }
 
+// The least common multiple of the values (>= 1), or 0 when it overflows int64.
 int64_t lcm_of(const std::vector<int64_t>& values) {
   int64_t l = 1;
-  for (int64_t v : values) l = std::lcm(l, v);
+  for (int64_t v : values) {
+    if (__builtin_mul_overflow(l / std::gcd(l, v), v, &l)) return 0;
+  }
   return l;
 }
 
@@ -95,6 +89,9 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   Problem p;
   p.batch = q.shape[0];
   p.shard_rows = q.shape[1];
+  require(p.shard_rows <= std::numeric_limits<int64_t>::max() / shard.world,
+          "q.shape[1] = ", p.shard_rows, " rows on each of ", shard.world,
+          " ranks make a sequence longer than 2^63 rows; pass the rows of this rank's shard");
   p.shard_begin = shard.rank * p.shard_rows;
   p.seq = shard.world * p.shard_rows;
   p.heads = q.shape[2];
@@ -131,32 +128,6 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   p.v_st = bnhd_strides(v, "v");
   p.out_st = bnhd_strides(out, "out");
 
-  const int g = config.num_branches();
-  for (int i = 0; i < g; ++i) {
-    const int64_t s = config.segment_lengths[i];
-    if (p.seq % s != 0) {
-      const int64_t l = lcm_of(config.segment_lengths);
-      fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
-           " does not divide the sequence length N = ", p.seq,
-           shard.world > 1 ? " (" + std::to_string(shard.world) + " ranks x " +
-                                 std::to_string(p.shard_rows) + " rows)"
-                           : std::string(),
-           "; pad the sequence to a multiple of ", l,
-           " (the least common multiple of segment_lengths), e.g. N = ", ((p.seq + l - 1) / l) * l);
-    }
-    p.branches.push_back({s, config.dilation_rates[i]});
-  }
-  // The layer's heads: all of q's, or (head parallelism) a slice of total_heads.
-  const int64_t total_heads = config.total_heads > 0 ? config.total_heads : p.heads;
-  require(config.head_offset + p.heads <= total_heads, "head_offset = ", config.head_offset,
-          " plus the H = ", p.heads, " heads of q exceeds total_heads = ", total_heads,
-          "; q must hold heads [head_offset, head_offset + H) of the layer's total_heads");
-  if (config.mode == Mode::kGroups) {
-    require(total_heads >= g,
-            "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
-            " branches; use more heads, fewer branches, or mode = longnet");
-  }
-
   if (lse) {
     const TensorView& l = *lse;
     check_view(l, "lse", 3, "[B, H, N]", device, backend);
@@ -165,13 +136,47 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
     require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
             shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
             p.heads, ", ", p.shard_rows, "]");
-    for (int d = 0; d < 3; ++d) {
-      require(l.strides[d] >= 0, "lse.strides[", d, "] = ", l.strides[d], "; strides must be >= 0");
-    }
     p.lse = static_cast<float*>(l.data);
     p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
   }
 
+  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
+                         {{"q", &q}, {"k", &k}, {"v", &v}});
+
+  const int g = config.num_branches();
+  for (int i = 0; i < g; ++i) {
+    const int64_t s = config.segment_lengths[i];
+    if (p.seq % s != 0) {
+      const int64_t l = lcm_of(config.segment_lengths);
+      const int64_t padded = l > 0 && p.seq / l < INT64_MAX / l - 1 ? ceil_div(p.seq, l) * l : 0;
+      fail(ErrorCode::kInvalidArgument, "segment_lengths[", i, "] = ", s,
+           " does not divide the sequence length N = ", p.seq,
+           shard.world > 1 ? " (" + std::to_string(shard.world) + " ranks x " +
+                                 std::to_string(p.shard_rows) + " rows)"
+                           : std::string(),
+           "; pad the sequence to a multiple of ",
+           l > 0 ? std::to_string(l) : std::string("every segment length"),
+           " (the least common multiple of segment_lengths)",
+           padded > 0 ? ", e.g. N = " + std::to_string(padded) : std::string());
+    }
+    p.branches.push_back({s, config.dilation_rates[i]});
+  }
+  // The layer's heads: all of q's, or (head parallelism) a slice of total_heads.
+  const int64_t total_heads = config.total_heads > 0 ? config.total_heads : p.heads;
+  require(config.head_offset <= total_heads - p.heads, "head_offset = ", config.head_offset,
+          " plus the H = ", p.heads, " heads of q exceeds total_heads = ", total_heads,
+          "; q must hold heads [head_offset, head_offset + H) of the layer's total_heads");
+  if (config.mode == Mode::kGroups) {
+    require(total_heads >= g,
+            "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
+            " branches; use more heads, fewer branches, or mode = longnet");
+  }
+
+  if (total_heads > INT_MAX / g) {
+    fail(ErrorCode::kUnsupported, "total_heads = ", total_heads, " heads x ", g,
+         " branches is more head-branch entries than this version indexes (2^31 - 1); use fewer "
+         "heads per call");
+  }
   p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   p.out_factor = config.mode == Mode::kGroups ? 1.0f / static_cast<float>(g) : 1.0f;
   assign_heads(config.mode, p.branches, total_heads, p.head_begin, p.head_branches);
@@ -220,6 +225,9 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
             dtype_name(q.dtype), "; gradients share the dtype of q");
     *g.st = bnhd_strides(g.t, g.name);
   }
+  check_outputs_disjoint(
+      {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}},
+      {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
   bp.dout = dout.data;
   bp.dq = dq.data;
   bp.dk = dk.data;

@@ -55,12 +55,16 @@ RingPlan plan_ring(const Problem& p, int rank, int world) {
   }
 
   // Step k of a branch: send to the rank k places later in the segment's group and receive
-  // from the one k places earlier (around the group; with causal, only forward in it).
+  // from the one k places earlier (around the group; with causal, only forward in it). A
+  // block moves only when it holds keys and its receiver holds queries of the branch (with
+  // a dilation rate above N_loc, some ranks hold neither); both sides decide that from the
+  // same data, so every send has its receive.
   for (size_t si = 0; si < plan.spans.size(); ++si) {
     const int g = static_cast<int>(plan.spans[si].group);
     const int base = rank / g * g, a = rank - base;
+    const int s = static_cast<int>(si);
     for (int k = 1; k < g; ++k) {
-      RingStep st{static_cast<int>(si), -1, -1, static_cast<int>(si) * world + k};
+      RingStep st{s, -1, -1, s * world + k};
       if (p.causal) {
         if (a + k < g) st.send_to = base + a + k;
         if (a - k >= 0) st.recv_from = base + a - k;
@@ -68,10 +72,16 @@ RingPlan plan_ring(const Problem& p, int rank, int world) {
         st.send_to = base + (a + k) % g;
         st.recv_from = base + (a - k + g) % g;
       }
+      if (st.send_to >= 0 && !plan.moves(p, s, rank, st.send_to)) st.send_to = -1;
+      if (st.recv_from >= 0 && !plan.moves(p, s, st.recv_from, rank)) st.recv_from = -1;
       if (st.send_to >= 0 || st.recv_from >= 0) plan.steps.push_back(st);
     }
   }
   return plan;
+}
+
+bool RingPlan::moves(const Problem& p, int s, int sender, int receiver) const {
+  return block_elements(p, s, sender) > 0 && block_elements(p, s, receiver) > 0;
 }
 
 std::vector<BlockPiece> RingPlan::layout(const Problem& p, int s, int sender) const {

@@ -36,7 +36,8 @@ struct BlockPiece {
 };
 
 // One transfer step of a spanning branch: this rank sends its block to `send_to` and
-// receives the block of `recv_from` (-1 = nothing). Steps run in this order.
+// receives the block of `recv_from` (-1 = nothing; a block that moves is never empty).
+// Steps run in this order.
 struct RingStep {
   int span;  // index into RingPlan::spans
   int send_to;
@@ -54,6 +55,10 @@ struct RingPlan {
   std::vector<BlockPiece> layout(const Problem& p, int s, int sender) const;
   // Elements of that block (for K and V together).
   int64_t block_elements(const Problem& p, int s, int sender) const;
+  // Whether the block of `sender` travels to `receiver` in span s: it holds keys, and the
+  // receiver holds queries (its own block is not empty: queries and keys of a branch are
+  // the same kept rows).
+  bool moves(const Problem& p, int s, int sender, int receiver) const;
   // Rows of a rank's second half, and elements of its queries there for span `s`
   // ([B][rows][heads of s][D]).
   int64_t half_rows(const Problem& p) const { return p.shard_rows - p.shard_rows / 2; }

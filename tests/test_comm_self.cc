@@ -11,6 +11,7 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "src/agreement.h"
 #include "tests/test_util.h"
 
 namespace ringattn {
@@ -216,7 +217,7 @@ TEST(SelfComm, CountsBytesSent) {
 TEST(SelfComm, CheckSameOnOneRankPasses) {
   auto comm = make_self_communicator();
   EXPECT_NO_THROW(check_same_on_all_ranks(*comm, "segment_lengths", {2048, 4096}));
-  EXPECT_NO_THROW(check_same_on_all_ranks(*comm, "nothing", {}));
+  EXPECT_NO_THROW(check_same_on_all_ranks(*comm, "nothing", std::vector<int64_t>{}));
   std::vector<int64_t> many(1000);
   std::iota(many.begin(), many.end(), 0);
   EXPECT_NO_THROW(check_same_on_all_ranks(*comm, "many", many));
@@ -224,7 +225,7 @@ TEST(SelfComm, CheckSameOnOneRankPasses) {
 
 // A fake `size`-rank communicator for check_same_on_all_ranks: allgather puts this rank's
 // bytes in every slot except those listed in `others`, which get the bytes that another
-// rank (one holding different values) would contribute.
+// rank holding those fields would contribute to the same round of the check.
 class FakeComm final : public Communicator {
  public:
   explicit FakeComm(int size) : size_(size) {}
@@ -241,35 +242,34 @@ class FakeComm final : public Communicator {
   void allreduce_max(int64_t*, size_t) override {}
   void allreduce_min(int64_t*, size_t) override {}
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
-    last_send.assign(static_cast<const char*>(send),
-                     static_cast<const char*>(send) + bytes_per_rank);
     for (int r = 0; r < size_; ++r) {
       const auto it = others.find(r);
-      const char* src = it != others.end() ? it->second.data() : last_send.data();
+      std::vector<char> theirs;
+      if (it != others.end()) theirs = detail::agreement_payload(round_, it->second);
+      const char* src = it != others.end() ? theirs.data() : static_cast<const char*>(send);
+      ASSERT_TRUE(it == others.end() || theirs.size() == bytes_per_rank);
       std::memcpy(static_cast<char*>(recv) + r * bytes_per_rank, src, bytes_per_rank);
     }
+    ++round_;
   }
   void broadcast(void*, size_t, int) override {}
   void barrier() override {}
 
-  // What a rank holding `values` contributes.
-  static std::vector<char> contribution(const std::vector<int64_t>& values) {
-    FakeComm one(1);
-    check_same_on_all_ranks(one, "x", values);
-    return one.last_send;
-  }
-
-  std::map<int, std::vector<char>> others;
-  std::vector<char> last_send;
+  std::map<int, std::vector<AgreedField>> others;
 
  private:
   int size_;
+  int round_ = 0;
 };
+
+std::vector<AgreedField> unnamed(std::vector<int64_t> values) {
+  return {{std::string(), std::move(values)}};
+}
 
 TEST(SelfComm, CheckSameNamesTheRanksThatDiffer) {
   FakeComm comm(4);
-  comm.others[1] = FakeComm::contribution({2048});
-  comm.others[3] = FakeComm::contribution({2048});
+  comm.others[1] = unnamed({2048});
+  comm.others[3] = unnamed({2048});
   const Error e = error_of([&] { check_same_on_all_ranks(comm, "segment_lengths", {2048, 4096}); });
   EXPECT_EQ(e.code(), ErrorCode::kCommunication);
   EXPECT_EQ(std::string(e.what()),
@@ -277,11 +277,35 @@ TEST(SelfComm, CheckSameNamesTheRanksThatDiffer) {
             "[2048,4096], ranks 1,3 have [2048]; pass the same configuration on every rank");
 
   FakeComm comm2(5);
-  comm2.others[4] = FakeComm::contribution({1, 2, 4});
+  comm2.others[4] = unnamed({1, 2, 4});
   const Error e2 = error_of([&] { check_same_on_all_ranks(comm2, "dilation_rates", {1, 2}); });
   EXPECT_EQ(std::string(e2.what()),
             "ringattn: communication: ranks disagree on dilation_rates: ranks 0-3 have [1,2], "
             "rank 4 has [1,2,4]; pass the same configuration on every rank");
+}
+
+TEST(SelfComm, CheckSameNamesTheFieldsThatDiffer) {
+  const std::vector<AgreedField> mine = {{"N_loc (q.shape[1])", {1024}},
+                                         {"segment_lengths", {2048, 4096}},
+                                         {"dilation_rates", {1, 2}}};
+  FakeComm comm(3);
+  comm.others[2] = mine;
+  comm.others[2][0].values = {512};
+  comm.others[2][2].values = {1, 4};
+  const Error e = error_of([&] { check_same_on_all_ranks(comm, "the configuration", mine); });
+  EXPECT_EQ(e.code(), ErrorCode::kCommunication);
+  EXPECT_EQ(std::string(e.what()),
+            "ringattn: communication: ranks disagree on the configuration: N_loc (q.shape[1]): "
+            "ranks 0-1 have [1024], rank 2 has [512]; dilation_rates: ranks 0-1 have [1,2], rank "
+            "2 has [1,4]; pass the same configuration on every rank");
+  // Ranks that check different lists of fields made different calls.
+  FakeComm other(2);
+  other.others[1] = {{"a", {1}}};
+  const Error e2 = error_of([&] { check_same_on_all_ranks(other, "the call", mine); });
+  EXPECT_NE(std::string(e2.what()).find("rank 0 has 3 fields, rank 1 has 1 fields (they made "
+                                        "different calls)"),
+            std::string::npos)
+      << e2.what();
 }
 
 TEST(SelfComm, CheckSameComparesLongListsByHash) {
@@ -290,7 +314,7 @@ TEST(SelfComm, CheckSameComparesLongListsByHash) {
   auto b = a;
   b.back() = -1;  // differs after the values that are exchanged inline
   FakeComm comm(2);
-  comm.others[1] = FakeComm::contribution(b);
+  comm.others[1] = unnamed(b);
   const Error e = error_of([&] { check_same_on_all_ranks(comm, "shape", a); });
   EXPECT_EQ(e.code(), ErrorCode::kCommunication);
   const std::string msg = e.what();

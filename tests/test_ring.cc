@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -89,8 +90,11 @@ int64_t expected_bytes(const RingCase& c, int rank, int world_size, bool backwar
     for (int q = 0; q < world_size; ++q) {
       const bool same_segment = q * c.n_loc / c.s[i] == rank * c.n_loc / c.s[i];
       if (q == rank || !same_segment) continue;
-      if (!c.causal || q > rank) total += kept_stream_rows(c, i, rank) * kv * esize;
-      if (backward && (!c.causal || q < rank)) total += kept_stream_rows(c, i, q) * kv * 4;
+      // A block moves when it holds keys and its receiver holds queries (kept rows).
+      const int64_t mine = kept_stream_rows(c, i, rank), theirs = kept_stream_rows(c, i, q);
+      if (mine == 0 || theirs == 0) continue;
+      if (!c.causal || q > rank) total += mine * kv * esize;
+      if (backward && (!c.causal || q < rank)) total += theirs * kv * 4;
       const int64_t rows = c.B * half * heads;  // balanced (row, head) pairs
       if (balanced && q < rank)
         total += backward ? rows * (3 * c.D * esize + 4) : rows * c.D * esize;
@@ -136,7 +140,7 @@ void check_ring_backward(const RingCase& c, const Tensor& q, const Tensor& k, co
                {ring_dv, dv, ref.dv, c.Hkv, "dv"}};
   for (const auto& g : grads) {
     double err = 0.0, single_err = 0.0, max_ref = 0.0;
-    int64_t nonzero = 0, bad = 0;
+    int64_t nonzero = 0, ref_nonzero = 0, bad = 0;
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t n = 0; n < c.n_loc; ++n)
         for (int64_t h = 0; h < g.heads; ++h)
@@ -146,12 +150,17 @@ void check_ring_backward(const RingCase& c, const Tensor& q, const Tensor& k, co
                 g.ref[static_cast<size_t>(((b * N + row0 + n) * g.heads + h) * c.D + d)];
             if (!std::isfinite(x)) ++bad;
             nonzero += x != 0.0;
+            ref_nonzero += r != 0.0;
             err = std::max(err, std::abs(x - r));
             single_err = std::max(single_err, std::abs(y - r));
             max_ref = std::max(max_ref, std::abs(r));
           }
     EXPECT_EQ(bad, 0) << g.name;
-    EXPECT_GT(nonzero, 0) << g.name;
+    // (A rank may hold no kept row of any branch: then its reference gradients are zero, and
+    // the error bound below checks its own.)
+    if (ref_nonzero > 0) {
+      EXPECT_GT(nonzero, 0) << g.name;
+    }
     if (c.dtype == DType::kF32) {
       EXPECT_LE(err, 2e-5 * std::max(1.0, max_ref)) << g.name;
     } else {
@@ -208,8 +217,8 @@ void check_ring_case(const RingCase& c, uint32_t seed) {
         }
       }
   EXPECT_EQ(bad, 0);
-  EXPECT_GT(ref_nonzero, 0);
-  EXPECT_EQ(missing, 0) << "zeros where the reference is not";
+  EXPECT_GT(std::count_if(ref.out.begin(), ref.out.end(), [](double x) { return x != 0.0; }), 0);
+  EXPECT_EQ(missing, 0) << "zeros where the reference is not (" << ref_nonzero << " non-zero)";
   if (c.dtype == DType::kF32) {
     EXPECT_LE(err, 1e-5);
   } else {
@@ -269,6 +278,18 @@ TEST(Ring, BalancedCausalBranchOfSomeHeads) {
   const int P = world().size();
   check_ring_case({2, 64, 4, 2, 64, {64, P * 64}, {2, 1}, Mode::kGroups, true}, 45);
   check_ring_case({1, 63, 3, 3, 16, {63, P * 63}, {1, 1}, Mode::kLongNet, true}, 46);
+}
+
+TEST(Ring, BranchesWithRanksThatHoldNoKeptRow) {
+  // A dilation rate above N_loc: some ranks hold no kept row of a spanning branch. The
+  // backward used to wait forever for the gradients of a 0-row block.
+  const int P = world().size();
+  if (P == 4) {
+    check_ring_case({1, 1024, 1, 1, 8, {4096}, {2048}, Mode::kGroups, false}, 60);
+    check_ring_case({1, 1024, 2, 1, 8, {1024, 4096}, {1, 2048}, Mode::kLongNet, true}, 61);
+  }
+  if (P == 2) check_ring_case({1, 2, 2, 2, 8, {4}, {4}, Mode::kLongNet, false}, 62);
+  check_ring_case({1, 8, 2, 1, 8, {8, 8 * P}, {1, 4 * P + 1}, Mode::kLongNet, false}, 63);
 }
 
 TEST(Ring, DenseRingAttention) {

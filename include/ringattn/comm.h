@@ -18,7 +18,18 @@
 //   - Messages between one pair of ranks with the same tag are matched in the order they
 //     were posted (MPI's non-overtaking rule).
 //   - Collectives are called in the same order with the same sizes on every rank.
-//   - Only one thread uses a communicator at a time (MPI_THREAD_FUNNELED is enough).
+//   - Nothing waits forever. Every blocking call (wait and the collectives) has a deadline,
+//     timeout_seconds() after it started; when it passes, the call throws
+//     Error(kCommunication) naming the peer (or collective), the tag and the size, and the
+//     communicator is broken. A broken communicator throws Error(kCommunication) from every
+//     later call at once (make a new one). A failed transfer breaks it too, and so does
+//     abort(), which ring code calls when this rank fails in the middle of a collective
+//     operation: where the implementation can (mpi, and the in-process test worlds), the
+//     other ranks' waits then fail at once with this rank's reason instead of at their
+//     deadline.
+//   - Only one thread uses a communicator at a time (MPI_THREAD_FUNNELED is enough): a
+//     communicator, and every object that holds one, must not be shared between threads
+//     without a lock.
 
 #include <cstddef>
 #include <cstdint>
@@ -76,7 +87,6 @@ class CommRequest {
 
 class Communicator {
  public:
-  Communicator() = default;
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
   virtual ~Communicator();
@@ -100,7 +110,7 @@ class Communicator {
   // rendezvous transfers only inside MPI calls). Ring code calls it between compute tasks,
   // from the thread that owns the communicator. The default does nothing.
   virtual void progress() {}
-  // The largest tag this communicator accepts (at least 32767).
+  // The largest tag this communicator accepts (at least 32766).
   virtual int max_tag() const = 0;
 
   // Blocking collectives on host arrays (n elements, n <= INT_MAX), called in the same order
@@ -123,15 +133,58 @@ class Communicator {
   int64_t bytes_sent() const { return bytes_sent_; }
   void reset_bytes_sent() { bytes_sent_ = 0; }
 
+  // The deadline of every blocking call, in seconds. The default is the environment
+  // variable RINGATTN_TIMEOUT_S when the communicator is made (a positive number of seconds;
+  // anything else is an Error(kInvalidArgument) there), else kDefaultTimeoutSeconds.
+  static constexpr double kDefaultTimeoutSeconds = 300.0;
+  double timeout_seconds() const { return timeout_s_; }
+  // seconds > 0 and finite, else Error(kInvalidArgument).
+  void set_timeout(double seconds);
+
+  // Whether the communicator is broken (see the rules above), and why ("" if not).
+  bool broken() const { return !broken_reason_.empty(); }
+  const std::string& broken_reason() const { return broken_reason_; }
+  // Breaks the communicator because this rank failed (`reason`), and tells the other ranks
+  // where the implementation can. Never throws; calling it again does nothing.
+  void abort(const std::string& reason) noexcept;
+
  protected:
+  // Reads RINGATTN_TIMEOUT_S (throws Error(kInvalidArgument) on a bad value).
+  Communicator();
+
   // For implementations: validates the arguments of isend / irecv (`call` names it in the
   // message) and throws Error(kInvalidArgument) naming the bad one.
   void check_transfer_args(const char* call, const void* buf, size_t bytes, int peer,
                            int tag) const;
   void count_sent(size_t bytes) { bytes_sent_ += static_cast<int64_t>(bytes); }
+  // Throws Error(kCommunication) if the communicator is broken (first thing of every call).
+  void check_usable(const char* call) const;
+  // Breaks the communicator (keeps the first reason). Never throws.
+  void mark_broken(const std::string& reason) noexcept;
+  // Breaks it and throws Error(kCommunication): `what` (e.g. "wait: the irecv of 64 bytes
+  // from peer 1, tag 3") has not completed within the deadline.
+  [[noreturn]] void fail_timeout(const std::string& what);
+  // What abort() tells the other ranks; the default tells no one.
+  virtual void notify_abort(const std::string& reason) noexcept { (void)reason; }
 
  private:
   int64_t bytes_sent_ = 0;
+  double timeout_s_ = kDefaultTimeoutSeconds;
+  std::string broken_reason_;
+};
+
+// A deadline of a blocking call: started when made, `seconds` long. Waiting loops of
+// Communicator implementations poll, and back off from spinning to short sleeps.
+class Deadline {
+ public:
+  explicit Deadline(double seconds);
+  bool passed() const;
+  // Spins for the first polls, then sleeps up to a millisecond between them.
+  void pause();
+
+ private:
+  int64_t end_ns_;
+  int polls_ = 0;
 };
 
 // One process, no MPI: rank 0 of 1. isend / irecv to self (peer 0) are matched by tag
@@ -142,14 +195,24 @@ class Communicator {
 // identities.
 std::unique_ptr<Communicator> make_self_communicator();
 
-// Checks that every rank passes the same `values` (a configuration, shapes, ...).
-// Collective: every rank makes the same calls whether or not it throws, so it never hangs.
-// If any rank differs, throws Error(kCommunication) on every rank, with a message naming
-// `what`, the ranks and their values, e.g.
-//   "ranks disagree on segment_lengths: rank 0 has [2048,4096], rank 1 has [2048]; pass
-//    the same configuration on every rank".
-// Exchanges a length and a 64-bit hash, plus the values themselves when there are at most
-// 16 of them (longer lists are shown by their first values, length and hash).
+// One named field of what ranks must agree on, e.g. {"segment_lengths", {2048, 4096}}.
+struct AgreedField {
+  std::string name;
+  std::vector<int64_t> values;
+};
+
+// Checks that every rank passes the same fields (a configuration, shapes, ...), in the same
+// order. Collective: every rank makes the same calls whether or not it throws, so it never
+// hangs. If any rank differs, throws Error(kCommunication) on every rank, naming `what`,
+// each field that differs, and the ranks with their values, e.g.
+//   "ranks disagree on the configuration of RingDilatedAttention: segment_lengths: rank 0
+//    has [2048,4096], rank 1 has [2048]; pass the same configuration on every rank".
+// One allgather of a 64-bit hash per rank; only when they differ, a second one with each
+// field's length, hash and first 16 values (longer lists are shown by their first values,
+// length and hash).
+void check_same_on_all_ranks(Communicator& comm, const std::string& what,
+                             const std::vector<AgreedField>& fields);
+// The same for one unnamed list of values ("ranks disagree on <what>: rank 0 has [...]").
 void check_same_on_all_ranks(Communicator& comm, const std::string& what,
                              const std::vector<int64_t>& values);
 

@@ -42,6 +42,10 @@ struct ExecOptions {
   // kDot or kAmx on a CPU without them is Error(kUnsupported) at construction. Results of
   // one choice are bitwise reproducible; different choices differ by bf16 rounding.
   CpuBf16 cpu_bf16 = CpuBf16::kAuto;
+
+  // A known backend, num_threads >= 0 and a known cpu_bf16; throws Error(kInvalidArgument)
+  // naming the field, or Error(kUnsupported) for a cpu_bf16 this CPU lacks (backend cpu).
+  void validate() const;
 };
 
 // Tensors on Device::kCUDA run on the CUDA backend (backend cpu or cuda; reference runs on
@@ -78,6 +82,12 @@ class DilatedAttention {
   const ExecOptions& options() const { return options_; }
 
  private:
+  void run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const std::optional<TensorView>& lse) const;
+  void run_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                    const TensorView& v, const TensorView& out, const TensorView& lse,
+                    const TensorView& dq, const TensorView& dk, const TensorView& dv) const;
+
   DilatedConfig config_;
   ExecOptions options_;
 };

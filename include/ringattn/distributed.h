@@ -80,6 +80,14 @@ class DistributedDilatedAttention {
   const RingStats& ring_stats() const { return ring_.last_stats(); }
 
  private:
+  void run_forward(const TensorView& query, const TensorView& key, const TensorView& value,
+                   const TensorView& y, MultiheadSaved* saved);
+  void run_backward(const TensorView& query, const TensorView& key, const TensorView& value,
+                    const TensorView& dy, const MultiheadSaved& saved, const TensorView& dquery,
+                    const TensorView& dkey, const TensorView& dvalue, MultiheadWeights& grads);
+  // Sums the weight gradients over seq_comm (one allreduce of every buffer).
+  void reduce_weight_grads(MultiheadWeights& grads);
+
   MultiheadConfig config_;
   Communicator& seq_comm_;
   Communicator& head_comm_;

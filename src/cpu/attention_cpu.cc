@@ -13,7 +13,9 @@
 
 #include "../dtype.h"
 #include "../index_math.h"
+#include "../memory.h"
 #include "bf16_kernels.h"
+#include "task_errors.h"
 
 namespace ringattn::cpu {
 
@@ -47,7 +49,7 @@ class Arena {
   Arena(std::initializer_list<int64_t> sizes, std::initializer_list<float**> slots) {
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s, 16);
-    mem_ = hwy::AllocateAligned<float>(static_cast<size_t>(total));
+    mem_ = aligned_floats(static_cast<size_t>(total), "the CPU kernel's per-thread scratch");
     std::fill_n(mem_.get(), total, 0.0f);
     float* next = mem_.get();
     auto size = sizes.begin();
@@ -181,17 +183,22 @@ std::vector<Task> make_tasks(const Problem& p, CpuBf16 kernel, Tiles& tiles, int
 }
 
 // Runs fn(task, scratch) for every task on `threads` OpenMP threads (dynamic schedule);
-// the calling thread also runs `poll` between its tasks. Nothing in here may throw.
+// the calling thread also runs `poll` between its tasks. The first exception of any task
+// (or of poll) is rethrown after the region, the tasks after it skipped.
 template <typename Fn>
 void run_tasks(const std::vector<Task>& tasks, const std::vector<ThreadScratch>& scratch,
                const std::function<void()>& poll, Fn&& fn) {
   const int threads = static_cast<int>(scratch.size());
+  TaskErrors errors;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (size_t i = 0; i < tasks.size(); ++i) {
-    const int thread = omp_get_thread_num();
-    fn(tasks[i], scratch[static_cast<size_t>(thread)].get());
-    if (thread == 0 && poll) poll();
+    errors.run([&] {
+      const int thread = omp_get_thread_num();
+      fn(tasks[i], scratch[static_cast<size_t>(thread)].get());
+      if (thread == 0 && poll) poll();
+    });
   }
+  errors.rethrow();
 }
 
 std::vector<ThreadScratch> make_scratch(const Tiles& tiles, int num_threads) {
@@ -290,6 +297,7 @@ void forward(const Problem& p, const ExecOptions& options) {
 
 struct ShardForward::State {
   std::vector<Task> tasks;
+  int64_t split = -1;
   Tiles tiles;
   std::vector<ThreadScratch> scratch;
   hwy::AlignedFreeUniquePtr<float[]> acc_o;  // [B][H][shard_rows][padded_dim]
@@ -298,15 +306,26 @@ struct ShardForward::State {
 
 ShardForward::ShardForward(const Problem& p, const ExecOptions& options, int64_t split)
     : p_(p), s_(new State) {
+  s_->split = split;
   s_->tasks = make_tasks(p, kernel_of(p, options), s_->tiles, split);
   s_->scratch = make_scratch(s_->tiles, options.num_threads);
   const int64_t rows = p.batch * p.heads * p.shard_rows;
-  s_->acc_o = hwy::AllocateAligned<float>(static_cast<size_t>(rows * s_->tiles.padded_dim));
+  s_->acc_o = aligned_floats(static_cast<size_t>(rows * s_->tiles.padded_dim),
+                             "the shard's fp32 output accumulators [B, H, N_loc, D]");
   std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
-  s_->acc_l.assign(static_cast<size_t>(rows), kNegInf);
+  assign_buffer(s_->acc_l, static_cast<size_t>(rows), kNegInf,
+                "the shard's fp32 lse accumulators [B, H, N_loc]");
 }
 
 ShardForward::~ShardForward() = default;
+
+void ShardForward::restart() {
+  Tiles tiles;
+  s_->tasks = make_tasks(p_, s_->tiles.kernel, tiles, s_->split);
+  const int64_t rows = p_.batch * p_.heads * p_.shard_rows;
+  std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
+  std::fill(s_->acc_l.begin(), s_->acc_l.end(), kNegInf);
+}
 
 int64_t ShardForward::row_index(int64_t b, int64_t h, int64_t n) const {
   return (b * p_.heads + h) * p_.shard_rows + (n - p_.shard_begin);
@@ -370,28 +389,32 @@ void ShardForward::pass_rows(int64_t tasks,
   const Tiles& tiles = s_->tiles;
   const int64_t esize = static_cast<int64_t>(dtype_size(p_.dtype)), dp = tiles.padded_dim;
   const int threads = static_cast<int>(s_->scratch.size());
+  TaskErrors errors;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int thread = omp_get_thread_num();
-    const Scratch& sc = s_->scratch[static_cast<size_t>(thread)].get();
-    task(t, [&](int64_t b, int64_t h, int64_t n0, int64_t n1, const KeySource* sources,
-                int64_t num_sources) {
-      for (int64_t r0 = n0; r0 < n1; r0 += tiles.row_block) {
-        const int64_t local = r0 - p_.shard_begin;
-        const detail::QueryRows rows{
-            static_cast<const char*>(p_.q) +
-                esize * (b * p_.q_st.b + local * p_.q_st.n + h * p_.q_st.h),
-            p_.q_st.n,
-            r0,
-            std::min(n1, r0 + tiles.row_block),
-            s_->acc_o.get() + row_index(b, h, r0) * dp,
-            s_->acc_l.data() + row_index(b, h, r0),
-            1};
-        detail::forward_rows(p_, tiles, rows, sources, num_sources, sc);
-      }
+    errors.run([&] {
+      const int thread = omp_get_thread_num();
+      const Scratch& sc = s_->scratch[static_cast<size_t>(thread)].get();
+      task(t, [&](int64_t b, int64_t h, int64_t n0, int64_t n1, const KeySource* sources,
+                  int64_t num_sources) {
+        for (int64_t r0 = n0; r0 < n1; r0 += tiles.row_block) {
+          const int64_t local = r0 - p_.shard_begin;
+          const detail::QueryRows rows{
+              static_cast<const char*>(p_.q) +
+                  esize * (b * p_.q_st.b + local * p_.q_st.n + h * p_.q_st.h),
+              p_.q_st.n,
+              r0,
+              std::min(n1, r0 + tiles.row_block),
+              s_->acc_o.get() + row_index(b, h, r0) * dp,
+              s_->acc_l.data() + row_index(b, h, r0),
+              1};
+          detail::forward_rows(p_, tiles, rows, sources, num_sources, sc);
+        }
+      });
+      if (thread == 0 && poll) poll();
     });
-    if (thread == 0 && poll) poll();
   }
+  errors.rethrow();
 }
 
 void ShardForward::write_output() const {
@@ -432,7 +455,8 @@ class BackwardThreadScratch {
 };
 
 // fn(row, src) for every [D] row of a strided [B][rows][heads][D] view, with src the same
-// row of a contiguous fp32 array (nullptr when there is none), on `threads` threads.
+// row of a contiguous fp32 array (nullptr when there is none), on `threads` threads. (fn
+// must not throw.)
 template <typename T, typename Fn>
 void for_each_grad_row(T* base, const Strides3& st, const float* contiguous, int64_t batch,
                        int64_t rows, int64_t heads, int64_t dim, int threads, Fn&& fn) {
@@ -460,6 +484,7 @@ void write_grad(const std::vector<float>& acc, void* dst, const Strides3& st, in
 }  // namespace
 
 struct ShardBackward::State {
+  int threads = 1;
   detail::BackwardTiles tiles;
   std::vector<BackwardThreadScratch> scratch;
   std::vector<float> dq_acc, dk_acc, dv_acc;  // fp32 [B][shard_rows][heads][D] unless fp32 out
@@ -479,7 +504,8 @@ detail::GradRows grad_rows(const Problem& p, void* dst, const Strides3& st, int6
                       [dim](float* row, const float*) { std::fill_n(row, dim, 0.0f); });
     return {base, st};
   }
-  acc.assign(static_cast<size_t>(p.batch * p.shard_rows * heads * p.head_dim), 0.0f);
+  assign_buffer(acc, static_cast<size_t>(p.batch * p.shard_rows * heads * p.head_dim), 0.0f,
+                "the backward's fp32 gradient accumulators");
   return {acc.data(), {p.shard_rows * heads * p.head_dim, heads * p.head_dim, p.head_dim}};
 }
 
@@ -494,15 +520,21 @@ ShardBackward::ShardBackward(const BackwardProblem& bp, const ExecOptions& optio
     s_->tiles.max_kept = std::max(s_->tiles.max_kept, kept_count(br.segment, br.rate, 0));
   }
   if (max_key_rows > 0) s_->tiles.max_kept = std::min(s_->tiles.max_kept, max_key_rows);
-  const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
-  s_->scratch.reserve(static_cast<size_t>(threads));
-  for (int i = 0; i < threads; ++i) s_->scratch.emplace_back(s_->tiles);
-  s_->dq = grad_rows(p, bp.dq, bp.dq_st, p.heads, threads, s_->dq_acc);
-  s_->dk = grad_rows(p, bp.dk, bp.dk_st, p.kv_heads, threads, s_->dk_acc);
-  s_->dv = grad_rows(p, bp.dv, bp.dv_st, p.kv_heads, threads, s_->dv_acc);
+  s_->threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
+  s_->scratch.reserve(static_cast<size_t>(s_->threads));
+  for (int i = 0; i < s_->threads; ++i) s_->scratch.emplace_back(s_->tiles);
+  restart();
 }
 
 ShardBackward::~ShardBackward() = default;
+
+void ShardBackward::restart() {
+  const Problem& p = bp_.fwd;
+  const int threads = s_->threads;
+  s_->dq = grad_rows(p, bp_.dq, bp_.dq_st, p.heads, threads, s_->dq_acc);
+  s_->dk = grad_rows(p, bp_.dk, bp_.dk_st, p.kv_heads, threads, s_->dk_acc);
+  s_->dv = grad_rows(p, bp_.dv, bp_.dv_st, p.kv_heads, threads, s_->dv_acc);
+}
 
 float* ShardBackward::dk_row(int64_t b, int64_t local_row, int64_t kv_head) {
   return s_->dk.row(b, local_row, kv_head);
@@ -548,6 +580,7 @@ void ShardBackward::add_dq(int64_t h0, int64_t h1, int64_t row0, int64_t rows, c
 
 void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function<void()>& poll) {
   const int threads = static_cast<int>(s_->scratch.size());
+  TaskErrors errors;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<detail::BackwardWork> list;
@@ -555,14 +588,17 @@ void ShardBackward::pass(int64_t tasks, const WorkFn& works, const std::function
         s_->scratch[static_cast<size_t>(omp_get_thread_num())].get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      list.clear();
-      works(t, list);
-      for (const detail::BackwardWork& w : list) {
-        detail::backward_piece(bp_, s_->tiles, w, sc, s_->dq);
-      }
-      if (omp_get_thread_num() == 0 && poll) poll();
+      errors.run([&] {
+        list.clear();
+        works(t, list);
+        for (const detail::BackwardWork& w : list) {
+          detail::backward_piece(bp_, s_->tiles, w, sc, s_->dq);
+        }
+        if (omp_get_thread_num() == 0 && poll) poll();
+      });
     }
   }
+  errors.rethrow();
 }
 
 bool ShardBackward::local_key_work(int64_t b, int64_t h, int hb, int64_t segment,
@@ -606,7 +642,7 @@ void ShardBackward::local_passes(const std::function<void()>& poll) {
 void ShardBackward::write_output() const {
   const Problem& p = bp_.fwd;
   if (p.dtype == DType::kF32) return;  // summed in the tensors themselves
-  const int threads = static_cast<int>(s_->scratch.size());
+  const int threads = s_->threads;
   const auto cast = [&](const std::vector<float>& acc, void* dst, const Strides3& st,
                         int64_t heads) {
     if (p.dtype == DType::kBF16) {

@@ -42,6 +42,9 @@ class ShardBackward {
   // bp.dq / dk / dv are zeroed here and summed into directly; null ones get accumulators.
   ShardBackward(const BackwardProblem& bp, const ExecOptions& options, int64_t max_key_rows = 0);
   ~ShardBackward();
+  // Zeroes the sums again, for a problem whose pointers or rows (not its shape) changed
+  // since: one shard serves the passes of several ring steps without allocating.
+  void restart();
   // Every branch's local queries against its local keys (one pass per branch).
   void local_passes(const std::function<void()>& poll = nullptr);
   // One pass of `tasks` tasks; `poll` runs on the calling thread between tasks.
@@ -78,6 +81,9 @@ class ShardForward {
   // Row blocks never straddle the global row `split` (so a pass can stop there).
   ShardForward(const Problem& p, const ExecOptions& options, int64_t split = -1);
   ~ShardForward();
+  // Plans the tasks again and clears the accumulators, for a problem whose pointers or rows
+  // (not its shape) changed since: one shard serves several ring steps without reallocating.
+  void restart();
   // Every local query piece of the rows before `row_end` (global) attends to the keys
   // `sources` names; results are merged into the accumulators in a fixed order. `poll`
   // runs on the calling thread between tasks (to progress communication meanwhile).

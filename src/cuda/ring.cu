@@ -47,19 +47,45 @@ class DeviceKvStore final : public KvStore {
           static_cast<int64_t>(esize / 2), p.head_dim);
       RA_CUDA_CHECK_LAUNCH("pack_kernel");
     }
-    // The communicator reads the blocks from other streams (or through host staging).
+    // Both inboxes at the size of the largest block this rank receives.
+    size_t most = 0;
+    for (const RingStep& st : plan.steps) {
+      if (st.recv_from >= 0) {
+        most = std::max(most,
+                        static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)) * esize);
+      }
+    }
+    for (int slot = 0; slot < 2; ++slot) {
+      inbox_[slot] = std::make_unique<DeviceBuffer>(most, stream);
+      RA_CUDA_CHECK(cudaEventCreateWithFlags(&read_[slot], cudaEventDisableTiming));
+      inbox_bytes_[slot] = most;
+    }
+    // The communicator reads the blocks from other streams (or through host staging), and
+    // writes the inboxes from them.
     RA_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
+  ~DeviceKvStore() override {
+    for (cudaEvent_t e : read_) {
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    }
+  }
+  DeviceKvStore(const DeviceKvStore&) = delete;
+  DeviceKvStore& operator=(const DeviceKvStore&) = delete;
+
   const void* own(int span) override { return own_[static_cast<size_t>(span)].as<void>(); }
   void* inbox(int slot, size_t bytes) override {
-    // The kernels of the step that read this buffer are done before it is written again.
-    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (bytes > inbox_bytes_[slot]) {
-      inbox_[slot] = std::make_unique<DeviceBuffer>(bytes, stream_);
-      inbox_bytes_[slot] = bytes;
-      RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // allocated before another stream uses it
+      fail(ErrorCode::kInternal, "the GPU ring's receive buffer holds ", inbox_bytes_[slot],
+           " bytes, but a block of ", bytes, " bytes arrives");
     }
-    return inbox_[slot] ? inbox_[slot]->as<void>() : nullptr;
+    // The kernels that read this buffer (done_reading recorded them) finish before it is
+    // written again; later work on the stream goes on.
+    if (recorded_[slot]) RA_CUDA_CHECK(cudaEventSynchronize(read_[slot]));
+    return inbox_[slot]->as<void>();
+  }
+  void done_reading(int slot) override {
+    RA_CUDA_CHECK(cudaEventRecord(read_[slot], stream_));
+    recorded_[slot] = true;
   }
 
  private:
@@ -67,6 +93,8 @@ class DeviceKvStore final : public KvStore {
   std::vector<DeviceBuffer> own_;
   std::unique_ptr<DeviceBuffer> inbox_[2];
   size_t inbox_bytes_[2] = {0, 0};
+  cudaEvent_t read_[2] = {nullptr, nullptr};
+  bool recorded_[2] = {false, false};
 };
 
 }  // namespace
