@@ -299,8 +299,8 @@ class NcclCommunicator final : public Communicator {
   }
 
   [[noreturn]] void fail_async(ncclResult_t state) {
-    const std::string reason = std::string("NCCL reported an asynchronous error: ") +
-                               ncclGetErrorString(state);
+    const std::string reason =
+        std::string("NCCL reported an asynchronous error: ") + ncclGetErrorString(state);
     abort_nccl();
     mark_broken(reason);
     fail(ErrorCode::kCommunication, reason, "; the communicator was aborted");

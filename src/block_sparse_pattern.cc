@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <climits>
-#include <string>
 #include <cmath>
+#include <string>
 
 #include "check.h"
 #include "index_math.h"

@@ -130,7 +130,8 @@ DilatedConfig dilated_config(Rng& rng, int P, int64_t n_loc, int64_t H, bool rin
     int64_t s = rng.pick(divisors(n_loc));
     if (ring && rng.coin(0.5)) s = n_loc * rng.pick(divisors(P));
     c.segment_lengths.push_back(s);
-    c.dilation_rates.push_back(rng.coin(0.8) ? rng.range(1, std::min<int64_t>(s, 4)) : rng.range(1, s));
+    c.dilation_rates.push_back(rng.coin(0.8) ? rng.range(1, std::min<int64_t>(s, 4))
+                                             : rng.range(1, s));
   }
   c.mode = rng.coin(0.5) ? Mode::kGroups : Mode::kLongNet;
   c.causal = rng.coin(0.5);
@@ -172,10 +173,10 @@ BlockSparseConfig sparse_config(Rng& rng, int64_t n_loc, int64_t P, int64_t H) {
 FuzzCase make_case(uint64_t seed, int64_t index, int P) {
   Rng rng{std::mt19937_64(seed * 1000003 + static_cast<uint64_t>(index))};
   FuzzCase c;
-  const std::vector<Api> apis = P > 1 ? std::vector<Api>{Api::kDilated, Api::kRing, Api::kRing,
-                                                         Api::kBlockSparse}
-                                      : std::vector<Api>{Api::kDilated, Api::kDilated, Api::kRing,
-                                                         Api::kBlockSparse, Api::kMultihead};
+  const std::vector<Api> apis =
+      P > 1 ? std::vector<Api>{Api::kDilated, Api::kRing, Api::kRing, Api::kBlockSparse}
+            : std::vector<Api>{Api::kDilated, Api::kDilated, Api::kRing, Api::kBlockSparse,
+                               Api::kMultihead};
   c.api = rng.pick(apis);
   c.dtype = rng.pick(std::vector<DType>{DType::kF32, DType::kF32, DType::kBF16, DType::kF16});
   c.B = rng.range(1, 2);
@@ -203,11 +204,12 @@ FuzzCase make_case(uint64_t seed, int64_t index, int P) {
   }
   c.judge = Judge::kError;
   if (c.api == Api::kMultihead) {
-    c.mutation = rng.pick(std::vector<Mutation>{Mutation::kOutIsQ, Mutation::kNdim, Mutation::kNullData});
+    c.mutation =
+        rng.pick(std::vector<Mutation>{Mutation::kOutIsQ, Mutation::kNdim, Mutation::kNullData});
     return c;
   }
-  std::vector<Mutation> m = {Mutation::kKvShape, Mutation::kDtypeMix, Mutation::kNdim,
-                             Mutation::kNullData, Mutation::kOutIsQ, Mutation::kOutStride0,
+  std::vector<Mutation> m = {Mutation::kKvShape,  Mutation::kDtypeMix,   Mutation::kNdim,
+                             Mutation::kNullData, Mutation::kOutIsQ,     Mutation::kOutStride0,
                              Mutation::kLseShape, Mutation::kBadThreads, Mutation::kHeadDimBig};
   if (c.api != Api::kBlockSparse) {
     m.insert(m.end(), {Mutation::kRateAboveSeg, Mutation::kSegNoDivide, Mutation::kBadMode});
@@ -219,8 +221,8 @@ FuzzCase make_case(uint64_t seed, int64_t index, int P) {
     m.insert(m.end(), {Mutation::kDisagree, Mutation::kOneRankShape});
   }
   c.mutation = rng.pick(m);
-  const bool one_rank = (c.mutation == Mutation::kDisagree || c.mutation == Mutation::kOneRankShape ||
-                         rng.coin(0.5)) &&
+  const bool one_rank = (c.mutation == Mutation::kDisagree ||
+                         c.mutation == Mutation::kOneRankShape || rng.coin(0.5)) &&
                         c.api != Api::kMultihead && c.api != Api::kDilated;
   c.bad_rank = one_rank ? static_cast<int>(rng.range(0, P - 1)) : -1;
   if (c.mutation == Mutation::kHeadDimBig) c.expect = ErrorCode::kUnsupported;
@@ -255,8 +257,10 @@ void garble_view(Rng& rng, TensorView& t, size_t buffer_bytes) {
     const int field = static_cast<int>(rng.range(0, 5));
     const int d = static_cast<int>(rng.range(0, 3));
     if (field == 0) t.ndim = static_cast<int>(rng.range(-2, 7));
-    if (field == 1) t.shape[d] = rng.pick(std::vector<int64_t>{0, 1, 2, t.shape[d] + 1, int64_t{1} << 40});
-    if (field == 2) t.strides[d] = rng.pick(std::vector<int64_t>{0, 1, -1, t.strides[d] * 2, INT64_MAX / 2});
+    if (field == 1)
+      t.shape[d] = rng.pick(std::vector<int64_t>{0, 1, 2, t.shape[d] + 1, int64_t{1} << 40});
+    if (field == 2)
+      t.strides[d] = rng.pick(std::vector<int64_t>{0, 1, -1, t.strides[d] * 2, INT64_MAX / 2});
     if (field == 3) t.dtype = static_cast<DType>(rng.range(0, 4));
     if (field == 4) t.device = static_cast<Device>(rng.range(0, 2));
     if (field == 5) t.data = nullptr;
@@ -270,7 +274,9 @@ void garble_view(Rng& rng, TensorView& t, size_t buffer_bytes) {
       span += static_cast<long double>(t.shape[i] - 1) * static_cast<long double>(t.strides[i]);
     }
     if (negative) return;
-    if ((span + 1) * static_cast<long double>(dtype_size(t.dtype)) <= static_cast<long double>(buffer_bytes)) return;
+    if ((span + 1) * static_cast<long double>(dtype_size(t.dtype)) <=
+        static_cast<long double>(buffer_bytes))
+      return;
   }
   t = orig;
 }
@@ -291,13 +297,15 @@ class Runner {
     std::mt19937 data_rng(static_cast<uint32_t>(c.D * 7919 + c.H * 31 + c.n_loc));
     // Whole-sequence inputs (the same on every rank), and this rank's outputs.
     Tensor q(c.dtype, {c.B, N, c.H, D}, !c.heads_outer, c.pad),
-        k(m == Mutation::kDtypeMix ? (c.dtype == DType::kF32 ? DType::kBF16 : DType::kF32) : c.dtype,
+        k(m == Mutation::kDtypeMix ? (c.dtype == DType::kF32 ? DType::kBF16 : DType::kF32)
+                                   : c.dtype,
           {c.B, N, c.Hkv, D}, !c.heads_outer, c.pad),
         v(c.dtype, {c.B, N, c.Hkv, m == Mutation::kKvShape ? D + 1 : D}, !c.heads_outer, c.pad),
         dout(c.dtype, {c.B, N, c.H, D});
     for (Tensor* t : {&q, &k, &v, &dout}) t->fill_normal(data_rng);
     const int64_t out_heads = m == Mutation::kOneRankShape ? c.H + 1 : c.H;
-    Tensor out(c.dtype, {c.B, rows, out_heads, D}), lse(DType::kF32, {c.B, c.H, rows + (m == Mutation::kLseShape ? 1 : 0)}),
+    Tensor out(c.dtype, {c.B, rows, out_heads, D}),
+        lse(DType::kF32, {c.B, c.H, rows + (m == Mutation::kLseShape ? 1 : 0)}),
         dq(c.dtype, {c.B, rows, c.H, D}), dk(c.dtype, {c.B, rows, c.Hkv, D}),
         dv(c.dtype, {c.B, rows, c.Hkv, D});
     const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -377,7 +385,8 @@ class Runner {
       outcome = error ? "error" : "no error";
       if (!error) return "expected an Error, got none";
       if (error->code() != c.expect) {
-        return std::string("expected code ") + error_code_name(c.expect) + ", got: " + error->what();
+        return std::string("expected code ") + error_code_name(c.expect) +
+               ", got: " + error->what();
       }
       return "";
     }
@@ -403,9 +412,9 @@ class Runner {
         reference_forward_into(p);
         Tensor a(c.dtype, {c.B, N, c.H, c.D}), b2(c.dtype, {c.B, N, c.Hkv, c.D}),
             c2(c.dtype, {c.B, N, c.Hkv, c.D});
-        const ReferenceGrads g = reference_backward(make_backward_problem(
-            cfg, dout.view(), q.view(), k.view(), v.view(), fo.view(), fl.view(), a.view(),
-            b2.view(), c2.view(), 1 << 20, "reference"));
+        const ReferenceGrads g = reference_backward(
+            make_backward_problem(cfg, dout.view(), q.view(), k.view(), v.view(), fo.view(),
+                                  fl.view(), a.view(), b2.view(), c2.view(), 1 << 20, "reference"));
         ref_dq = g.dq;
         ref_dk = g.dk;
         ref_dv = g.dv;
@@ -472,7 +481,8 @@ class Runner {
     std::normal_distribution<float> dist;
     for (float& e : x) e = dist(rng);
     std::vector<float> y(x.size(), std::numeric_limits<float>::quiet_NaN()), y_ref(x.size());
-    const TensorView xv = TensorView::contiguous(x.data(), DType::kF32, {c.B, c.n_loc, mc.embed_dim});
+    const TensorView xv =
+        TensorView::contiguous(x.data(), DType::kF32, {c.B, c.n_loc, mc.embed_dim});
     TensorView yv = TensorView::contiguous(y.data(), DType::kF32, {c.B, c.n_loc, mc.embed_dim});
     if (m == Mutation::kOutIsQ) yv = xv;
     if (m == Mutation::kNdim) yv.ndim = 2;
@@ -484,7 +494,8 @@ class Runner {
       ExecOptions ref = opt;
       ref.backend = Backend::kReference;
       const MultiheadDilatedAttention oracle(mc, 3, ref);
-      oracle.forward(xv, TensorView::contiguous(y_ref.data(), DType::kF32, {c.B, c.n_loc, mc.embed_dim}));
+      oracle.forward(
+          xv, TensorView::contiguous(y_ref.data(), DType::kF32, {c.B, c.n_loc, mc.embed_dim}));
     } catch (const Error& e) {
       error = e;
     }
@@ -501,7 +512,8 @@ class Runner {
       worst = std::max(worst, static_cast<double>(std::abs(y[i] - y_ref[i])));
       max_ref = std::max(max_ref, static_cast<double>(std::abs(y_ref[i])));
     }
-    if (worst > 1e-4 * std::max(1.0, max_ref)) return "y differs from the reference layer by " + std::to_string(worst);
+    if (worst > 1e-4 * std::max(1.0, max_ref))
+      return "y differs from the reference layer by " + std::to_string(worst);
     return "";
   }
 
@@ -515,8 +527,10 @@ class Runner {
         for (int64_t h = 0; h < heads; ++h)
           for (int64_t d = 0; d < v.shape[3]; ++d) {
             const double a = x.get(b, n, h, d);
-            const double r = ref[static_cast<size_t>(((b * N + row0 + n) * heads + h) * v.shape[3] + d)];
-            if (!std::isfinite(a)) return std::string(name) + " has a non-finite (unwritten?) value";
+            const double r =
+                ref[static_cast<size_t>(((b * N + row0 + n) * heads + h) * v.shape[3] + d)];
+            if (!std::isfinite(a))
+              return std::string(name) + " has a non-finite (unwritten?) value";
             worst = std::max(worst, std::abs(a - r));
             max_ref = std::max(max_ref, std::abs(r));
           }
@@ -532,7 +546,8 @@ class Runner {
     for (int64_t b = 0; b < v.shape[0]; ++b)
       for (int64_t h = 0; h < v.shape[1]; ++h)
         for (int64_t n = 0; n < v.shape[2]; ++n) {
-          const double a = x.get(b, h, n), r = ref[static_cast<size_t>((b * v.shape[1] + h) * N + row0 + n)];
+          const double a = x.get(b, h, n),
+                       r = ref[static_cast<size_t>((b * v.shape[1] + h) * N + row0 + n)];
           if (std::isinf(r) ? a != r : !(std::abs(a - r) <= 1e-3 * std::max(1.0, std::abs(r)))) {
             return std::string(name) + " differs from the reference: " + std::to_string(a) +
                    " vs " + std::to_string(r);
@@ -576,8 +591,9 @@ int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0;; ++i) {
     // Every rank runs the same cases: rank 0's clock decides when to stop.
-    int64_t go = (max_cases < 0 || i < max_cases) &&
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < seconds;
+    int64_t go =
+        (max_cases < 0 || i < max_cases) &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < seconds;
     comm->broadcast(&go, sizeof(go), 0);
     if (!go) break;
     const FuzzCase c = make_case(seed, i, P);
@@ -609,7 +625,8 @@ int main(int argc, char** argv) {
     std::printf("# ringattn_fuzz: %lld cases on %d rank(s), seed %llu, %.0f s\n",
                 static_cast<long long>(cases), P, static_cast<unsigned long long>(seed),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    for (const auto& [k, n] : counts) std::printf("  %-34s %8lld\n", k.c_str(), static_cast<long long>(n));
+    for (const auto& [k, n] : counts)
+      std::printf("  %-34s %8lld\n", k.c_str(), static_cast<long long>(n));
     std::printf("# failures: %lld\n", static_cast<long long>(total_failures));
   }
   comm.reset();

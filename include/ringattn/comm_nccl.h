@@ -19,7 +19,6 @@
 // spinning) and this communicator is broken. That holds for a borrowed ncclComm_t too: after
 // such an error, do not use or destroy it.
 
-
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -34,9 +33,9 @@ namespace ringattn {
 
 #ifdef RINGATTN_HAVE_MPI
 // Collective over `comm`: rank 0 makes an ncclUniqueId, MPI_Bcast shares it, every rank
-// joins with ncclCommInitRankConfig (a non-blocking communicator) on its current CUDA device (select one first, e.g. with
-// select_local_gpu), then a warm-up exchange with both ring neighbours sets up the
-// connections. The NCCL communicator is destroyed with the returned object.
+// joins with ncclCommInitRankConfig (a non-blocking communicator) on its current CUDA device
+// (select one first, e.g. with select_local_gpu), then a warm-up exchange with both ring neighbours
+// sets up the connections. The NCCL communicator is destroyed with the returned object.
 // `compute_stream` (nullptr = the default stream) is the stream the caller's kernels use.
 std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm,
                                                      cudaStream_t compute_stream = nullptr);

@@ -51,8 +51,8 @@ class DeviceKvStore final : public KvStore {
     size_t most = 0;
     for (const RingStep& st : plan.steps) {
       if (st.recv_from >= 0) {
-        most = std::max(most, static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)) *
-                                  esize);
+        most = std::max(most,
+                        static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)) * esize);
       }
     }
     for (int slot = 0; slot < 2; ++slot) {
