@@ -1,7 +1,9 @@
 // Block-sparse patterns: the factories, their layouts over a sequence, and the density.
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <string>
 
 #include "check.h"
 #include "index_math.h"
@@ -156,9 +158,11 @@ BlockLayout BlockPattern::layout(int64_t seq) const {
   check_fields(*this);
   require(seq >= 1, "the sequence length N = ", seq, "; it must be >= 1");
   if (seq % block_size != 0) {
+    const int64_t whole = seq / block_size * block_size;
     fail(ErrorCode::kInvalidArgument, "the sequence length N = ", seq,
-         " is not a multiple of block_size = ", block_size,
-         "; pad the sequence to N = ", seq / block_size * block_size + block_size,
+         " is not a multiple of block_size = ", block_size, "; pad the sequence to ",
+         whole <= INT64_MAX - block_size ? "N = " + std::to_string(whole + block_size)
+                                         : std::string("a multiple of it"),
          " or choose a block size that divides N");
   }
   BlockLayout l;

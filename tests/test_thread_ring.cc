@@ -74,7 +74,10 @@ void expect_ring_matches_single(const RingSetup& s, Matching matching) {
                                       {&r_dv, &dv}}) {
     const Stats st = compare_bnhd(*ring_t, to_double(*one_t));
     EXPECT_EQ(st.nonfinite, 0);
-    EXPECT_GT(st.nonzero, 0);
+    EXPECT_EQ(st.missing, 0);  // (gradients may be exactly 0: one key per query)
+    if (ring_t == &r_out) {
+      EXPECT_GT(st.nonzero, 0);
+    }
     EXPECT_LE(st.max_abs_err, 2e-5 * std::max(1.0, st.max_ref));
   }
   for (int64_t b = 0; b < s.B; ++b)
