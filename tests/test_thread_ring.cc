@@ -20,15 +20,6 @@
 namespace ringattn::test {
 namespace {
 
-// Rows [row0, row0 + rows) of a [B, N, H, D] (seq_dim 1) or lse [B, H, N] (seq_dim 2) tensor.
-TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
-  TensorView v = t.view();
-  v.data = static_cast<uint8_t*>(v.data) +
-           static_cast<size_t>(row0 * v.strides[seq_dim]) * dtype_size(v.dtype);
-  v.shape[seq_dim] = rows;
-  return v;
-}
-
 struct RingSetup {
   int P;
   int64_t B, n_loc, H, Hkv, D;
