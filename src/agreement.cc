@@ -10,6 +10,7 @@
 
 #include "check.h"
 #include "fault.h"
+#include "problem.h"
 
 namespace ringattn {
 
@@ -150,6 +151,18 @@ void check_on_all_ranks(Communicator& comm, const std::function<void()>& check) 
            " rejected its input, so every rank stops: ", all[r].message);
     }
   }
+}
+
+std::vector<AgreedField> shape_fields(const Problem& p) {
+  uint32_t scale_bits;
+  std::memcpy(&scale_bits, &p.scale, sizeof(scale_bits));
+  return {{"B (q.shape[0])", {p.batch}},
+          {"N_loc (q.shape[1])", {p.shard_rows}},
+          {"H (q.shape[2])", {p.heads}},
+          {"Hkv (k.shape[2])", {p.kv_heads}},
+          {"D (q.shape[3])", {p.head_dim}},
+          {"dtype (0 = fp32, 1 = fp16, 2 = bf16)", {static_cast<int64_t>(p.dtype)}},
+          {"scale (fp32 bits)", {scale_bits}}};
 }
 
 std::vector<char> detail::agreement_payload(int round, const std::vector<AgreedField>& fields) {

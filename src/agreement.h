@@ -32,6 +32,11 @@ void run_or_abort(Communicator& comm, const char* context, Fn&& fn) {
   }
 }
 
+struct Problem;
+// The fields of a problem every rank of a ring must agree on: B, N_loc, H, Hkv, D, dtype and
+// the softmax scale (its bits).
+std::vector<AgreedField> shape_fields(const Problem& p);
+
 namespace detail {
 // What a rank holding `fields` contributes to round `round` (0, then 1 only when the ranks
 // disagree) of check_same_on_all_ranks: the allgather's bytes, for tests that fake ranks.

@@ -151,18 +151,9 @@ Plan make_plan(const BlockSparseConfig& config, const Problem& p, int rank, int 
 
 // What every rank must agree on, field by field: the patterns, shapes and options.
 std::vector<AgreedField> agreement_fields(const BlockSparseConfig& c, const Problem& p) {
-  uint32_t scale_bits;
-  std::memcpy(&scale_bits, &p.scale, sizeof(scale_bits));
-  std::vector<AgreedField> f = {
-      {"causal", {c.causal}},
-      {"B (q.shape[0])", {p.batch}},
-      {"N_loc (q.shape[1])", {p.shard_rows}},
-      {"H (q.shape[2])", {p.heads}},
-      {"Hkv (k.shape[2])", {p.kv_heads}},
-      {"D (q.shape[3])", {p.head_dim}},
-      {"dtype (0 = fp32, 1 = fp16, 2 = bf16)", {static_cast<int64_t>(p.dtype)}},
-      {"scale (fp32 bits)", {scale_bits}},
-      {"the number of patterns", {static_cast<int64_t>(c.patterns.size())}}};
+  std::vector<AgreedField> f = shape_fields(p);
+  f.insert(f.begin(), {"causal", {c.causal}});
+  f.push_back({"the number of patterns", {static_cast<int64_t>(c.patterns.size())}});
   for (size_t i = 0; i < c.patterns.size(); ++i) {
     const BlockPattern& x = c.patterns[i];
     const std::string name = "patterns[" + std::to_string(i) + "]";

@@ -25,22 +25,16 @@ namespace {
 
 // The configuration, shapes and device every rank must agree on, field by field.
 std::vector<AgreedField> agreement_fields(const DilatedConfig& c, const Problem& p, Device device) {
-  uint32_t scale_bits;
-  std::memcpy(&scale_bits, &p.scale, sizeof(scale_bits));
-  return {{"device (0 = host, 1 = CUDA)", {static_cast<int64_t>(device)}},
-          {"mode (0 = groups, 1 = longnet)", {static_cast<int64_t>(c.mode)}},
-          {"causal", {c.causal}},
-          {"B (q.shape[0])", {p.batch}},
-          {"N_loc (q.shape[1])", {p.shard_rows}},
-          {"H (q.shape[2])", {p.heads}},
-          {"Hkv (k.shape[2])", {p.kv_heads}},
-          {"D (q.shape[3])", {p.head_dim}},
-          {"dtype (0 = fp32, 1 = fp16, 2 = bf16)", {static_cast<int64_t>(p.dtype)}},
-          {"head_offset", {c.head_offset}},
-          {"total_heads", {c.total_heads}},
-          {"scale (fp32 bits)", {scale_bits}},
-          {"segment_lengths", c.segment_lengths},
-          {"dilation_rates", c.dilation_rates}};
+  std::vector<AgreedField> f = {{"device (0 = host, 1 = CUDA)", {static_cast<int64_t>(device)}},
+                                {"mode (0 = groups, 1 = longnet)", {static_cast<int64_t>(c.mode)}},
+                                {"causal", {c.causal}},
+                                {"head_offset", {c.head_offset}},
+                                {"total_heads", {c.total_heads}},
+                                {"segment_lengths", c.segment_lengths},
+                                {"dilation_rates", c.dilation_rates}};
+  const std::vector<AgreedField> shapes = shape_fields(p);
+  f.insert(f.begin() + 3, shapes.begin(), shapes.end());
+  return f;
 }
 
 // Copies this rank's kept K/V rows of span `s` into its packed block (layout of RingPlan).

@@ -310,13 +310,7 @@ class Runner {
         dv(c.dtype, {c.B, rows, c.Hkv, D});
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (Tensor* t : {&out, &lse, &dq, &dk, &dv}) t->fill(nan);
-    const auto shard = [&](const Tensor& t) {
-      TensorView x = t.view();
-      x.data = static_cast<uint8_t*>(x.data) +
-               static_cast<size_t>(row0 * x.strides[1]) * dtype_size(x.dtype);
-      x.shape[1] = rows;
-      return x;
-    };
+    const auto shard = [&](const Tensor& t) { return rows_of(t, row0, rows); };
     TensorView qv = shard(q), kv = shard(k), vv = shard(v), dov = shard(dout);
     TensorView ov = out.view(), lv = lse.view(), dqv = dq.view();
     if (m == Mutation::kNdim) qv.ndim = 3;

@@ -32,15 +32,6 @@ std::string describe(const RingSparseCase& c) {
   return os.str();
 }
 
-// Rows [row0, row0 + rows) of a [B, N, H, D] tensor as a view.
-TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows) {
-  TensorView v = t.view();
-  v.data = static_cast<uint8_t*>(v.data) +
-           static_cast<size_t>(row0 * v.strides[1]) * dtype_size(v.dtype);
-  v.shape[1] = rows;
-  return v;
-}
-
 // Distinct (kv head, key block) pairs owned by rank `src` that some query block of rank `dst`
 // lists for some head of the kv head's group (with causal, only key blocks <= the query block).
 int64_t needed_blocks(const RingSparseCase& c, int P, int dst, int src) {

@@ -18,19 +18,6 @@
 namespace ringattn::test {
 namespace {
 
-void expect_error(const std::function<void()>& fn, ErrorCode code,
-                  std::initializer_list<const char*> words) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error was raised";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    for (const char* w : words)
-      EXPECT_NE(std::string(e.what()).find(w), std::string::npos)
-          << "message lacks '" << w << "': " << e.what();
-  }
-}
-
 DilatedConfig config() {
   return {{8, 16}, {1, 2}, Mode::kGroups, false, std::nullopt};
 }

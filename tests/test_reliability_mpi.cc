@@ -8,14 +8,12 @@
 #include <mpi.h>
 
 #include <chrono>
-#include <cstring>
-#include <new>
 #include <random>
 
 #include "ringattn/comm_mpi.h"
 #include "ringattn/ringattn.h"
-#include "src/fault.h"
 #include "tests/mpi_main.h"
+#include "tests/support/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace ringattn::test {
@@ -25,17 +23,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-const char* g_fail_site = nullptr;
-int g_fail_count = 0;
-bool g_fail_with_bad_alloc = false;
-
-void fail_here(const char* site) {
-  if (g_fail_site == nullptr || std::strcmp(site, g_fail_site) != 0 || --g_fail_count != 0) return;
-  g_fail_site = nullptr;
-  if (g_fail_with_bad_alloc) throw std::bad_alloc();
-  throw Error(ErrorCode::kDevice, "injected failure");
 }
 
 // The result of one rank's call.
@@ -101,19 +88,14 @@ TEST(Reliability, ACallOnOneRankOnlyEndsAtTheDeadline) {
 Outcome ring_with_fault(Communicator& comm, const char* site, int n, bool bad_alloc) {
   Shard s(static_cast<uint32_t>(comm.rank()));
   RingDilatedAttention ring(spanning_config(comm.size()), comm);
-  if (comm.rank() == 1) {
-    g_fail_site = site;
-    g_fail_count = n;
-    g_fail_with_bad_alloc = bad_alloc;
-  }
-  detail::set_fault_hook(&fail_here);
+  const FaultHookScope hook;
+  if (comm.rank() == 1) arm_fault(site, n, bad_alloc);
   const Outcome o = outcome_of([&] {
     ring.forward(s.q.view(), s.q.view(), s.q.view(), s.out.view(), s.lse.view());
     ring.backward(s.q.view(), s.q.view(), s.q.view(), s.q.view(), s.out.view(), s.lse.view(),
                   s.dq.view(), s.dk.view(), s.dv.view());
   });
-  detail::set_fault_hook(nullptr);
-  g_fail_site = nullptr;
+  disarm_fault();
   return o;
 }
 

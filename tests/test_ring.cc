@@ -43,15 +43,6 @@ std::string describe(const RingCase& c) {
   return os.str();
 }
 
-// Rows [row0, row0 + rows) of a [B, N, H, D] (or lse [B, H, N]) tensor as a view.
-TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
-  TensorView v = t.view();
-  v.data = static_cast<uint8_t*>(v.data) +
-           static_cast<size_t>(row0 * v.strides[seq_dim]) * dtype_size(v.dtype);
-  v.shape[seq_dim] = rows;
-  return v;
-}
-
 // Rows of the shard of `rank` that branch i keeps, summed over the distinct (kv head,
 // offset) of the heads computing the branch (SPEC.md's assignment, written out directly).
 int64_t kept_stream_rows(const RingCase& c, int64_t i, int rank) {

@@ -4,30 +4,18 @@
 
 #include <gtest/gtest.h>
 
-#include <atomic>
 #include <cmath>
-#include <cstring>
-#include <new>
 #include <random>
 
 #include "ringattn/ringattn.h"
-#include "src/fault.h"
 #include "src/problem.h"
 #include "src/ring_plan.h"
+#include "tests/support/fault_injection.h"
 #include "tests/support/thread_world.h"
 #include "tests/test_util.h"
 
 namespace ringattn::test {
 namespace {
-
-// Rows [row0, row0 + rows) of a [B, N, H, D] (seq_dim 1) or lse [B, H, N] (seq_dim 2) tensor.
-TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
-  TensorView v = t.view();
-  v.data = static_cast<uint8_t*>(v.data) +
-           static_cast<size_t>(row0 * v.strides[seq_dim]) * dtype_size(v.dtype);
-  v.shape[seq_dim] = rows;
-  return v;
-}
 
 struct RingSetup {
   int P;
@@ -296,26 +284,9 @@ TEST(ThreadRing, ACallOnOneRankOnlyEndsAtTheDeadline) {
   EXPECT_TRUE(res[1].ok && res[2].ok);
 }
 
-// The fault hook: the thread (rank) that set t_fail_site fails at its t_fail_count-th visit.
-thread_local const char* t_fail_site = nullptr;
-thread_local int t_fail_count = 0;
-thread_local bool t_fail_with_bad_alloc = false;
-
-void fail_here(const char* site) {
-  if (t_fail_site == nullptr || std::strcmp(site, t_fail_site) != 0 || --t_fail_count != 0) return;
-  t_fail_site = nullptr;
-  if (t_fail_with_bad_alloc) throw std::bad_alloc();
-  throw Error(ErrorCode::kDevice, "injected failure");
-}
-
-struct FaultHook {
-  FaultHook() { detail::set_fault_hook(&fail_here); }
-  ~FaultHook() { detail::set_fault_hook(nullptr); }
-};
-
 // Runs a 3-rank ring forward + backward in which rank 1 fails at its n-th visit of `site`.
 std::vector<RankResult> ring_with_fault(const char* site, int n, bool bad_alloc) {
-  const FaultHook hook;
+  const FaultHookScope hook;
   const int P = 3;
   const int64_t n_loc = 16;
   const DilatedConfig cfg{{16, 48}, {1, 2}, Mode::kLongNet, false, std::nullopt};
@@ -329,11 +300,7 @@ std::vector<RankResult> ring_with_fault(const char* site, int n, bool bad_alloc)
     ExecOptions opt;
     opt.num_threads = 1;
     RingDilatedAttention ring(cfg, comm, opt);
-    if (rank == 1) {
-      t_fail_site = site;
-      t_fail_count = n;
-      t_fail_with_bad_alloc = bad_alloc;
-    }
+    if (rank == 1) arm_fault(site, n, bad_alloc);
     ring.forward(q.view(), q.view(), q.view(), out.view(), lse.view());
     ring.backward(q.view(), q.view(), q.view(), q.view(), out.view(), lse.view(), dq.view(),
                   dk.view(), dv.view());

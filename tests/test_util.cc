@@ -116,6 +116,27 @@ BackwardProblem CaseTensors::problem() const {
                                lse.view(), dq.view(), dk.view(), dv.view(), 1 << 20, "reference");
 }
 
+TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim) {
+  TensorView v = t.view();
+  v.data = static_cast<uint8_t*>(v.data) +
+           static_cast<size_t>(row0 * v.strides[seq_dim]) * dtype_size(v.dtype);
+  v.shape[seq_dim] = rows;
+  return v;
+}
+
+void expect_error(const std::function<void()>& fn, ErrorCode code,
+                  std::initializer_list<const char*> words) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error was raised";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    for (const char* w : words)
+      EXPECT_NE(std::string(e.what()).find(w), std::string::npos)
+          << "message lacks '" << w << "': " << e.what();
+  }
+}
+
 std::vector<double> to_double(const Tensor& x) {
   const TensorView v = x.view();
   std::vector<double> out;

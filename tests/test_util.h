@@ -2,6 +2,8 @@
 // Shared test helpers: random tensors in any dtype and layout, comparisons against fp64.
 
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <vector>
@@ -68,6 +70,14 @@ struct CaseTensors {
 // rates 1-5 (not always dividing s), GQA, either mode, causal or not, maybe strided; D
 // drawn from `dims`; fp32.
 Case random_case(std::mt19937& rng, const std::vector<int64_t>& dims);
+
+// Rows [row0, row0 + rows) along dimension `seq_dim` (1 for [B, N, H, D], 2 for lse
+// [B, H, N]) of a tensor, as a view: a rank's shard of a whole-sequence tensor.
+TensorView rows_of(const Tensor& t, int64_t row0, int64_t rows, int seq_dim = 1);
+
+// Runs fn and expects a ringattn::Error of `code` whose message contains every word.
+void expect_error(const std::function<void()>& fn, ErrorCode code,
+                  std::initializer_list<const char*> words);
 
 // Runs `fn` and returns the ringattn::Error it throws (fails the test if it throws none).
 template <typename Fn>

@@ -14,19 +14,6 @@ struct Shapes {
   int64_t B = 1, N = 16, H = 4, Hkv = 2, D = 8;
 };
 
-void expect_error(const std::function<void()>& fn, ErrorCode code,
-                  std::initializer_list<const char*> words) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error was raised";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    for (const char* w : words)
-      EXPECT_NE(std::string(e.what()).find(w), std::string::npos)
-          << "message lacks '" << w << "': " << e.what();
-  }
-}
-
 void forward_with(const DilatedConfig& cfg, const Shapes& s, DType kdt = DType::kF32,
                   std::vector<int64_t> out_shape = {}, std::vector<int64_t> lse_shape = {},
                   DType lse_dt = DType::kF32) {
