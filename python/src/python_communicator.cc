@@ -1,6 +1,7 @@
 #include "python_communicator.h"
 
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
 
 #include <string>
 #include <utility>
