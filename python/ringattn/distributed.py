@@ -10,7 +10,8 @@
   - a ``ringattn._C.Communicator``.
 Each rank passes its contiguous shard of the sequence: rank p holds rows
 ``[p * N_loc, (p + 1) * N_loc)`` (``shard_sequence`` cuts them, ``gather_sequence`` joins them).
-Communicators are made once per group (and device kind) and cached until the process exits.
+Communicators are made at the first call on a group (one per device kind) and cached until
+the process exits.
 """
 
 import atexit
@@ -19,12 +20,14 @@ import torch
 
 from . import _C
 
-__all__ = ["shard_sequence", "gather_sequence", "group_rank_size"]
+__all__ = ["shard_sequence", "gather_sequence", "group_rank_size", "register"]
 
 # Operators take a group as an integer key into this table (0 = one process), so that
-# torch.compile sees a constant. _entries keeps each group object alive with its key.
-_handles = {}
-_keys = {}
+# torch.compile sees a constant. A group is registered outside compiled code (register, the
+# ringattn.nn modules' constructors, or a first eager call); its communicators are made at
+# the first call that runs on it.
+_groups = {}  # key -> [group, {device type: communicator or None (one rank)}]
+_keys = {}  # id(group) -> key (the group is kept alive in _groups, so ids are not reused)
 
 
 def _is_mpi4py(group):
@@ -51,28 +54,36 @@ def group_rank_size(group):
     )
 
 
-def handle(key):
-    """The _C.Communicator of an operator's group key (None for 0)."""
-    return _handles[key][1] if key else None
-
-
-def resolve(group, device):
-    """The integer key of ``group`` for tensors on ``device`` (made on first use)."""
-    rank, size = group_rank_size(group)
-    if size == 1:
+def register(group):
+    """Makes ``group`` usable inside torch.compile'd code (the ringattn.nn modules register
+    their group when constructed; an eager call registers it too). Returns its key."""
+    if group is None:
         return 0
-    if _is_mpi4py(group):
-        from mpi4py import MPI
-
-        identity = ("mpi", MPI._handleof(group))
-    else:
-        identity = (id(group), device.type)
-    key = _keys.get(identity)
+    key = _keys.get(id(group))
     if key is None:
-        key = len(_handles) + 1
-        _handles[key] = (group, _make_communicator(group, device, rank, size))
-        _keys[identity] = key
+        if torch.compiler.is_compiling():
+            raise _C.UnsupportedError(
+                "ringattn: unsupported: a group is first used inside torch.compile'd code; call "
+                "ringattn.distributed.register(group) before compiling (the ringattn.nn modules "
+                "do it when constructed)"
+            )
+        key = len(_groups) + 1
+        _groups[key] = [group, {}]
+        _keys[id(group)] = key
     return key
+
+
+
+def handle(key, device):
+    """The _C.Communicator of group ``key`` for tensors on ``device`` (None: one process),
+    made on first use (collective over the group)."""
+    if key == 0:
+        return None
+    group, made = _groups[key]
+    if device.type not in made:
+        rank, size = group_rank_size(group)
+        made[device.type] = None if size == 1 else _make_communicator(group, device, rank, size)
+    return made[device.type]
 
 
 def _make_communicator(group, device, rank, size):
@@ -100,7 +111,7 @@ def _nccl_communicator(group, device, rank, size):
 @atexit.register
 def _release():
     # Before mpi4py finalizes MPI (its exit hook runs after atexit's), and while torch is loaded.
-    _handles.clear()
+    _groups.clear()
     _keys.clear()
 
 

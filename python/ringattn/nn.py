@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _C
-from .distributed import group_rank_size
+from .distributed import group_rank_size, register
 from .ops import block_sparse_attn_func, dilated_attn_func
 
 __all__ = [
@@ -53,6 +53,7 @@ class DilatedAttention(nn.Module):
         self.attention_dropout = float(attention_dropout)
         self.mode = mode
         self.group = group
+        register(group)
 
     def forward(self, query, key, value, is_causal=False, attention_mask=None):
         _check_core_call(self, attention_mask, self.attention_dropout)
@@ -87,6 +88,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.attention_dropout = float(attention_dropout)
         self.group = group
+        register(group)
 
     def forward(self, query, key, value, is_causal=False, attention_mask=None):
         _check_core_call(self, attention_mask, self.attention_dropout)

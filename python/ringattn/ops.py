@@ -62,7 +62,8 @@ def _dilated_fwd(
     threads, stream, device = _run_args(q)
     with device:
         _C.dilated_forward(*_views(q, k, v), out, lse, segment_lengths, dilation_rates, mode,
-                           causal, softmax_scale, _dist.handle(group), backend, threads, stream)
+                           causal, softmax_scale, _dist.handle(group, q.device), backend,
+                           threads, stream)
     return out, lse
 
 
@@ -86,8 +87,8 @@ def _dilated_bwd(
     threads, stream, device = _run_args(q)
     with device:
         _C.dilated_backward(*_views(dout, q, k, v, out, lse), dq, dk, dv, segment_lengths,
-                            dilation_rates, mode, causal, softmax_scale, _dist.handle(group),
-                            backend, threads, stream)
+                            dilation_rates, mode, causal, softmax_scale,
+                            _dist.handle(group, q.device), backend, threads, stream)
     return dq, dk, dv
 
 
@@ -106,7 +107,7 @@ def _sparse_fwd(
     threads, stream, device = _run_args(q)
     with device:
         _C.block_sparse_forward(*_views(q, k, v), out, lse, patterns, causal, softmax_scale,
-                                _dist.handle(group), backend, threads, stream)
+                                _dist.handle(group, q.device), backend, threads, stream)
     return out, lse
 
 
@@ -128,7 +129,8 @@ def _sparse_bwd(
     threads, stream, device = _run_args(q)
     with device:
         _C.block_sparse_backward(*_views(dout, q, k, v, out, lse), dq, dk, dv, patterns, causal,
-                                 softmax_scale, _dist.handle(group), backend, threads, stream)
+                                 softmax_scale, _dist.handle(group, q.device), backend, threads,
+                                 stream)
     return dq, dk, dv
 
 
@@ -197,7 +199,7 @@ def dilated_attn_func(
         )
     out, lse = _dilated_fwd(
         q, k, v, segments, rates, mode, bool(causal), _scale(softmax_scale),
-        _dist.resolve(group, q.device), "cpu",
+        _dist.register(group), "cpu",
     )
     return (out, lse) if return_lse else out
 
@@ -222,7 +224,7 @@ def block_sparse_attn_func(
             (code, bool(causal), _scale(softmax_scale)), group,
         )
     out, lse = _sparse_fwd(
-        q, k, v, code, bool(causal), _scale(softmax_scale), _dist.resolve(group, q.device), "cpu"
+        q, k, v, code, bool(causal), _scale(softmax_scale), _dist.register(group), "cpu"
     )
     return (out, lse) if return_lse else out
 
@@ -235,6 +237,6 @@ def block_sparse_density(pattern, seq, heads, causal=False):
 def _numpy_forward(c_forward, q, k, v, return_lse, args, group):
     out = np.empty(q.shape, q.dtype)
     lse = np.empty(_lse_shape(q), np.float32)
-    key = _dist.resolve(group, torch.device("cpu"))
-    c_forward(q, k, v, out, lse, *args, _dist.handle(key), "cpu", torch.get_num_threads(), 0)
+    comm = _dist.handle(_dist.register(group), torch.device("cpu"))
+    c_forward(q, k, v, out, lse, *args, comm, "cpu", torch.get_num_threads(), 0)
     return (out, lse) if return_lse else out

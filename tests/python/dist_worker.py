@@ -53,7 +53,9 @@ def compare_function(name, fn, group, shapes, seed):
     check(f"{name} gather_sequence", ringattn.gather_sequence(out.detach(), group), ref_out)
 
 
-def run_checks(group, world):
+def run_checks(group, world, fresh):
+    """fresh: another group of the same ranks, registered, then first used under
+    torch.compile."""
     n = 128 * world
     shape, gqa = (2, n, 4, 32), (2, n, 2, 32)
     for mode, causal in (("groups", True), ("longnet", False), ("longnet", True)):
@@ -67,6 +69,17 @@ def run_checks(group, world):
         lambda q, k, v, g: ringattn.block_sparse_attn_func(
             q, k, v, ringattn.BlockPattern.local_window(32, 96), causal=True, group=g),
         group, [shape, gqa, gqa], seed=2)
+
+    # Under torch.compile(fullgraph=True): the group is looked up while tracing, the ring runs
+    # inside the compiled graph, forward and backward.
+    def attention(q, k, v, g):
+        return ringattn.dilated_attn_func(q, k, v, [64, n], [1, 2], causal=True, group=g)
+
+    ringattn.distributed.register(fresh)
+    compiled = torch.compile(attention, fullgraph=True)
+    compare_function("torch.compile ring", lambda q, k, v, g: (compiled if g is not None else
+                                                                attention)(q, k, v, g),
+                     fresh, [shape, shape, shape], seed=10)
 
     # The multihead layer, sequence parallel: y rows and every weight gradient (summed over
     # the ranks) equal the one-process layer's.
@@ -148,13 +161,18 @@ def main():
 
         group = MPI.COMM_WORLD
         RANK, world = group.Get_rank(), group.Get_size()
+        fresh = group.Dup()
     else:
         RANK, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{os.environ['RINGATTN_TEST_STORE']}", rank=RANK,
             world_size=world)
         group = torch.distributed.group.WORLD
-    (run_checks if a.case == "checks" else run_bad_shape)(group, world)
+        fresh = torch.distributed.new_group(list(range(world)))
+    if a.case == "checks":
+        run_checks(group, world, fresh)
+    else:
+        run_bad_shape(group, world)
     if a.backend == "gloo":
         torch.distributed.destroy_process_group()
     print(f"rank {RANK}: {'FAILED ' + ', '.join(failures) if failures else 'all ok'}", flush=True)

@@ -16,7 +16,8 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 
 def qkv(b=2, n=128, h=4, hkv=4, d=32, dtype=torch.float32, seed=0):
-    return (rand(b, n, h, d, dtype=dtype, seed=seed), rand(b, n, hkv, d, dtype=dtype, seed=seed + 1),
+    return (rand(b, n, h, d, dtype=dtype, seed=seed),
+            rand(b, n, hkv, d, dtype=dtype, seed=seed + 1),
             rand(b, n, hkv, d, dtype=dtype, seed=seed + 2))
 
 

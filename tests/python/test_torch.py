@@ -136,7 +136,8 @@ def test_multihead_names_initialisation_and_state_dict():
         std = proj.weight.std().item()
         assert abs(std - 0.5 * (2.0 / 512) ** 0.5) < 0.02 * std  # xavier_normal_(gain=0.5)
         assert torch.equal(proj.bias, torch.zeros(256))
-    assert torch.equal(m.q_ln.weight, torch.ones(256)) and torch.equal(m.k_ln.bias, torch.zeros(256))
+    assert torch.equal(m.q_ln.weight, torch.ones(256))
+    assert torch.equal(m.k_ln.bias, torch.zeros(256))
     plain = ringattn.nn.MultiheadDilatedAttention(64, 4, [1], [32], bias=False, layer_norm=False)
     assert sorted(plain.state_dict()) == [f"{p}.weight" for p in ("k_proj", "out_proj", "q_proj",
                                                                     "v_proj")]
