@@ -133,7 +133,8 @@ def plot(path, seed_rows, sweep_rows, results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", default="build/bench/ringattn_bench", help="the ringattn_bench binary (the same build as the package)")
+    ap.add_argument("--bench", default="build/bench/ringattn_bench",
+                    help="the ringattn_bench binary (the same build as the package)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
