@@ -27,7 +27,7 @@ __all__ = ["shard_sequence", "gather_sequence", "group_rank_size", "register"]
 # ringattn.nn modules' constructors, or a first eager call); its communicators are made at
 # the first call that runs on it.
 _groups = {}  # key -> [group, {device type: communicator or None (one rank)}]
-_keys = {}  # id(group) -> key (the group is kept alive in _groups, so ids are not reused)
+_keys = {}  # identity -> key (the group is kept alive in _groups, so ids are not reused)
 
 
 def _is_mpi4py(group):
@@ -59,7 +59,11 @@ def register(group):
     their group when constructed; an eager call registers it too). Returns its key."""
     if group is None:
         return 0
-    key = _keys.get(id(group))
+    # A ProcessGroup by its name (dynamo folds it to a constant; torch 2.4 cannot trace id()
+    # of one), anything else by its id.
+    name = getattr(group, "group_name", None)
+    identity = ("process group", name) if name is not None else id(group)
+    key = _keys.get(identity)
     if key is None:
         if torch.compiler.is_compiling():
             raise _C.UnsupportedError(
@@ -69,7 +73,7 @@ def register(group):
             )
         key = len(_groups) + 1
         _groups[key] = [group, {}]
-        _keys[id(group)] = key
+        _keys[identity] = key
     return key
 
 

@@ -5,7 +5,7 @@ torch.get_num_threads() threads, CUDA tensors on torch.cuda.current_stream() wit
 """
 
 import contextlib
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ __all__ = ["dilated_attn_func", "block_sparse_attn_func", "BlockPattern", "block
 
 BlockPattern = _C.BlockPattern
 Tensor = torch.Tensor
+# (typing.List and Tuple, not list[int]: torch 2.4's schema inference knows only these.)
 
 
 def _lse_shape(q):
@@ -50,14 +51,14 @@ def _dilated_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
+    segment_lengths: List[int],
+    dilation_rates: List[int],
     mode: str,
     causal: bool,
     softmax_scale: Optional[float],
     group: int,
     backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     out, lse = _forward_outputs(q)
     threads, stream, device = _run_args(q)
     with device:
@@ -75,14 +76,14 @@ def _dilated_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
+    segment_lengths: List[int],
+    dilation_rates: List[int],
     mode: str,
     causal: bool,
     softmax_scale: Optional[float],
     group: int,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _backward_outputs(q, k, v)
     threads, stream, device = _run_args(q)
     with device:
@@ -97,12 +98,12 @@ def _sparse_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    patterns: list[int],
+    patterns: List[int],
     causal: bool,
     softmax_scale: Optional[float],
     group: int,
     backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     out, lse = _forward_outputs(q)
     threads, stream, device = _run_args(q)
     with device:
@@ -119,12 +120,12 @@ def _sparse_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    patterns: list[int],
+    patterns: List[int],
     causal: bool,
     softmax_scale: Optional[float],
     group: int,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _backward_outputs(q, k, v)
     threads, stream, device = _run_args(q)
     with device:
