@@ -10,8 +10,15 @@ on the seed's three configurations, then a sweep of the sequence length (B = 1, 
 N/4, N/2, N with rates 1, 2, 4) for python and torch. Every round runs each side once per
 row, in turn (A B C A B C ...), so the machine's noise hits all alike; the binding overhead is
 the python / cpp ratio of the rounds' means on the large configuration (target: at most 1.03).
-Writes --json (every round's times and the summary) and --png (time against sequence length,
-and the seed's configurations side by side).
+As rounds seconds apart see different loads on a shared machine, the overhead is also measured
+call by call: --pairs single calls of the package and of the C++ call from Python (ringattn._C
+with preallocated outputs) alternated in one process, on the large configuration; it reports
+the median of the pairs' ratios and the page faults of each call. A torch operator returns
+a fresh output: for one this large (64 MB) glibc maps new memory at every call, which the
+first write faults in and the kernel zeroes; MALLOC_MMAP_THRESHOLD_=4294967296
+MALLOC_TRIM_THRESHOLD_=4294967296 in the environment (a process-wide glibc setting) makes it
+reuse freed memory instead. Writes --json (every round's times and the summary) and --png
+(time against sequence length, and the seed's configurations side by side).
 
   python bench/python_bench.py --threads 2 --rounds 3 --json bench.json --png bench.png
 (launch/python_bench.sh builds, makes the environment and runs it.)
@@ -20,6 +27,7 @@ and the seed's configurations side by side).
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +100,40 @@ def measure(rows, sides, a, bench):
     return results
 
 
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_pairs(row, pairs, threads):
+    """The package against ringattn._C on preallocated outputs, single calls alternated."""
+    batch, seq, segments, rates = row
+    q, k, v = inputs(batch, seq)
+    out, lse = torch.empty_like(q), torch.empty(batch, HEADS, seq)
+
+    def package():
+        ringattn.dilated_attn_func(q, k, v, segments, rates, causal=True)
+
+    def direct():
+        ringattn._C.dilated_forward(q, k, v, out, lse, segments, rates, "groups", True, None,
+                                    None, "cpu", threads, 0)
+
+    sides = {"python": package, "c_direct": direct}
+    record = {name: {"ms": [], "faults": []} for name in sides}
+    with torch.no_grad():
+        for fn in sides.values():
+            fn()
+        for i in range(pairs):
+            for name, fn in sides.items():
+                f0, t0 = faults(), time.perf_counter()
+                fn()
+                record[name]["ms"].append((time.perf_counter() - t0) * 1e3)
+                record[name]["faults"].append(faults() - f0)
+    ratios = [p / c for p, c in zip(record["python"]["ms"], record["c_direct"]["ms"])]
+    record["ratio_median"] = statistics.median(ratios)
+    record["ratio_mean"] = statistics.mean(ratios)
+    return record
+
+
 def summary(results, name, side):
     means = [r["mean_ms"] for r in results[(name, side)]]
     return {"mean_ms": statistics.mean(means), "best_round_ms": min(means)}
@@ -141,6 +183,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--sweep", default="2048,4096,8192,16384,32768",
                     help="sequence lengths of the sweep (empty: none)")
+    ap.add_argument("--pairs", type=int, default=10,
+                    help="alternated single calls for the call-by-call overhead (0: none)")
     ap.add_argument("--json", help="write the rounds and the summary here")
     ap.add_argument("--png", help="write the figure here")
     a = ap.parse_args()
@@ -174,13 +218,23 @@ def main():
         cpp_ms = f"{cpp:9.1f}" if cpp else f"{'-':>9}"
         ratio = f"{rec['python_over_cpp']['mean']:10.3f}" if cpp else f"{'-':>10}"
         print(f"{name:>9} {py:10.1f} {cpp_ms} {th:9.1f} {ratio} {th / py:12.2f}")
+    pairs = measure_pairs(CONFIGS["large"], a.pairs, a.threads) if a.pairs else None
+    if pairs:
+        med = {name: statistics.median(pairs[name]["ms"]) for name in ("python", "c_direct")}
+        flt = {name: statistics.median(pairs[name]["faults"]) for name in ("python", "c_direct")}
+        print(f"# large, {a.pairs} alternated pairs: package {med['python']:.1f} ms "
+              f"({flt['python']:.0f} page faults), ringattn._C on preallocated outputs "
+              f"{med['c_direct']:.1f} ms ({flt['c_direct']:.0f}): package / C++ call median "
+              f"{pairs['ratio_median']:.3f}, mean {pairs['ratio_mean']:.3f}")
     load = os.getloadavg()
     print(f"# load average {load[0]:.2f} at the end; python/cpp is the mean of the rounds' "
           "ratios, the others the mean of the rounds' means")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"threads": a.threads, "torch": torch.__version__,
-                       "ringattn": ringattn.__version__, "rows": table}, f, indent=1)
+                       "ringattn": ringattn.__version__, "rows": table, "pairs": pairs,
+                       "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "")},
+                      f, indent=1)
     if a.png:
         plot(a.png, seed_rows, sweep_rows, results)
 
