@@ -144,6 +144,7 @@ def plot(path, seed_rows, sweep_rows, results):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = {"python": "ringattn (Python package)", "cpp": "ringattn (C++ call)",
@@ -153,10 +154,13 @@ def plot(path, seed_rows, sweep_rows, results):
     for side in ("python", "torch"):
         left.plot(seqs, [summary(results, name, side)["best_round_ms"] for name, _ in sweep_rows],
                   "o-", color=colors[side], label=labels[side])
-    left.set(xscale="log", yscale="log", xlabel="sequence length N (B = 1)",
+    left.set(yscale="log", xlabel="sequence length N (B = 1)",
              ylabel="forward ms (best round's mean)",
              title="segments N/4, N/2, N; rates 1, 2, 4")
-    left.set_xticks(seqs, [str(s) for s in seqs])
+    left.set_xscale("log", base=2)
+    left.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(seqs))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(s) for s in seqs]))
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.legend()
     width = 0.27
     for i, side in enumerate(("python", "cpp", "torch")):
