@@ -15,6 +15,7 @@ the process exits.
 """
 
 import atexit
+import datetime
 
 import torch
 
@@ -173,14 +174,14 @@ class _TorchTransport:
         recv.buf.copy_(data)
         recv.done = True
 
-    def wait(self, work):
+    def wait(self, work, timeout_s):
         if isinstance(work, _SelfTransfer):
             if not work.done:
                 raise RuntimeError(
                     f"a receive from this rank (tag {work.tag}) has no matching send"
                 )
             return
-        work.wait()
+        _finish(work, timeout_s)
 
     def cancel(self, work):
         if isinstance(work, _SelfTransfer):
@@ -192,23 +193,31 @@ class _TorchTransport:
         if abort is not None:
             abort()
 
-    def allreduce(self, buf, op):
+    def allreduce(self, buf, op, timeout_s):
         ops = {
             "sum": torch.distributed.ReduceOp.SUM,
             "max": torch.distributed.ReduceOp.MAX,
             "min": torch.distributed.ReduceOp.MIN,
         }
-        torch.distributed.all_reduce(buf, op=ops[op], group=self.group)
+        _finish(torch.distributed.all_reduce(buf, op=ops[op], group=self.group, async_op=True),
+                timeout_s)
 
-    def allgather(self, send, recv):
+    def allgather(self, send, recv, timeout_s):
         # send may be this rank's slot of recv: gather from a copy.
-        torch.distributed.all_gather(list(recv.chunk(self.size)), send.clone(), group=self.group)
+        _finish(torch.distributed.all_gather(list(recv.chunk(self.size)), send.clone(),
+                                             group=self.group, async_op=True), timeout_s)
 
-    def broadcast(self, buf, root):
-        torch.distributed.broadcast(buf, src=self._global[root], group=self.group)
+    def broadcast(self, buf, root, timeout_s):
+        _finish(torch.distributed.broadcast(buf, src=self._global[root], group=self.group,
+                                            async_op=True), timeout_s)
 
-    def barrier(self):
-        torch.distributed.barrier(group=self.group)
+    def barrier(self, timeout_s):
+        _finish(torch.distributed.barrier(group=self.group, async_op=True), timeout_s)
+
+
+def _finish(work, timeout_s):
+    """Waits for a torch.distributed work item within ringattn's deadline (raises past it)."""
+    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shard_sequence(x, group=None, dim=1):

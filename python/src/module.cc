@@ -42,12 +42,14 @@ namespace ringattn::python {
 namespace {
 
 // The Python exception classes, one per ErrorCode (made in NB_MODULE below).
-PyObject* error_classes[5] = {};
+constexpr int kErrorKinds = static_cast<int>(ErrorCode::kOutOfMemory) + 1;
+PyObject* error_classes[kErrorKinds] = {};
 
 void raise_error(const Error& e) {
-  const int code = static_cast<int>(e.code());
-  static const char* const codes[] = {"invalid_argument", "unsupported", "communication", "device",
-                                      "internal"};
+  const int raw = static_cast<int>(e.code());
+  const int code = raw >= 0 && raw < kErrorKinds ? raw : static_cast<int>(ErrorCode::kInternal);
+  static const char* const codes[kErrorKinds] = {
+      "invalid_argument", "unsupported", "communication", "device", "internal", "out_of_memory"};
   PyObject* cls = error_classes[code];
   PyObject* exc = PyObject_CallFunction(cls, "s", e.what());
   if (exc == nullptr) return;  // the failed call set its own error
@@ -395,12 +397,11 @@ NB_MODULE(_C, m) {
   PyObject* base = PyErr_NewExceptionWithDoc(
       "ringattn.Error", "An error raised by ringattn (.code names its kind).", nullptr, nullptr);
   m.attr("Error") = nb::handle(base);
-  const std::pair<const char*, PyObject*> kinds[] = {{"InvalidArgumentError", PyExc_ValueError},
-                                                     {"UnsupportedError", PyExc_RuntimeError},
-                                                     {"CommunicationError", PyExc_RuntimeError},
-                                                     {"DeviceError", PyExc_RuntimeError},
-                                                     {"InternalError", PyExc_RuntimeError}};
-  for (int i = 0; i < 5; ++i) {
+  const std::pair<const char*, PyObject*> kinds[kErrorKinds] = {
+      {"InvalidArgumentError", PyExc_ValueError}, {"UnsupportedError", PyExc_RuntimeError},
+      {"CommunicationError", PyExc_RuntimeError}, {"DeviceError", PyExc_RuntimeError},
+      {"InternalError", PyExc_RuntimeError},      {"OutOfMemoryError", PyExc_RuntimeError}};
+  for (int i = 0; i < kErrorKinds; ++i) {
     const std::string qualified = std::string("ringattn.") + kinds[i].first;
     PyObject* bases = PyTuple_Pack(2, base, kinds[i].second);
     error_classes[i] = PyErr_NewException(qualified.c_str(), bases, nullptr);

@@ -42,20 +42,23 @@ class PythonCommunicator final : public Communicator {
   int max_tag() const override { return max_tag_; }
 
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("isend");
     check_transfer_args("isend", buf, bytes, peer, tag);
     CommRequest req = start("isend", buf, bytes, peer, tag);
     count_sent(bytes);
     return req;
   }
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
+    check_usable("irecv");
     check_transfer_args("irecv", buf, bytes, peer, tag);
     return start("irecv", buf, bytes, peer, tag);
   }
   void wait(CommRequest& req) override {
     if (req.complete()) return;
+    check_usable("wait");
     require(req.owner() == this, "wait: the request belongs to another communicator");
     auto* state = static_cast<Pending*>(req.state());
-    call("wait", [&] { transport_.attr("wait")(state->handle); });
+    call("wait", [&] { transport_.attr("wait")(state->handle, timeout_seconds()); });
     state->done = true;
     req.reset();
   }
@@ -67,17 +70,23 @@ class PythonCommunicator final : public Communicator {
   void allreduce_min(int64_t* data, size_t n) override { reduce(data, n, "min"); }
 
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
+    check_usable("allgather");
     call("allgather", [&] {
       transport_.attr("allgather")(torch_view<uint8_t>(send, bytes_per_rank),
-                                   torch_view<uint8_t>(recv, bytes_per_rank * size_t(size_)));
+                                   torch_view<uint8_t>(recv, bytes_per_rank * size_t(size_)),
+                                   timeout_seconds());
     });
   }
   void broadcast(void* buf, size_t bytes, int root) override {
+    check_usable("broadcast");
     require(root >= 0 && root < size_, "broadcast: root = ", root, " is not a rank of ", size_);
-    call("broadcast", [&] { transport_.attr("broadcast")(torch_view<uint8_t>(buf, bytes), root); });
+    call("broadcast", [&] {
+      transport_.attr("broadcast")(torch_view<uint8_t>(buf, bytes), root, timeout_seconds());
+    });
   }
   void barrier() override {
-    call("barrier", [&] { transport_.attr("barrier")(); });
+    check_usable("barrier");
+    call("barrier", [&] { transport_.attr("barrier")(timeout_seconds()); });
   }
 
  private:
@@ -104,8 +113,8 @@ class PythonCommunicator final : public Communicator {
     bool done = false;
   };
 
-  // Runs f with the GIL held; a Python exception (or a failed conversion) becomes
-  // Error(kCommunication), which the library's all-rank agreement understands.
+  // Runs f with the GIL held. A Python exception (a failed transfer, torch.distributed's
+  // timeout, a failed conversion) breaks the communicator and becomes Error(kCommunication).
   template <typename F>
   void call(const char* what, F&& f) {
     std::string message;
@@ -118,8 +127,10 @@ class PythonCommunicator final : public Communicator {
         message = e.what();
       }
     }
-    fail(ErrorCode::kCommunication, name_, " ", what, " failed on rank ", rank_, " of ", size_,
-         ": ", message);
+    const std::string reason = name_ + " " + what + " failed on rank " + std::to_string(rank_) +
+                               " of " + std::to_string(size_) + ": " + message;
+    mark_broken(reason);
+    fail(ErrorCode::kCommunication, reason);
   }
 
   CommRequest start(const char* what, const void* buf, size_t bytes, int peer, int tag) {
@@ -133,7 +144,9 @@ class PythonCommunicator final : public Communicator {
 
   template <typename T>
   void reduce(T* data, size_t n, const char* op) {
-    call("allreduce", [&] { transport_.attr("allreduce")(torch_view<T>(data, n), op); });
+    check_usable("allreduce");
+    call("allreduce",
+         [&] { transport_.attr("allreduce")(torch_view<T>(data, n), op, timeout_seconds()); });
   }
 
   nb::object transport_;

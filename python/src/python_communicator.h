@@ -5,10 +5,12 @@
 //   rank, size, max_tag, name                      attributes (read once)
 //   isend(buf, peer, tag) / irecv(buf, peer, tag)  -> a handle; buf: a uint8 torch tensor
 //                                                     viewing the C++ buffer
-//   wait(handle), cancel(handle)                   complete / abandon a transfer
-//   allreduce(buf, op)                             op "sum", "max" or "min", in place
-//   allgather(send, recv), broadcast(buf, root), barrier()
-// A Python exception raised by any of them becomes Error(kCommunication) naming the call.
+//   wait(handle, timeout_s), cancel(handle)        complete / abandon a transfer
+//   allreduce(buf, op, timeout_s)                  op "sum", "max" or "min", in place
+//   allgather(send, recv, timeout_s), broadcast(buf, root, timeout_s), barrier(timeout_s)
+// timeout_s is the communicator's deadline (Communicator::timeout_seconds); a call that does
+// not complete within it raises. A Python exception raised by any of them breaks the
+// communicator (Communicator::broken) and becomes Error(kCommunication) naming the call.
 
 #include <nanobind/nanobind.h>
 
