@@ -23,6 +23,16 @@ nb::object torch_view(const void* data, size_t n) {
                   nb::rv_policy::reference);
 }
 
+// "<type>: <message>" of a Python exception (its traceback left out); the GIL is held.
+std::string exception_text(nb::python_error& e) {
+  try {
+    return nb::cast<std::string>(nb::str(e.type().attr("__name__"))) + ": " +
+           nb::cast<std::string>(nb::str(e.value()));
+  } catch (const std::exception&) {
+    return e.what();
+  }
+}
+
 class PythonCommunicator final : public Communicator {
  public:
   explicit PythonCommunicator(nb::object transport) : transport_(std::move(transport)) {
@@ -123,6 +133,8 @@ class PythonCommunicator final : public Communicator {
       try {
         f();
         return;
+      } catch (nb::python_error& e) {
+        message = exception_text(e);
       } catch (const std::exception& e) {
         message = e.what();
       }

@@ -6,11 +6,13 @@ line per check and exits non-zero if any failed.
   torch.distributed (gloo): RANK, WORLD_SIZE and RINGATTN_TEST_STORE (a file) in the environment
   MPI:                      mpirun -np P python dist_worker.py --backend mpi
 --case bad_shape: rank 1 passes a shard of the wrong length; every rank must raise.
+--case stall: rank 1 never calls; rank 0's call must end at the deadline (RINGATTN_TIMEOUT_S).
 """
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -148,11 +150,37 @@ def run_bad_shape(group, world):
         failures.append("after the error")
 
 
+def run_stall(group, world):
+    """Rank 1 stays away: rank 0's call ends with a CommunicationError at the deadline (the
+    transport waits within it), not a hang. Both ranks then leave without tearing the group
+    down (it has a transfer that will never complete)."""
+    if RANK == 1:
+        time.sleep(float(os.environ["RINGATTN_TIMEOUT_S"]) * 4)
+        print("rank 1: stayed away; all ok", flush=True)
+        os._exit(0)
+    q, k, v = (rand(1, 128, 2, 16, seed=12 + i) for i in range(3))
+    start = time.monotonic()
+    try:
+        ringattn.dilated_attn_func(q, k, v, [64], [1], group=group)
+    except ringattn.CommunicationError as e:
+        elapsed = time.monotonic() - start
+        deadline = float(os.environ["RINGATTN_TIMEOUT_S"])
+        ok = deadline * 0.9 <= elapsed <= deadline * 3
+        print(f"rank 0: raised after {elapsed:.1f} s (deadline {deadline} s): {str(e)[:200]} "
+              f"{'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            failures.append("stall timing")
+    else:
+        failures.append("stall did not raise")
+    print(f"rank 0: {'FAILED ' + ', '.join(failures) if failures else 'all ok'}", flush=True)
+    os._exit(1 if failures else 0)
+
+
 def main():
     global RANK, BACKEND
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["gloo", "mpi"], required=True)
-    ap.add_argument("--case", choices=["checks", "bad_shape"], default="checks")
+    ap.add_argument("--case", choices=["checks", "bad_shape", "stall"], default="checks")
     a = ap.parse_args()
     BACKEND = a.backend
     torch.set_num_threads(1)
@@ -171,6 +199,8 @@ def main():
         fresh = torch.distributed.new_group(list(range(world)))
     if a.case == "checks":
         run_checks(group, world, fresh)
+    elif a.case == "stall":
+        run_stall(group, world)
     else:
         run_bad_shape(group, world)
     if a.backend == "gloo":

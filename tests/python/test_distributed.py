@@ -29,9 +29,9 @@ def finish(procs):
     return text
 
 
-def run_gloo(world, case, tmp_path):
+def run_gloo(world, case, tmp_path, **env_vars):
     env = dict(os.environ, WORLD_SIZE=str(world), RINGATTN_TEST_STORE=str(tmp_path / "store"),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **env_vars)
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), "--backend", "gloo", "--case", case],
                          env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
@@ -50,6 +50,11 @@ def test_gloo_ring_equals_one_process(world, tmp_path):
 def test_gloo_bad_shape_fails_every_rank(tmp_path):
     text = run_gloo(2, "bad_shape", tmp_path)
     assert text.count("raised") == 4 and text.count("all ok") == 2
+
+
+def test_gloo_missing_rank_ends_at_the_deadline(tmp_path):
+    text = run_gloo(2, "stall", tmp_path, RINGATTN_TIMEOUT_S="4")
+    assert "raised after" in text and text.count("all ok") == 2
 
 
 def mpirun(np, case):
