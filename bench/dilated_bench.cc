@@ -139,11 +139,12 @@ int64_t count_wrong_grads(const DilatedShape& s, const Views& views, const Gradi
 }
 
 void validate(const DilatedShape& s, Backend backend) {
-  // make_problem reads shapes, strides and dtypes only, so every view may point at one
-  // placeholder.
-  float placeholder = 0.0f;
-  const Views v =
-      make_views(s, s.seq, &placeholder, &placeholder, &placeholder, &placeholder, &placeholder);
+  // make_problem reads shapes, strides, dtypes and addresses (outputs must not overlap the
+  // inputs) but never the data: the views get disjoint address ranges that are never read,
+  // each farther from the next than any row's tensor spans.
+  constexpr uintptr_t kApart = uintptr_t{1} << 42;
+  const auto at = [](uintptr_t i) { return reinterpret_cast<float*>(kApart * (i + 1)); };
+  const Views v = make_views(s, s.seq, at(0), at(1), at(2), at(3), at(4));
   make_problem(s.config(), v.q, v.k, v.v, v.out, v.lse, cpu::kMaxHeadDim, backend_name(backend));
 }
 
