@@ -6,7 +6,6 @@
 #endif
 
 #include "src/cpu/attention_cpu.h"
-#include "src/cpu/bf16_kernels.h"
 #include "src/problem.h"
 #include "src/reference.h"
 #include "src/tensor_access.h"
@@ -140,11 +139,12 @@ int64_t count_wrong_grads(const DilatedShape& s, const Views& views, const Gradi
 }
 
 void validate(const DilatedShape& s, Backend backend) {
-  // make_problem reads shapes, strides and dtypes and compares the views' address ranges
-  // (outputs must not overlap inputs), never their elements: each view gets an address of
-  // its own, 2^40 bytes apart, that is never dereferenced.
-  const auto address = [](uintptr_t i) { return reinterpret_cast<float*>((i + 1) << 40); };
-  const Views v = make_views(s, s.seq, address(0), address(1), address(2), address(3), address(4));
+  // make_problem reads shapes, strides, dtypes and addresses (outputs must not overlap the
+  // inputs) but never the data: the views get disjoint address ranges that are never read,
+  // each farther from the next than any row's tensor spans.
+  constexpr uintptr_t kApart = uintptr_t{1} << 42;
+  const auto at = [](uintptr_t i) { return reinterpret_cast<float*>(kApart * (i + 1)); };
+  const Views v = make_views(s, s.seq, at(0), at(1), at(2), at(3), at(4));
   make_problem(s.config(), v.q, v.k, v.v, v.out, v.lse, cpu::kMaxHeadDim, backend_name(backend));
 }
 
@@ -154,12 +154,6 @@ Record describe(const DilatedShape& s, const RunOptions& options, const char* im
   r.config = s.name;
   r.backend = backend_name(options.backend);
   r.dtype = dtype_name(s.dtype);
-  if (options.backend == Backend::kCuda) {
-    r.products = "gpu";
-  } else if (s.dtype == DType::kBF16 && options.backend == Backend::kCpu) {
-    const CpuBf16 kernel = cpu::resolve_bf16(options.cpu_bf16);
-    r.products = kernel == CpuBf16::kWiden ? "fp32" : cpu_bf16_name(kernel);
-  }
   r.mode = mode_name(s.mode);
   r.causal = s.causal;
   r.batch = s.batch;
@@ -184,7 +178,7 @@ Record run_dilated(const DilatedShape& s, const RunOptions& options) {
 #ifdef RINGATTN_HAVE_CUDA
   if (options.backend == Backend::kCuda) return run_dilated_cuda(s, options);
 #endif
-  const DilatedAttention attention(s.config(), exec_options(options));
+  const DilatedAttention attention(s.config(), {options.backend, options.threads});
   const PeakMemory memory;
   const Tensors tensors(s, {0, s.seq}, options.threads);
   const Views& v = tensors.views();

@@ -43,7 +43,8 @@ def dilated_attention(q, k, v, segments, rates, causal):
         y = F.scaled_dot_product_attention(kept(q), kept(k), kept(v), is_causal=causal)
         y = y.transpose(1, 2).reshape(b, n // s, -1, g, d)
         group = out[:, :, h0:h1].contiguous().view(b, n // s, s, g, d)
-        group[:, :, offset::r] += y
+        # (An out-of-place add: with r = 1 the in-place += on this view fails under autograd.)
+        group[:, :, offset::r] = group[:, :, offset::r] + y
         out[:, :, h0:h1] = group.view(b, n, g, d)
         h0 = h1
     return out / groups

@@ -593,7 +593,7 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
       if (device == Device::kCUDA) {
         return cuda::block_sparse_forward(
             p, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
-            options_.cuda_stream);
+            options_.cuda_stream, !options_.cuda_async);
       }
 #endif
       cpu->run(comm_, stats_);
@@ -640,7 +640,8 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
       if (device == Device::kCUDA) {
         return cuda::block_sparse_backward(
             bp, cuda::query_major_csr(plan.layouts, plan.head_layout, p.causal),
-            cuda::key_major_csr(plan.layouts, plan.head_layout, p.causal), options_.cuda_stream);
+            cuda::key_major_csr(plan.layouts, plan.head_layout, p.causal), options_.cuda_stream,
+            !options_.cuda_async);
       }
 #endif
       cpu->run(comm_, stats_);

@@ -53,7 +53,7 @@ void DilatedAttention::run_forward(const TensorView& q, const TensorView& k, con
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_forward_tensors(q, k, v, out, lse);
-      return cuda::forward(p, options_.cuda_stream);
+      return cuda::forward(p, options_.cuda_stream, !options_.cuda_async);
 #endif
       break;
   }
@@ -83,7 +83,7 @@ void DilatedAttention::run_backward(const TensorView& dout, const TensorView& q,
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-      return cuda::backward(bp, options_.cuda_stream);
+      return cuda::backward(bp, options_.cuda_stream, !options_.cuda_async);
 #endif
       break;
   }

@@ -37,8 +37,17 @@ struct ExecOptions {
   Backend backend = Backend::kCpu;
   int num_threads = 0;  // CPU threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
   // CUDA: the cudaStream_t to run on (nullptr = the default stream). forward and backward
-  // return once their results are written (they synchronize this stream).
+  // return once their results are written (they synchronize this stream), unless cuda_async.
   void* cuda_stream = nullptr;
+  // CUDA, DilatedAttention and BlockSparseRingDilatedAttention on one device: true = forward
+  // and backward return once their work is queued on cuda_stream, without waiting for it
+  // (as a PyTorch operator does): the results are written when the stream gets there, so
+  // the caller orders what reads them on the same stream (or waits for it), and keeps the
+  // tensors alive until then. Temporary device memory is freed in stream order. Errors the
+  // kernels meet while running surface at the caller's next synchronization. Calls that must
+  // wait anyway still do: the GPU ring (transfers between kernels) and the multihead layers
+  // (they return host gradients).
+  bool cuda_async = false;
   // kDot or kAmx on a CPU without them is Error(kUnsupported) at construction. Results of
   // one choice are bitwise reproducible; different choices differ by bf16 rounding.
   CpuBf16 cpu_bf16 = CpuBf16::kAuto;

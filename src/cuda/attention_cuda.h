@@ -26,11 +26,11 @@ void check_backward_tensors(const TensorView& dout, const TensorView& q, const T
                             const TensorView& dq, const TensorView& dk, const TensorView& dv);
 
 // Computes p.out (and p.lse when set) on `stream` (a cudaStream_t; nullptr = the default
-// stream) and waits for it. p describes one whole sequence on the current device.
-void forward(const Problem& p, void* stream);
+// stream) and, when `wait`, waits for it. p describes one whole sequence on the current device.
+void forward(const Problem& p, void* stream, bool wait);
 
 // Computes bp.dq, bp.dk, bp.dv (SPEC.md backward, deterministic: no floating-point atomics)
-// from the saved out and lse, on `stream`, and waits for it.
-void backward(const BackwardProblem& bp, void* stream);
+// from the saved out and lse, on `stream`, and, when `wait`, waits for it.
+void backward(const BackwardProblem& bp, void* stream, bool wait);
 
 }  // namespace ringattn::cuda

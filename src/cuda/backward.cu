@@ -364,19 +364,19 @@ void BackwardShard::add_returned(const RingPlan& plan, int span, const float* gr
   RA_CUDA_CHECK_LAUNCH("add_runs_kernel");
 }
 
-void BackwardShard::write_output() {
+void BackwardShard::write_output(bool wait) {
   const Problem& p = bp_.fwd;
   dispatch<CastOutput>(p.dtype, p.head_dim, bp_, acc_q_.as<float>(), acc_k_.as<float>(),
                        acc_v_.as<float>(), stream_);
-  RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (wait) RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void backward(const BackwardProblem& bp, void* stream) {
+void backward(const BackwardProblem& bp, void* stream, bool wait) {
   require(bp.fwd.shard_begin == 0 && bp.fwd.shard_rows == bp.fwd.seq,
           "the CUDA backend runs whole sequences on one device (no shards)");
   BackwardShard shard(bp, static_cast<cudaStream_t>(stream));
   shard.local_passes();
-  shard.write_output();
+  shard.write_output(wait);
 }
 
 }  // namespace ringattn::cuda

@@ -283,7 +283,7 @@ dim3 sparse_grid(int64_t blocks, int64_t bs, int64_t tile_rows, int64_t heads, i
 
 template <typename T, int kDim>
 struct SparseForward {
-  static void run(const Problem& p, const BlockCsr& csr, cudaStream_t stream) {
+  static void run(const Problem& p, const BlockCsr& csr, cudaStream_t stream, bool wait) {
     const int64_t bs = p.seq / csr.blocks;
     SparseArgs args = base_args(p, bs);
     const DeviceCsr on_device(csr, args, stream);
@@ -294,14 +294,14 @@ struct SparseForward {
         <<<sparse_grid(csr.blocks, bs, TileShape<T, kDim>::kBQ, p.heads, p.batch), kThreads,
            static_cast<size_t>(smem), stream>>>(args);
     RA_CUDA_CHECK_LAUNCH("sparse_forward_kernel");
-    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (wait) RA_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 };
 
 template <typename T, int kDim>
 struct SparseBackward {
   static void run(const BackwardProblem& bp, const BlockCsr& by_query, const BlockCsr& by_key,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, bool wait) {
     const Problem& p = bp.fwd;
     const int64_t bs = p.seq / by_query.blocks, rows = p.batch * p.heads * p.seq;
     const DeviceBuffer lse2(static_cast<size_t>(rows) * sizeof(float), stream);
@@ -341,7 +341,7 @@ struct SparseBackward {
         <<<sparse_grid(by_key.blocks, bs, TileShape<T, kDim>::kBK, p.kv_heads, p.batch), kThreads,
            static_cast<size_t>(smem_dkdv), stream>>>(args);
     RA_CUDA_CHECK_LAUNCH("sparse_dkdv_kernel");
-    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (wait) RA_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 };
 
@@ -352,16 +352,17 @@ void require_whole_sequence(const Problem& p) {
 
 }  // namespace
 
-void block_sparse_forward(const Problem& p, const BlockCsr& by_query, void* stream) {
+void block_sparse_forward(const Problem& p, const BlockCsr& by_query, void* stream, bool wait) {
   require_whole_sequence(p);
-  dispatch<SparseForward>(p.dtype, p.head_dim, p, by_query, static_cast<cudaStream_t>(stream));
+  dispatch<SparseForward>(p.dtype, p.head_dim, p, by_query, static_cast<cudaStream_t>(stream),
+                          wait);
 }
 
 void block_sparse_backward(const BackwardProblem& bp, const BlockCsr& by_query,
-                           const BlockCsr& by_key, void* stream) {
+                           const BlockCsr& by_key, void* stream, bool wait) {
   require_whole_sequence(bp.fwd);
   dispatch<SparseBackward>(bp.fwd.dtype, bp.fwd.head_dim, bp, by_query, by_key,
-                           static_cast<cudaStream_t>(stream));
+                           static_cast<cudaStream_t>(stream), wait);
 }
 
 }  // namespace ringattn::cuda

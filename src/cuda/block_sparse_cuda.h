@@ -39,13 +39,13 @@ BlockCsr key_major_csr(const std::vector<BlockLayout>& layouts,
 
 // Computes p.out (and p.lse when set) for the whole sequence on the current device, query
 // block qb of head h attending to the key blocks by_query lists for it, on `stream` (a
-// cudaStream_t; nullptr = the default stream), and waits for it. p is one dense LongNet
-// branch over the sequence (scale and causal set; by_query built with the same causal).
-void block_sparse_forward(const Problem& p, const BlockCsr& by_query, void* stream);
+// cudaStream_t; nullptr = the default stream), and, when `wait`, waits for it. p is one dense
+// LongNet branch over the sequence (scale and causal set; by_query built with the same causal).
+void block_sparse_forward(const Problem& p, const BlockCsr& by_query, void* stream, bool wait);
 
 // Computes bp.dq, bp.dk, bp.dv of block_sparse_forward from its out and lse (by_key: the
-// key-major CSR of the same layouts), and waits for it.
+// key-major CSR of the same layouts), and, when `wait`, waits for it.
 void block_sparse_backward(const BackwardProblem& bp, const BlockCsr& by_query,
-                           const BlockCsr& by_key, void* stream);
+                           const BlockCsr& by_key, void* stream, bool wait);
 
 }  // namespace ringattn::cuda

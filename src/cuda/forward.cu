@@ -185,7 +185,7 @@ void launch_merge(const Problem& p, const std::vector<Task>& order,
   dispatch<LaunchMerge>(p.dtype, p.head_dim, p, order, head_begin, part_o, part_lse, stream);
 }
 
-void forward(const Problem& p, void* stream) {
+void forward(const Problem& p, void* stream, bool wait) {
   require(p.shard_begin == 0 && p.shard_rows == p.seq,
           "the CUDA backend runs whole sequences on one device (no shards)");
   const auto s = static_cast<cudaStream_t>(stream);
@@ -194,7 +194,7 @@ void forward(const Problem& p, void* stream) {
   const DeviceBuffer part_lse(static_cast<size_t>(list.part_rows) * sizeof(float), s);
   launch_forward(p, list, p.k, p.v, part_o.as<float>(), part_lse.as<float>(), s);
   launch_merge(p, list.tasks, p.head_begin, part_o.as<float>(), part_lse.as<float>(), s);
-  RA_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (wait) RA_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
 }  // namespace ringattn::cuda

@@ -112,8 +112,8 @@ class BackwardShard {
   // Adds `grads` (fp32 gradients of this rank's block of span `span`, the block's layout)
   // into the dk and dv accumulators.
   void add_returned(const RingPlan& plan, int span, const float* grads);
-  // Writes the accumulators into bp.dq, bp.dk, bp.dv and waits for the stream.
-  void write_output();
+  // Writes the accumulators into bp.dq, bp.dk, bp.dv and, when `wait`, waits for the stream.
+  void write_output(bool wait = true);
 
  private:
   const BackwardProblem& bp_;

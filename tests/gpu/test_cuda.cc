@@ -169,6 +169,52 @@ TEST(CudaForward, RunsOnTheGivenStream) {
   check_forward(h);
 }
 
+// cuda_async: forward and backward only queue their work on the user's stream; once the
+// stream is synchronized the results are those of the blocking calls, bit for bit. The
+// stream first runs a long copy so that the queued kernels cannot have finished at return
+// unless the call waited.
+TEST(CudaForward, AsyncModeQueuesOnTheStream) {
+  RA_SKIP_WITHOUT_GPU();
+  const Case c{2, 512, 4, 2, 64, {128, 512}, {1, 2}, Mode::kGroups, true, DType::kBF16};
+  CaseTensors blocking(c, 95), queued(c, 95);
+  DeviceCase d_blocking(blocking), d_queued(queued);
+  d_blocking.run(blocking, true);
+
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const size_t busy_bytes = size_t{1} << 30;
+  void *busy_a = nullptr, *busy_b = nullptr;
+  ASSERT_EQ(cudaMalloc(&busy_a, busy_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&busy_b, busy_bytes), cudaSuccess);
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_EQ(cudaMemcpyAsync(busy_b, busy_a, busy_bytes, cudaMemcpyDeviceToDevice, stream),
+              cudaSuccess);
+  }
+  ExecOptions options{Backend::kCuda, 0, stream};
+  options.cuda_async = true;
+  const DilatedAttention attn(c.config(), options);
+  DeviceCase& d = d_queued;
+  attn.forward(d.q.view(), d.k.view(), d.v.view(), d.out.view(), d.lse.view());
+  attn.backward(d.dout.view(), d.q.view(), d.k.view(), d.v.view(), d.out.view(), d.lse.view(),
+                d.dq.view(), d.dk.view(), d.dv.view());
+  EXPECT_EQ(cudaStreamQuery(stream), cudaErrorNotReady) << "the calls waited for the stream";
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  d.out.download(queued.out);
+  d.lse.download(queued.lse);
+  d.dq.download(queued.dq);
+  d.dk.download(queued.dk);
+  d.dv.download(queued.dv);
+  EXPECT_EQ(cudaFree(busy_a), cudaSuccess);
+  EXPECT_EQ(cudaFree(busy_b), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+  EXPECT_EQ(queued.out.bytes(), blocking.out.bytes());
+  EXPECT_EQ(queued.lse.bytes(), blocking.lse.bytes());
+  EXPECT_EQ(queued.dq.bytes(), blocking.dq.bytes());
+  EXPECT_EQ(queued.dk.bytes(), blocking.dk.bytes());
+  EXPECT_EQ(queued.dv.bytes(), blocking.dv.bytes());
+  check_forward(queued);
+}
+
 // Errors that need no GPU: mixing devices, the reference backend on CUDA tensors, the cuda
 // backend on host tensors, the ring mixing devices (forward and backward); and without a
 // GPU, CUDA tensors are a device error (the ring's forward and backward too).
