@@ -137,7 +137,7 @@ std::vector<MeasuredRow> run_blocksparse(const DilatedShape& shape, const RunOpt
     const int64_t w = window_for(shape, bs, target);
     const BlockSparseConfig cfg = local_window(shape, bs, w);
     const double density = block_sparse_density(cfg, shape.seq, shape.heads);
-    BlockSparseRingDilatedAttention attention(cfg, comm, {options.backend, options.threads});
+    BlockSparseRingDilatedAttention attention(cfg, comm, exec_options(options));
     ShardedCalls calls;
     calls.forward = [&](const Views& v) { attention.forward(v.q, v.k, v.v, v.out, v.lse); };
     calls.backward = [&](const Views& v, const Gradients& g) {

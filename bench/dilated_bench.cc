@@ -6,6 +6,7 @@
 #endif
 
 #include "src/cpu/attention_cpu.h"
+#include "src/cpu/bf16_kernels.h"
 #include "src/problem.h"
 #include "src/reference.h"
 #include "src/tensor_access.h"
@@ -154,6 +155,12 @@ Record describe(const DilatedShape& s, const RunOptions& options, const char* im
   r.config = s.name;
   r.backend = backend_name(options.backend);
   r.dtype = dtype_name(s.dtype);
+  if (options.backend == Backend::kCuda) {
+    r.products = "gpu";
+  } else if (s.dtype == DType::kBF16 && options.backend == Backend::kCpu) {
+    const CpuBf16 kernel = cpu::resolve_bf16(options.cpu_bf16);
+    r.products = kernel == CpuBf16::kWiden ? "fp32" : cpu_bf16_name(kernel);
+  }
   r.mode = mode_name(s.mode);
   r.causal = s.causal;
   r.batch = s.batch;
@@ -178,7 +185,7 @@ Record run_dilated(const DilatedShape& s, const RunOptions& options) {
 #ifdef RINGATTN_HAVE_CUDA
   if (options.backend == Backend::kCuda) return run_dilated_cuda(s, options);
 #endif
-  const DilatedAttention attention(s.config(), {options.backend, options.threads});
+  const DilatedAttention attention(s.config(), exec_options(options));
   const PeakMemory memory;
   const Tensors tensors(s, {0, s.seq}, options.threads);
   const Views& v = tensors.views();

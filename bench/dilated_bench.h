@@ -44,7 +44,17 @@ struct RunOptions {
   bool check = false;
   bool backward = false;  // --backward 1: time the backward (SPEC.md: 2.5x forward's FLOPs)
   int head_ranks = 1;     // --head-ranks: --impl distributed's head-parallel group size
+  CpuBf16 cpu_bf16 = CpuBf16::kAuto;  // --cpu-bf16: the CPU products of bf16 rows
 };
+
+// The library's execution options of a row.
+inline ExecOptions exec_options(const RunOptions& o) {
+  ExecOptions e;
+  e.backend = o.backend;
+  e.num_threads = o.threads;
+  e.cpu_bf16 = o.cpu_bf16;
+  return e;
+}
 
 // Runs the library's own checks of the row (configuration, shapes, dtype, head dim) without
 // allocating or computing anything, so that a bad flag fails before any measurement.

@@ -115,8 +115,17 @@ void print_ceiling(const Ceiling& c, const RunInfo& run) {
               team.c_str(), c.sgemm_gflops);
   std::printf("# ceiling (b) peak FMA, %s (%d lanes x %d chains), %s: %.1f GFLOP/s\n",
               c.fma_isa.c_str(), c.fma_lanes, kFmaChains, team.c_str(), c.fma_gflops);
-  std::printf("# ceiling_gflops %.1f (the higher of the two; %%ceil is against it)\n#\n",
-              c.gflops());
+  std::printf(
+      "# ceiling_gflops %.1f (the higher of the two; %%ceil of fp32 products is against it)\n",
+      c.gflops());
+  const auto bf16 = [](double gflops) {
+    return gflops > 0 ? format("%.1f GFLOP/s", gflops) : std::string("not on this CPU");
+  };
+  std::printf(
+      "# ceiling (c) peak vdpbf16ps (AVX512_BF16, %d chains), %s: %s (%%ceil of prod=dot)\n",
+      kFmaChains, team.c_str(), bf16(c.dot_bf16_gflops).c_str());
+  std::printf("# ceiling (d) peak TDPBF16PS (AMX-BF16, 4 tiles), %s: %s (%%ceil of prod=amx)\n#\n",
+              team.c_str(), bf16(c.amx_bf16_gflops).c_str());
 }
 
 namespace {
@@ -126,12 +135,12 @@ struct Column {
   int width;
 };
 
-constexpr std::array<Column, 23> kColumns = {{
-    {"impl", 11},   {"pass", 4},     {"config", 10}, {"dtype", 5},   {"mode", 7},
-    {"causal", 6},  {"B", 3},        {"N", 7},       {"H", 4},       {"D", 4},
-    {"P", 3},       {"mean_ms", 10}, {"std_ms", 9},  {"min_ms", 10}, {"median_ms", 10},
-    {"peak_mb", 9}, {"io_mb", 9},    {"tok/s", 11},  {"GFLOP/s", 9}, {"%ceil", 6},
-    {"sent_mb", 9}, {"wait_ms", 9},  {"wrong", 8},
+constexpr std::array<Column, 24> kColumns = {{
+    {"impl", 11},      {"pass", 4},    {"config", 10},  {"dtype", 5},  {"prod", 4},
+    {"mode", 7},       {"causal", 6},  {"B", 3},        {"N", 7},      {"H", 4},
+    {"D", 4},          {"P", 3},       {"mean_ms", 10}, {"std_ms", 9}, {"min_ms", 10},
+    {"median_ms", 10}, {"peak_mb", 9}, {"io_mb", 9},    {"tok/s", 11}, {"GFLOP/s", 9},
+    {"%ceil", 6},      {"sent_mb", 9}, {"wait_ms", 9},  {"wrong", 8},
 }};
 
 // One table line: `prefix`, then each cell right-aligned in its column.
@@ -158,6 +167,7 @@ void print_table_row(const Record& r, const Ceiling& ceiling) {
                    r.backward ? "bwd" : "fwd",
                    r.config,
                    r.dtype,
+                   r.products,
                    r.mode,
                    r.causal ? "1" : "0",
                    std::to_string(r.batch),
@@ -173,7 +183,7 @@ void print_table_row(const Record& r, const Ceiling& ceiling) {
                    format("%.1f", r.io_mb),
                    format("%.0f", r.tokens_per_s),
                    format("%.1f", r.gflops),
-                   format("%.1f", 100.0 * r.gflops / ceiling.gflops()),
+                   format("%.1f", 100.0 * r.gflops / ceiling.gflops_for(r.products)),
                    format("%.2f", static_cast<double>(r.bytes_sent) / kMiB),
                    format("%.3f", r.comm_wait_ms),
                    r.wrong ? std::to_string(*r.wrong) : "-"});
@@ -186,6 +196,7 @@ nlohmann::ordered_json to_json(const Record& r, const Ceiling& ceiling) {
       {"config", r.config},
       {"backend", r.backend},
       {"dtype", r.dtype},
+      {"products", r.products},
       {"mode", r.mode},
       {"causal", r.causal},
       {"backward", r.backward},
@@ -206,9 +217,11 @@ nlohmann::ordered_json to_json(const Record& r, const Ceiling& ceiling) {
       {"io_mb", r.io_mb},
       {"tokens_per_s", r.tokens_per_s},
       {"gflops", r.gflops},
-      {"ceiling_gflops", ceiling.gflops()},
+      {"ceiling_gflops", ceiling.gflops_for(r.products)},
       {"sgemm_gflops", ceiling.sgemm_gflops},
       {"fma_peak_gflops", ceiling.fma_gflops},
+      {"dot_bf16_peak_gflops", ceiling.dot_bf16_gflops},
+      {"amx_bf16_peak_gflops", ceiling.amx_bf16_gflops},
       {"bytes_sent", r.bytes_sent},
       {"messages_sent", r.messages_sent},
       {"bytes_sent_total", r.bytes_sent_total},

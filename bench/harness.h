@@ -51,6 +51,9 @@ class PeakMemory {
 // One measured row: the table's columns and the JSON record's keys.
 struct Record {
   std::string impl, config, backend, dtype, mode;
+  // How the products ran: "fp32" (fp32 tensors, or bf16/fp16 widened while packing), "dot"
+  // or "amx" (the CPU's bf16 instructions), "gpu" on the CUDA backend.
+  std::string products = "fp32";
   bool causal = false, backward = false;
   int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
   std::vector<int64_t> segments, dilations;

@@ -174,6 +174,11 @@ CommandLine::CommandLine() {
 
   app_.add_option("--dtype", dtype_, "type of q, k, v and out (default fp32)")
       ->transform(one_of({DType::kF32, DType::kBF16, DType::kF16}, dtype_name));
+  app_.add_option("--cpu-bf16", options_.cpu_bf16,
+                  "products of bf16 rows on the CPU: auto (AMX, else AVX512_BF16 dot products, "
+                  "else widen), widen (to fp32), dot, amx (default auto)")
+      ->transform(
+          one_of({CpuBf16::kAuto, CpuBf16::kWiden, CpuBf16::kDot, CpuBf16::kAmx}, cpu_bf16_name));
   app_.add_option("--backward", options_.backward,
                   "1: time the backward (after one untimed forward) instead of the forward")
       ->check(CLI::IsMember({"0", "1"}));

@@ -189,7 +189,7 @@ void validate_layer(const DilatedShape& s, const RunOptions& options, const std:
 Record run_multihead(const DilatedShape& s, const RunOptions& options,
                      nlohmann::ordered_json& extra) {
   const MultiheadConfig config = layer_config(s);
-  const ExecOptions exec{options.backend, options.threads};
+  const ExecOptions exec = exec_options(options);
   const MultiheadDilatedAttention layer(config, kWeightSeed, exec);
   const PeakMemory memory;
   LayerTensors t(s, {0, s.seq}, options.backward, options.threads);
@@ -278,7 +278,7 @@ Record run_multihead(const DilatedShape& s, const RunOptions& options,
 
 Record run_distributed(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
   const MultiheadConfig config = layer_config(s);
-  const ExecOptions exec{options.backend, options.threads};
+  const ExecOptions exec = exec_options(options);
   // The sequence and head groups: the whole world and one rank, or a grid.
   std::unique_ptr<Communicator> seq_owned, head_owned;
   if (options.head_ranks == 1) {

@@ -24,8 +24,9 @@ int64_t count_wrong(const DilatedShape& s, const RunOptions& options, const Tens
                     Communicator& comm) {
   const Tensors full(s, {0, s.seq}, options.threads);
   const Views& f = full.views();
-  DilatedAttention(s.config(), {Backend::kCpu, options.threads})
-      .forward(f.q, f.k, f.v, f.out, f.lse);
+  ExecOptions single = exec_options(options);
+  single.backend = Backend::kCpu;
+  DilatedAttention(s.config(), single).forward(f.q, f.k, f.v, f.out, f.lse);
 
   const Views& x = shard.views();
   const RowRange rows = shard.rows();
@@ -123,7 +124,7 @@ Record time_sharded(const DilatedShape& s, const RunOptions& options, Communicat
 }
 
 Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& comm) {
-  RingDilatedAttention attention(s.config(), comm, {options.backend, options.threads});
+  RingDilatedAttention attention(s.config(), comm, exec_options(options));
   // --backend cuda: the shard's tensors copied to the current GPU once, before the timing.
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<DeviceViews> device;

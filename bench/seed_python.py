@@ -6,8 +6,8 @@ sequence into segments, keep every r-th row from the group's offset i % r, atten
 inside the kept rows), add the rows back into a zero output, divide by the number of groups.
 This file states that algorithm with torch so that launch/seed_compare.sh can time it next
 to ringattn_bench on the same machine (BENCHMARKS.md: "at least 10x faster than the seed's
-Python DilatedAttention on the same machine"). Prints one line per configuration:
-"<config> <mean_ms> <min_ms>".
+Python DilatedAttention on the same machine"), in fp32 or bf16 (torch's CPU attention on bf16
+tensors). Prints one line per configuration: "<config> <mean_ms> <min_ms>".
 """
 
 import argparse
@@ -56,17 +56,21 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     a = ap.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     names = list(CONFIGS) if a.config == "all" else [a.config]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, causal, groups")
+    dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, causal, "
+          "groups")
     for name in names:
         b, n, segments, rates = CONFIGS[name]
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(b, n, a.heads, a.head_dim, generator=gen) for _ in range(3))
+        q, k, v = (torch.randn(b, n, a.heads, a.head_dim, generator=gen).to(dtype)
+                   for _ in range(3))
         times = []
         with torch.no_grad():
             for i in range(a.warmup + a.iters):

@@ -420,8 +420,8 @@ Device sparse_device(const TensorView& q, Backend backend, int world) {
 // buffers are made by the constructor (inside the ranks' agreement); run() is the protocol.
 class CpuBlockForward {
  public:
-  CpuBlockForward(const Problem& p, const Plan& plan, int threads)
-      : p_(p), plan_(plan), shard_(p, threads), local_(p, threads), ring_(p, plan) {}
+  CpuBlockForward(const Problem& p, const Plan& plan, const ExecOptions& options)
+      : p_(p), plan_(plan), shard_(p, options), local_(p, options.num_threads), ring_(p, plan) {}
 
   void run(Communicator& comm, RingStats& stats) {
     const auto poll = [&comm] { comm.progress(); };
@@ -450,11 +450,11 @@ class CpuBlockForward {
 // One rank of the CPU block-sparse backward, made like CpuBlockForward.
 class CpuBlockBackward {
  public:
-  CpuBlockBackward(const BackwardProblem& bp, const Plan& plan, int threads)
+  CpuBlockBackward(const BackwardProblem& bp, const Plan& plan, const ExecOptions& options)
       : bp_(bp),
         plan_(plan),
-        shard_(bp, threads, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs),
-        local_(bp.fwd, threads),
+        shard_(bp, options, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs),
+        local_(bp.fwd, options.num_threads),
         ring_(bp.fwd, plan),
         grads_in_(plan.steps.size()),
         grads_out_(plan.steps.size()) {
@@ -583,8 +583,7 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
     std::unique_ptr<CpuBlockForward> cpu;
     check_on_all_ranks(comm_, [&] {
       plan = make_plan(config_, p, rank, world);
-      if (device == Device::kCPU)
-        cpu = std::make_unique<CpuBlockForward>(p, plan, options_.num_threads);
+      if (device == Device::kCPU) cpu = std::make_unique<CpuBlockForward>(p, plan, options_);
     });
 
     stats_ = RingStats{};
@@ -631,8 +630,7 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
     std::unique_ptr<CpuBlockBackward> cpu;
     check_on_all_ranks(comm_, [&] {
       plan = make_plan(config_, p, rank, world);
-      if (device == Device::kCPU)
-        cpu = std::make_unique<CpuBlockBackward>(bp, plan, options_.num_threads);
+      if (device == Device::kCPU) cpu = std::make_unique<CpuBlockBackward>(bp, plan, options_);
     });
 
     stats_ = RingStats{};

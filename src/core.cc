@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "ringattn/config.h"
 #include "ringattn/dilated_attention.h"
 #include "ringattn/error.h"
@@ -144,6 +145,32 @@ void ExecOptions::validate() const {
           " is not a Backend; use Backend::kCpu, kReference or kCuda");
   require(num_threads >= 0, "ExecOptions.num_threads = ", num_threads,
           "; use a positive thread count, or 0 for OpenMP's default");
+  const int k = static_cast<int>(cpu_bf16);
+  require(k >= 0 && k <= static_cast<int>(CpuBf16::kAmx), "ExecOptions.cpu_bf16 = ", k,
+          " is not a CpuBf16; use CpuBf16::kAuto, kWiden, kDot or kAmx");
+  if (backend == Backend::kCpu) cpu::resolve_bf16(cpu_bf16);
+}
+
+const char* cpu_bf16_name(CpuBf16 kernel) {
+  switch (kernel) {
+    case CpuBf16::kAuto:
+      return "auto";
+    case CpuBf16::kWiden:
+      return "widen";
+    case CpuBf16::kDot:
+      return "dot";
+    case CpuBf16::kAmx:
+      return "amx";
+  }
+  return "unknown";
+}
+
+CpuBf16 parse_cpu_bf16(const std::string& text) {
+  for (CpuBf16 k : {CpuBf16::kAuto, CpuBf16::kWiden, CpuBf16::kDot, CpuBf16::kAmx}) {
+    if (text == cpu_bf16_name(k)) return k;
+  }
+  fail(ErrorCode::kInvalidArgument, "cpu_bf16 = '", text,
+       "' is not a CPU bf16 kernel; use 'auto', 'widen', 'dot' or 'amx'");
 }
 
 void DilatedConfig::validate() const {

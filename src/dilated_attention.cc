@@ -49,7 +49,7 @@ void DilatedAttention::run_forward(const TensorView& q, const TensorView& k, con
     case Backend::kReference:
       return reference_forward_into(p);
     case Backend::kCpu:
-      return cpu::forward(p, options_.num_threads);
+      return cpu::forward(p, options_);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_forward_tensors(q, k, v, out, lse);
@@ -79,7 +79,7 @@ void DilatedAttention::run_backward(const TensorView& dout, const TensorView& q,
     case Backend::kReference:
       return reference_backward_into(bp);
     case Backend::kCpu:
-      return cpu::backward(bp, options_.num_threads);
+      return cpu::backward(bp, options_);
     case Backend::kCuda:
 #if defined(RINGATTN_HAVE_CUDA)
       cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);

@@ -7,6 +7,7 @@
 #include "agreement.h"
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #include "multihead_layer.h"
 #include "problem.h"
 #include "ring_plan.h"
@@ -175,7 +176,8 @@ void reject_cuda(std::initializer_list<const TensorView*> views) {
 }
 
 detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAttention& ring,
-                                  Communicator& seq, Communicator& head, int threads) {
+                                  Communicator& seq, Communicator& head,
+                                  const ExecOptions& options) {
   detail::AttentionCore core;
   core.check = [&](const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse) {
@@ -190,6 +192,8 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAtte
                       const TensorView& v, const TensorView& out, const TensorView& lse,
                       const TensorView& dq, const TensorView& dk,
                       const TensorView& dv) { ring.backward(dout, q, k, v, out, lse, dq, dk, dv); };
+  core.bf16_products =
+      options.backend == Backend::kCpu && cpu::resolve_bf16(options.cpu_bf16) != CpuBf16::kWiden;
   detail::HeadGroup group;
   if (head.size() > 1) {
     group.sum_norm_stats = [&head](double* data, int64_t n) {
@@ -200,7 +204,7 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAtte
     };
   }
   return detail::MultiheadLayer(config, detail::LayerShape::of(config, head.size()),
-                                std::move(core), std::move(group), threads);
+                                std::move(core), std::move(group), options.num_threads);
 }
 
 }  // namespace
@@ -222,8 +226,7 @@ void DistributedDilatedAttention::run_forward(const TensorView& query, const Ten
                                               MultiheadSaved* saved) {
   MultiheadSaved local;
   MultiheadSaved& s = saved ? *saved : local;
-  const detail::MultiheadLayer layer =
-      make_layer(config_, ring_, seq_comm_, head_comm_, options_.num_threads);
+  const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
   detail::ForwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
     reject_cuda({&query, &key, &value, &y});
@@ -258,8 +261,7 @@ void DistributedDilatedAttention::run_backward(const TensorView& query, const Te
                                                const MultiheadSaved& saved,
                                                const TensorView& dquery, const TensorView& dkey,
                                                const TensorView& dvalue, MultiheadWeights& grads) {
-  const detail::MultiheadLayer layer =
-      make_layer(config_, ring_, seq_comm_, head_comm_, options_.num_threads);
+  const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
   detail::BackwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
     reject_cuda({&query, &key, &value, &dy, &dquery, &dkey, &dvalue});

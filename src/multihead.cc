@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/bf16_kernels.h"
 #if defined(RINGATTN_HAVE_CUDA)
 #include "cuda/attention_cuda.h"
 #endif
@@ -125,6 +126,8 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAt
                       const TensorView& dq, const TensorView& dk, const TensorView& dv) {
     attention.backward(dout, q, k, v, out, lse, dq, dk, dv);
   };
+  core.bf16_products =
+      options.backend == Backend::kCpu && cpu::resolve_bf16(options.cpu_bf16) != CpuBf16::kWiden;
   return detail::MultiheadLayer(config, detail::LayerShape::of(config), std::move(core), {},
                                 options.num_threads, options.cuda_stream);
 }

@@ -1,6 +1,9 @@
 #include "multihead_layer.h"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <deque>
 #include <memory>
 #include <utility>
 
@@ -111,6 +114,7 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInp
     call.batch = t.shape[0];
     call.seq = t.shape[1];
     call.device = t.device;
+    call.dtype = t.dtype;
   }
   require(t.shape[0] == call.batch && t.shape[1] == call.seq, name, " is [", t.shape[0], ", ",
           t.shape[1], ", ", embed, "] but the call's first tensor is [", call.batch, ", ", call.seq,
@@ -234,6 +238,47 @@ TensorView bnhd(const float* data, int64_t b, int64_t n, int64_t h, int64_t d, D
 }
 
 using SavedMember = std::vector<float> MultiheadSaved::*;
+
+// bf16 copies of the contiguous fp32 host views of one attention-core call (AttentionCore::
+// bf16_products): inputs rounded in once, outputs widened back into their fp32 views.
+class Bf16Core {
+ public:
+  explicit Bf16Core(int threads) : threads_(threads > 0 ? threads : omp_get_max_threads()) {}
+  TensorView in(const TensorView& x) { return copy(x, true); }
+  TensorView out(const TensorView& x) { return copy(x, false); }
+  void finish() const {
+    for (const Copy& c : copies_) {
+      if (c.read) continue;
+      float* dst = static_cast<float*>(c.fp32.data);
+      const int64_t n = static_cast<int64_t>(c.data.size());
+#pragma omp parallel for num_threads(threads_)
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(c.data[static_cast<size_t>(i)]);
+    }
+  }
+
+ private:
+  struct Copy {
+    TensorView fp32;
+    std::vector<bf16_t> data;
+    bool read;
+  };
+  TensorView copy(const TensorView& x, bool read) {
+    copies_.push_back({x, std::vector<bf16_t>(static_cast<size_t>(x.numel())), read});
+    Copy& c = copies_.back();
+    if (read) {
+      const float* src = static_cast<const float*>(x.data);
+      const int64_t n = x.numel();
+#pragma omp parallel for num_threads(threads_)
+      for (int64_t i = 0; i < n; ++i) c.data[static_cast<size_t>(i)] = from_f32<bf16_t>(src[i]);
+    }
+    TensorView v = x;
+    v.data = c.data.data();
+    v.dtype = DType::kBF16;
+    return v;
+  }
+  int threads_;
+  std::deque<Copy> copies_;  // stable addresses
+};
 
 // The buffers of MultiheadSaved with their sizes for `rows` rows, in the order of the device
 // allocation.
@@ -398,7 +443,13 @@ void MultiheadLayer::forward(const MultiheadWeights& weights, const LayerInputs&
                            w[&W::k_norm_bias], eps, b.k_n, b.k_stats, group_.sum_norm_stats);
   }
   const Views v = attention_views(s);
-  core_.forward(v.q, v.k, v.v, v.out, v.lse);
+  if (bf16_core(in)) {
+    Bf16Core c(threads_);
+    core_.forward(c.in(v.q), c.in(v.k), c.in(v.v), c.out(v.out), v.lse);
+    c.finish();
+  } else {
+    core_.forward(v.q, v.k, v.v, v.out, v.lse);
+  }
   if (config_.layer_norm) {
     ops.layer_norm_forward(b.attn, rows, fq, shape_.total_heads * d, w[&W::out_norm_weight],
                            w[&W::out_norm_bias], eps, b.attn_n, b.attn_stats,
@@ -463,10 +514,18 @@ void MultiheadLayer::backward(const MultiheadWeights& weights, const LayerInputs
                                  dv = ops.allocate(rows * fk);
   const Views v = attention_views(saved);
   const Device dev = in.device;
-  core_.backward(bnhd(d_attn.get(), in.batch, in.seq, shape_.heads, d, dev), v.q, v.k, v.v, v.out,
-                 v.lse, bnhd(dq.get(), in.batch, in.seq, shape_.heads, d, dev),
-                 bnhd(dk.get(), in.batch, in.seq, shape_.kv_heads, d, dev),
-                 bnhd(dv.get(), in.batch, in.seq, shape_.kv_heads, d, dev));
+  const TensorView d_out = bnhd(d_attn.get(), in.batch, in.seq, shape_.heads, d, dev);
+  const TensorView d_q = bnhd(dq.get(), in.batch, in.seq, shape_.heads, d, dev);
+  const TensorView d_k = bnhd(dk.get(), in.batch, in.seq, shape_.kv_heads, d, dev);
+  const TensorView d_v = bnhd(dv.get(), in.batch, in.seq, shape_.kv_heads, d, dev);
+  if (bf16_core(in)) {
+    Bf16Core c(threads_);
+    core_.backward(c.in(d_out), c.in(v.q), c.in(v.k), c.in(v.v), c.in(v.out), v.lse, c.out(d_q),
+                   c.out(d_k), c.out(d_v));
+    c.finish();
+  } else {
+    core_.backward(d_out, v.q, v.k, v.v, v.out, v.lse, d_q, d_k, d_v);
+  }
   if (ln) {
     ops.layer_norm_backward(dq.get(), s.q, s.q_stats, rows, fq, shape_.total_heads * d,
                             w[&W::q_norm_weight], dq.get(), g[&W::q_norm_weight],

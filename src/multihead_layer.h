@@ -49,6 +49,10 @@ struct AttentionCore {
                      const TensorView& v, const TensorView& out, const TensorView& lse,
                      const TensorView& dq, const TensorView& dk, const TensorView& dv)>
       backward;
+  // The core multiplies bf16 tensors with the CPU's bf16 products (ExecOptions::cpu_bf16
+  // resolves to dot or amx): a call on bf16 host tensors then runs it on bf16 copies of q,
+  // k, v (rounded once) and widens its results, as a bf16 training step would.
+  bool bf16_products = false;
 };
 
 // How the layer meets the ranks holding the other heads (all empty on one process).
@@ -65,6 +69,7 @@ struct LayerInputs {
   const float* value = nullptr;
   int64_t batch = 0, seq = 0;
   Device device = Device::kCPU;
+  DType dtype = DType::kF32;  // of the caller's first tensor (bf16 / fp16 ones are staged)
 };
 
 // The bf16 / fp16 host tensors of a call as fp32 copies: one copy per distinct tensor (a
@@ -150,6 +155,9 @@ class MultiheadLayer {
     TensorView q, k, v, out, lse;
   };
   Views attention_views(const MultiheadSaved& saved) const;
+  bool bf16_core(const LayerInputs& in) const {
+    return core_.bf16_products && in.dtype == DType::kBF16 && in.device == Device::kCPU;
+  }
   // The backend of `device`, made on first use. Throws Error(kUnsupported) for CUDA inputs
   // with a head group (the group's sums move host memory) or without the CUDA backend.
   const LayerBackend& backend(Device device) const;

@@ -209,11 +209,11 @@ int64_t most_query_elements(const Problem& p, const RingPlan& plan) {
 // every rank there); run() is the protocol.
 class CpuRingForward {
  public:
-  CpuRingForward(const Problem& p, const RingPlan& plan, int threads)
+  CpuRingForward(const Problem& p, const RingPlan& plan, const ExecOptions& options)
       : p_(p),
         plan_(plan),
         tags_(tags_of(plan)),
-        shard_(p, threads, plan.split),
+        shard_(p, options, plan.split),
         store_(p, plan),
         mine_(plan.spans.size()) {
     const size_t esize = dtype_size(p.dtype);
@@ -239,7 +239,7 @@ class CpuRingForward {
                     "the ring's received balanced queries");
       const SpanningBranch& sb = plan.spans[0];
       foreign_p_ = foreign_queries(p, sb, queries_.data(), 0, half);
-      foreign_ = std::make_unique<cpu::ShardForward>(foreign_p_, threads);
+      foreign_ = std::make_unique<cpu::ShardForward>(foreign_p_, options);
     }
   }
 
@@ -335,11 +335,11 @@ struct Half {
 // One rank of the CPU ring backward, made like CpuRingForward.
 class CpuRingBackward {
  public:
-  CpuRingBackward(const BackwardProblem& bp, const RingPlan& plan, int threads)
+  CpuRingBackward(const BackwardProblem& bp, const RingPlan& plan, const ExecOptions& options)
       : bp_(bp),
         plan_(plan),
         tags_(tags_of(plan)),
-        shard_(bp, threads),
+        shard_(bp, options),
         store_(bp.fwd, plan),
         mine_(plan.spans.size()) {
     const Problem& p = bp.fwd;
@@ -390,7 +390,7 @@ class CpuRingBackward {
       // Its dq goes back to the queries' owner and its keys' gradients into shard_: none of
       // it lands in this rank's tensors, so it sums in accumulators of its own.
       foreign_.dq = foreign_.dk = foreign_.dv = nullptr;
-      foreign_shard_ = std::make_unique<cpu::ShardBackward>(foreign_, threads);
+      foreign_shard_ = std::make_unique<cpu::ShardBackward>(foreign_, options);
     }
     if (asks_queries(plan)) {
       resize_buffer(dq_in_, static_cast<size_t>(p.batch * p.heads * half * p.head_dim),
@@ -700,8 +700,7 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
         return;
       }
 #endif
-      if (!plan.steps.empty())
-        cpu = std::make_unique<CpuRingForward>(p, plan, options_.num_threads);
+      if (!plan.steps.empty()) cpu = std::make_unique<CpuRingForward>(p, plan, options_);
     });
 
     stats_ = RingStats{};
@@ -712,7 +711,7 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
 #endif
       // Nothing crosses the wire (one rank, or every segment inside this rank): the
       // single-device kernel writes the output directly, without the shard's accumulators.
-      if (!cpu) return cpu::forward(p, options_.num_threads);
+      if (!cpu) return cpu::forward(p, options_);
       cpu->run(comm_, stats_);
     });
     stats_.bytes_sent = comm_.bytes_sent() - sent_before;
@@ -755,7 +754,7 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
         return;
       }
 #endif
-      cpu = std::make_unique<CpuRingBackward>(bp, plan, options_.num_threads);
+      cpu = std::make_unique<CpuRingBackward>(bp, plan, options_);
     });
 
     stats_ = RingStats{};

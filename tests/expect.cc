@@ -27,7 +27,10 @@ double round_to(DType dtype, double x) {
 void expect_forward_close(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,
                           const Tensor& v, const Tensor& out, const Tensor& lse,
                           const ReferenceResult& ref) {
-  const Stats so = compare_bnhd(out, ref.out);
+  const double bound = forward_error_bound(cfg, q, k, v, ref);
+  // In low precision an exact zero within the allowed error is a rounded cancellation, not
+  // skipped work.
+  const Stats so = compare_bnhd(out, ref.out, q.dtype() == DType::kF32 ? kClearlyNonZero : bound);
   const Stats sl = compare_lse(lse, ref.lse);
   EXPECT_EQ(so.nonfinite, 0);
   EXPECT_EQ(sl.nonfinite, 0);
@@ -35,7 +38,7 @@ void expect_forward_close(const DilatedConfig& cfg, const Tensor& q, const Tenso
   EXPECT_EQ(so.missing, 0) << "zeros where the reference is not";
   EXPECT_GT(so.max_ref, 0.05);
   EXPECT_LE(sl.max_abs_err, 2e-5 * std::max(1.0, sl.max_ref));
-  EXPECT_LE(so.max_abs_err, forward_error_bound(cfg, q, k, v, ref)) << dtype_name(q.dtype());
+  EXPECT_LE(so.max_abs_err, bound) << dtype_name(q.dtype());
 }
 
 double forward_error_bound(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,

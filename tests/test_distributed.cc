@@ -133,14 +133,19 @@ TEST(Distributed, SequenceParallelEqualsSingleProcess) {
   }
 }
 
-// bf16 tensors through the collective path: the layer computes in fp32 on their values, so
-// its outputs are the fp32 layer's rounded once and its gradients the fp32 ones, bit for bit.
+// bf16 tensors through the collective path with cpu_bf16 = widen: the layer computes in fp32
+// on their values, so its outputs are the fp32 layer's rounded once and its gradients the
+// fp32 ones, bit for bit. (With the CPU's bf16 products the attention core runs on bf16
+// copies; Multihead.Bf16TensorsWithBf16Products tests that path.)
 TEST(Distributed, Bf16TensorsComputeInFp32) {
   const std::unique_ptr<Communicator> self = make_self_communicator();
   const LayerCase c = seq_case(world().size(), Mode::kGroups, true);
   const int64_t n_loc = c.N / world().size();
   const size_t size = static_cast<size_t>(c.B * n_loc * c.E);
-  DistributedDilatedAttention layer(c.config(), world(), *self, random_weights(c.config(), 9));
+  ExecOptions widen;
+  widen.cpu_bf16 = CpuBf16::kWiden;
+  DistributedDilatedAttention layer(c.config(), world(), *self, random_weights(c.config(), 9), {},
+                                    widen);
   const Rounded x =
       round_to(DType::kBF16, normal_vector(size, static_cast<uint32_t>(1 + world().rank())));
   const Rounded dy =

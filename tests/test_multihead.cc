@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include "src/cpu/bf16_kernels.h"
+#include "src/dtype.h"
 #include "tests/layer_util.h"
 #include "tests/oracle.h"
 #include "tests/test_util.h"
@@ -323,12 +325,15 @@ TEST(Multihead, BadInputsFailBeforeCompute) {
       << e.what();
 }
 
-// bf16 / fp16 host tensors: the layer computes in fp32 on their values, so y and the input
-// gradients are the fp32 layer's (on the widened inputs and dy) rounded once, and the weight
-// gradients are the fp32 ones, bit for bit; self-attention's x and dx stay one buffer each.
+// bf16 / fp16 host tensors with cpu_bf16 = widen (fp16: always): the layer computes in fp32
+// on their values, so y and the input gradients are the fp32 layer's (on the widened inputs
+// and dy) rounded once, and the weight gradients are the fp32 ones, bit for bit;
+// self-attention's x and dx stay one buffer each.
 TEST(Multihead, LowPrecisionHostTensorsComputeInFp32) {
   const LayerCase c{2, 16, 32, 4, 2, {8, 16}, {1, 2}, Mode::kGroups, true};
-  const MultiheadDilatedAttention layer(c.config(), random_weights(c.config(), 7));
+  ExecOptions widen;
+  widen.cpu_bf16 = CpuBf16::kWiden;
+  const MultiheadDilatedAttention layer(c.config(), random_weights(c.config(), 7), widen);
   const size_t n = static_cast<size_t>(c.B * c.N * c.E);
   for (const DType dtype : {DType::kBF16, DType::kF16}) {
     const auto expect_rounded = [&](const std::vector<uint16_t>& got,
@@ -377,6 +382,81 @@ TEST(Multihead, LowPrecisionHostTensorsComputeInFp32) {
       for (const auto& [member, name] : kWeightParams) EXPECT_EQ(g.*member, g32.*member) << name;
     }
   }
+}
+
+// bf16 host tensors with the CPU's bf16 products (cpu_bf16 = dot or amx, where the CPU has
+// them): the attention core runs on q, k, v rounded to bf16. y against the composed fp64
+// reference and every gradient against the fp32 layer's (on the widened inputs and dy),
+// within bf16 tolerances; finite, non-zero.
+TEST(Multihead, Bf16TensorsWithBf16Products) {
+  const LayerCase c{2, 64, 64, 4, 2, {32, 64}, {1, 2}, Mode::kLongNet, true};
+  const MultiheadWeights w = random_weights(c.config(), 7);
+  const size_t n = static_cast<size_t>(c.B * c.N * c.E);
+  const Rounded x = round_to(DType::kBF16, normal_vector(n, 21));
+  const Rounded dy = round_to(DType::kBF16, normal_vector(n, 22));
+  const auto view = [&](const void* data, DType t) {
+    return TensorView::contiguous(const_cast<void*>(data), t, {c.B, c.N, c.E});
+  };
+  // Within 3e-2 of max(scale, max |want|).
+  const auto expect_near = [&](const std::vector<float>& got, const std::vector<double>& want,
+                               const char* name, double scale = 1.0) -> double {
+    double err = 0.0, max_ref = 0.0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_TRUE(std::isfinite(got[i])) << name << "[" << i << "]";
+      err = std::max(err, std::abs(got[i] - want[i]));
+      max_ref = std::max(max_ref, std::abs(want[i]));
+    }
+    EXPECT_LE(err, 3e-2 * std::max(scale, max_ref)) << name << " max |ref| " << max_ref;
+    return max_ref;
+  };
+  const auto widened = [](const std::vector<uint16_t>& bits) {
+    std::vector<float> v(bits.size());
+    for (size_t i = 0; i < bits.size(); ++i) v[i] = to_f32(bf16_t{bits[i]});
+    return v;
+  };
+  ExecOptions widen;
+  widen.cpu_bf16 = CpuBf16::kWiden;
+  const MultiheadDilatedAttention fp32_layer(c.config(), w, widen);
+  std::vector<float> dx32(n);
+  MultiheadSaved saved32;
+  MultiheadWeights g32;
+  std::vector<float> y32(n);
+  fp32_layer.forward(view(x.values.data(), DType::kF32), view(y32.data(), DType::kF32), &saved32);
+  fp32_layer.backward(view(x.values.data(), DType::kF32), view(dy.values.data(), DType::kF32),
+                      saved32, view(dx32.data(), DType::kF32), g32);
+  const std::vector<double> ref = composed_forward(c, w, x.values, x.values, x.values);
+  int ran = 0;
+  for (const CpuBf16 kernel : {CpuBf16::kDot, CpuBf16::kAmx}) {
+    ExecOptions o;
+    o.cpu_bf16 = kernel;
+    try {
+      cpu::resolve_bf16(kernel);
+    } catch (const Error&) {
+      continue;  // not on this CPU
+    }
+    ++ran;
+    SCOPED_TRACE(cpu_bf16_name(kernel));
+    const MultiheadDilatedAttention layer(c.config(), w, o);
+    std::vector<uint16_t> y(n), dx(n);
+    MultiheadSaved saved;
+    MultiheadWeights g;
+    layer.forward(view(x.bits.data(), DType::kBF16), view(y.data(), DType::kBF16), &saved);
+    layer.backward(view(x.bits.data(), DType::kBF16), view(dy.bits.data(), DType::kBF16), saved,
+                   view(dx.data(), DType::kBF16), g);
+    EXPECT_GT(expect_near(widened(y), ref, "y"), 0.1);
+    EXPECT_GT(expect_near(widened(dx), std::vector<double>(dx32.begin(), dx32.end()), "dx"), 0.1);
+    // The k-norm bias's exact gradient is 0 (it shifts every score of a query alike): with
+    // dS rounded to bf16 it is rounding noise on terms of the k-norm weight gradient's size.
+    const std::vector<float>& gk = g32.k_norm_weight;
+    double k_scale = 1.0;
+    for (float v : gk) k_scale = std::max(k_scale, static_cast<double>(std::abs(v)));
+    for (const auto& [member, name] : kWeightParams) {
+      const std::vector<float>& want = g32.*member;
+      expect_near(g.*member, std::vector<double>(want.begin(), want.end()), name,
+                  member == &MultiheadWeights::k_norm_bias ? k_scale : 1.0);
+    }
+  }
+  if (ran == 0) GTEST_SKIP() << "this CPU has neither AVX512_BF16 nor AMX-BF16";
 }
 
 TEST(Multihead, XavierInitialisation) {

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "ringattn/ringattn.h"
+#include "src/cpu/bf16_kernels.h"
 #include "src/reference.h"
 #include "tests/mpi_main.h"
 #include "tests/test_util.h"
@@ -22,6 +23,13 @@ struct RingCase {
   Mode mode;
   bool causal;
   DType dtype = DType::kF32;
+  CpuBf16 cpu_bf16 = CpuBf16::kAuto;  // the ring's and the single-device run's bf16 products
+
+  ExecOptions options() const {
+    ExecOptions o;
+    o.cpu_bf16 = cpu_bf16;
+    return o;
+  }
 };
 
 std::string describe(const RingCase& c) {
@@ -102,8 +110,9 @@ void check_ring_backward(const RingCase& c, const Tensor& q, const Tensor& k, co
       ring_dv(c.dtype, {c.B, c.n_loc, c.Hkv, c.D});
   dout.fill_normal(rng);
   const DilatedConfig& cfg = ring.config();
-  DilatedAttention(cfg).backward(dout.view(), q.view(), k.view(), v.view(), full_out.view(),
-                                 full_lse.view(), dq.view(), dk.view(), dv.view());
+  DilatedAttention(cfg, c.options())
+      .backward(dout.view(), q.view(), k.view(), v.view(), full_out.view(), full_lse.view(),
+                dq.view(), dk.view(), dv.view());
   const ReferenceGrads ref = reference_backward(make_backward_problem(
       cfg, dout.view(), q.view(), k.view(), v.view(), full_out.view(), full_lse.view(), dq.view(),
       dk.view(), dv.view(), 1 << 20, "reference"));
@@ -166,11 +175,12 @@ void check_ring_case(const RingCase& c, uint32_t seed) {
   v.fill_normal(rng);
   const DilatedConfig cfg{c.s, c.r, c.mode, c.causal, std::nullopt};
   // Single device on the whole sequence, and the fp64 reference.
-  DilatedAttention(cfg).forward(q.view(), k.view(), v.view(), full_out.view(), full_lse.view());
+  DilatedAttention(cfg, c.options())
+      .forward(q.view(), k.view(), v.view(), full_out.view(), full_lse.view());
   const ReferenceResult ref = reference_forward(make_problem(
       cfg, q.view(), k.view(), v.view(), full_out.view(), std::nullopt, 1 << 20, "reference"));
 
-  RingDilatedAttention ring(cfg, comm);
+  RingDilatedAttention ring(cfg, comm, c.options());
   const int64_t row0 = rank * c.n_loc;
   ring.forward(rows_of(q, row0, c.n_loc, 1), rows_of(k, row0, c.n_loc, 1),
                rows_of(v, row0, c.n_loc, 1), out.view(), lse.view());
@@ -237,10 +247,21 @@ TEST(Ring, DilationNotDividingSegmentAndHeadDim128) {
   check_ring_case({1, n_loc, 3, 1, 128, {n_loc, P * n_loc}, {3, 5}, Mode::kGroups, false}, 21);
 }
 
+// Every bf16 product kernel this CPU has (widening, AVX512_BF16 dot products, AMX tiles).
 TEST(Ring, Bf16) {
   const int P = world().size();
-  check_ring_case({1, 64, 4, 2, 64, {32, P * 64}, {1, 2}, Mode::kLongNet, true, DType::kBF16}, 30);
-  check_ring_case({1, 64, 2, 2, 128, {64, P * 64}, {1, 4}, Mode::kGroups, false, DType::kBF16}, 31);
+  for (const CpuBf16 kernel : {CpuBf16::kWiden, CpuBf16::kDot, CpuBf16::kAmx}) {
+    try {
+      cpu::resolve_bf16(kernel);
+    } catch (const Error&) {
+      continue;  // not on this CPU (the same on every rank of one machine)
+    }
+    SCOPED_TRACE(cpu_bf16_name(kernel));
+    check_ring_case(
+        {1, 64, 4, 2, 64, {32, P * 64}, {1, 2}, Mode::kLongNet, true, DType::kBF16, kernel}, 30);
+    check_ring_case(
+        {1, 64, 2, 2, 128, {64, P * 64}, {1, 4}, Mode::kGroups, false, DType::kBF16, kernel}, 31);
+  }
 }
 
 TEST(Ring, BalancedCausalBranchOfSomeHeads) {

@@ -150,11 +150,11 @@ std::vector<double> to_double(const Tensor& x) {
 
 namespace {
 
-void accumulate(Stats& s, double x, double ref) {
+void accumulate(Stats& s, double x, double ref, double clearly_nonzero = kClearlyNonZero) {
   ++s.count;
   if (x != 0.0) ++s.nonzero;
   if (ref != 0.0) ++s.ref_nonzero;
-  if (x == 0.0 && std::abs(ref) > kClearlyNonZero) ++s.missing;
+  if (x == 0.0 && std::abs(ref) > clearly_nonzero) ++s.missing;
   if (std::isfinite(ref)) {
     s.max_ref = std::max(s.max_ref, std::abs(ref));
     if (!std::isfinite(x)) {
@@ -169,10 +169,10 @@ void accumulate(Stats& s, double x, double ref) {
 
 }  // namespace
 
-Stats compare_bnhd(const Tensor& x, const std::vector<double>& ref) {
+Stats compare_bnhd(const Tensor& x, const std::vector<double>& ref, double clearly_nonzero) {
   Stats s;
   const std::vector<double> xs = to_double(x);
-  for (size_t i = 0; i < xs.size(); ++i) accumulate(s, xs[i], ref[i]);
+  for (size_t i = 0; i < xs.size(); ++i) accumulate(s, xs[i], ref[i], clearly_nonzero);
   return s;
 }
 

@@ -99,14 +99,18 @@ struct Stats {
   int64_t nonfinite = 0;     // NaN or inf in x where ref is finite
   int64_t nonzero = 0;       // entries of x that are not zero
   int64_t ref_nonzero = 0;   // entries of ref that are not zero
-  // Entries where x is exactly 0 but |ref| > kClearlyNonZero: a kernel that skipped work.
+  // Entries where x is exactly 0 but |ref| > clearly_nonzero (kClearlyNonZero unless given):
+  // a kernel that skipped work.
   // (Values that cancel to ~1e-17 in the reference may legitimately come out as 0.)
   int64_t missing = 0;
   int64_t count = 0;
 };
 
-// Compares a [B, N, H, D] tensor against a contiguous fp64 array of the same shape.
-Stats compare_bnhd(const Tensor& x, const std::vector<double>& ref);
+// Compares a [B, N, H, D] tensor against a contiguous fp64 array of the same shape. `missing`
+// counts zeros where |ref| > clearly_nonzero (for low precision: the error the rule allows,
+// since products of rounded values can cancel to exactly 0).
+Stats compare_bnhd(const Tensor& x, const std::vector<double>& ref,
+                   double clearly_nonzero = kClearlyNonZero);
 // Compares lse [B, H, N] (fp32) against fp64; -inf must match exactly.
 Stats compare_lse(const Tensor& x, const std::vector<double>& ref);
 

@@ -18,6 +18,21 @@ const char* backend_name(Backend backend);
 // Parses "cpu", "reference" or "cuda"; throws Error(kInvalidArgument) otherwise.
 Backend parse_backend(const std::string& text);
 
+// How the CPU backend computes the two products of attention on bf16 tensors (fp32 and fp16
+// tensors always take the fp32 products). The softmax state, the accumulators and the merge
+// are fp32 in every choice; kDot and kAmx round the probabilities P (and, in backward, dS)
+// to bf16 for the second product, as FlashAttention does on GPUs.
+enum class CpuBf16 {
+  kAuto,   // kAmx where the CPU has AMX-BF16 and the OS grants it, else kDot, else kWiden
+  kWiden,  // widened to fp32 while packing, fp32 FMA products (every CPU)
+  kDot,    // AVX512_BF16 dot products (vdpbf16ps)
+  kAmx,    // AMX-BF16 tile products (TDPBF16PS); Linux grants the tile state per process
+};
+
+const char* cpu_bf16_name(CpuBf16 kernel);
+// Parses "auto", "widen", "dot" or "amx"; throws Error(kInvalidArgument) otherwise.
+CpuBf16 parse_cpu_bf16(const std::string& text);
+
 struct ExecOptions {
   Backend backend = Backend::kCpu;
   int num_threads = 0;  // CPU threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
@@ -33,8 +48,12 @@ struct ExecOptions {
   // wait anyway still do: the GPU ring (transfers between kernels) and the multihead layers
   // (they return host gradients).
   bool cuda_async = false;
+  // kDot or kAmx on a CPU without them is Error(kUnsupported) at construction. Results of
+  // one choice are bitwise reproducible; different choices differ by bf16 rounding.
+  CpuBf16 cpu_bf16 = CpuBf16::kAuto;
 
-  // A known backend and num_threads >= 0; throws Error(kInvalidArgument) naming the field.
+  // A known backend, num_threads >= 0 and a known cpu_bf16; throws Error(kInvalidArgument)
+  // naming the field, or Error(kUnsupported) for a cpu_bf16 this CPU lacks (backend cpu).
   void validate() const;
 };
 

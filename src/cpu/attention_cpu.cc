@@ -14,6 +14,7 @@
 #include "../dtype.h"
 #include "../index_math.h"
 #include "../memory.h"
+#include "bf16_kernels.h"
 #include "task_errors.h"
 
 namespace ringattn::cpu {
@@ -62,18 +63,33 @@ class Arena {
   hwy::AlignedFreeUniquePtr<float[]> mem_;
 };
 
-// One thread's forward scratch.
+// Floats that hold a bf16 kernel's scratch (none for the fp32 products). The size functions
+// are compiled for the bf16 instructions, so they only run when the kernel is one of them.
+template <typename T>
+int64_t bf16_floats(const T& tiles, int64_t (*bytes)(const T&)) {
+  return tiles.kernel == CpuBf16::kWiden
+             ? 0
+             : ceil_div(bytes(tiles), static_cast<int64_t>(sizeof(float)));
+}
+
+// One thread's forward scratch: the fp32 products' tiles, or the bf16 kernel's bytes.
 class ThreadScratch {
  public:
   explicit ThreadScratch(const Tiles& t)
-      : arena_({t.padded_dim * t.ld_rows(), t.padded_dim * t.ld_rows(), t.ld_rows(), t.ld_rows(),
-                Tiles::kKeyRows * t.padded_dim, Tiles::kKeyRows * t.padded_dim,
-                Tiles::kKeyRows * Tiles::kMaxPanel, t.row_block * t.padded_dim, t.row_block},
-               {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l}) {}
+      : arena_({fp32(t) * t.padded_dim * t.ld_rows(), t.padded_dim * t.ld_rows(), t.ld_rows(),
+                t.ld_rows(), fp32(t) * Tiles::kKeyRows * t.padded_dim,
+                fp32(t) * Tiles::kKeyRows * t.padded_dim,
+                fp32(t) * Tiles::kKeyRows * Tiles::kMaxPanel, t.row_block * t.padded_dim,
+                t.row_block, bf16_floats(t, detail::bf16_forward_scratch_bytes)},
+               {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l, &bf16_}) {
+    s_.bf16 = bf16_;
+  }
   const Scratch& get() const { return s_; }
 
  private:
+  static int64_t fp32(const Tiles& t) { return t.kernel == CpuBf16::kWiden ? 1 : 0; }
   Scratch s_{};
+  float* bf16_ = nullptr;
   Arena arena_;
 };
 
@@ -132,9 +148,15 @@ int64_t task_pairs(const Problem& p, const Task& t) {
 // Tasks over (batch, head, row block of the shard) and the tile geometry they need, the
 // costliest first (so that the dynamic schedule does not end on one long task).
 // Blocks never straddle `split` (a global row; none when outside the shard).
-std::vector<Task> make_tasks(const Problem& p, Tiles& tiles, int64_t split = -1) {
+// The products: bf16 ones only for bf16 tensors (fp16 and fp32 take the fp32 products).
+CpuBf16 kernel_of(const Problem& p, const ExecOptions& options) {
+  return p.dtype == DType::kBF16 ? resolve_bf16(options.cpu_bf16) : CpuBf16::kWiden;
+}
+
+std::vector<Task> make_tasks(const Problem& p, CpuBf16 kernel, Tiles& tiles, int64_t split = -1) {
   std::vector<Task> tasks;
-  tiles = Tiles{round_up(p.head_dim, Tiles::kMicroRows), 0};
+  const int64_t dim_step = kernel == CpuBf16::kWiden ? Tiles::kMicroRows : 32;
+  tiles = Tiles{round_up(p.head_dim, dim_step), 0, kernel};
   const int64_t end = p.shard_begin + p.shard_rows;
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = 0; h < p.heads; ++h) {
@@ -208,11 +230,63 @@ KeySourceFn detail::local_keys(const Problem& p) {
   };
 }
 
-void forward(const Problem& p, int num_threads) {
+void detail::forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
+                           int64_t n1, const KeySourceFn& sources, const Scratch& sc) {
+  const char* q_base = static_cast<const char*>(p.q);
+  const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype)), dp = tiles.padded_dim;
+  for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
+    const Branch br = p.branches[p.head_branches[hb].branch];
+    const int64_t o = p.head_branches[hb].offset, r = br.rate;
+    for (int64_t seg = n0 / br.segment; seg * br.segment < n1; ++seg) {
+      // The piece: kept rows t in [t0, t0 + rows) of this segment inside the block.
+      const KeptSpan span = kept_span_in_window(seg, br.segment, r, o, n0, n1);
+      const int64_t row0 = span.seg_start + o;  // global row of kept index 0
+      const int64_t t0 = span.t_begin;
+      KeySource src;
+      if (span.t_end == t0 || !sources(b, h, hb, seg, src)) continue;
+      const int64_t q_row = row0 + t0 * r - p.shard_begin;  // local row of the first query
+      const detail::QueryRows qr{q_base + esize * (b * p.q_st.b + q_row * p.q_st.n + h * p.q_st.h),
+                                 r * p.q_st.n,
+                                 t0,
+                                 span.t_end,
+                                 sc.acc_o + (row0 + t0 * r - n0) * dp,
+                                 sc.acc_l + (row0 + t0 * r - n0),
+                                 r};
+      forward_rows(p, tiles, qr, &src, 1, sc);
+    }
+  }
+}
+
+void detail::merge_queries(const Problem& p, const Tiles& tiles, const QueryRows& qr,
+                           const float* ot, const float* m, const float* l) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows();
+  for (int64_t i = 0; i < qr.t_end - qr.t_begin; ++i) {
+    if (!(l[i] > 0.0f)) continue;  // no visible key: nothing to merge
+    const float lse = (m[i] + std::log2(l[i])) * kLn2;
+    float* acc = qr.acc_o + i * qr.acc_step * dp;
+    float& acc_l = qr.acc_l[i * qr.acc_step];
+    const float prev = acc_l;
+    if (prev == kNegInf) {  // the row's first result (its acc_o row is not read)
+      const float a = 1.0f / l[i];
+      for (int64_t c = 0; c < D; ++c) acc[c] = a * ot[c * ld + i];
+      acc_l = lse;
+      continue;
+    }
+    const float mx = prev > lse ? prev : lse;
+    const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
+    const float total = w_prev + w_part;
+    const float a_prev = w_prev / total, a_part = w_part / (total * l[i]);
+    for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * ot[c * ld + i];
+    acc_l = mx + std::log(total);
+  }
+}
+
+void forward(const Problem& p, const ExecOptions& options) {
   Tiles tiles;
-  const std::vector<Task> tasks = make_tasks(p, tiles);
+  const std::vector<Task> tasks = make_tasks(p, kernel_of(p, options), tiles);
   // Allocated up front so that nothing inside the parallel region can throw.
-  const std::vector<ThreadScratch> scratch = make_scratch(tiles, num_threads);
+  const std::vector<ThreadScratch> scratch = make_scratch(tiles, options.num_threads);
   const KeySourceFn sources = detail::local_keys(p);
   run_tasks(tasks, scratch, nullptr, [&](const Task& t, const Scratch& sc) {
     std::fill_n(sc.acc_l, t.n1 - t.n0, kNegInf);  // acc_o rows are written by their first merge
@@ -230,11 +304,11 @@ struct ShardForward::State {
   std::vector<float> acc_l;                  // [B][H][shard_rows]
 };
 
-ShardForward::ShardForward(const Problem& p, int num_threads, int64_t split)
+ShardForward::ShardForward(const Problem& p, const ExecOptions& options, int64_t split)
     : p_(p), s_(new State) {
   s_->split = split;
-  s_->tasks = make_tasks(p, s_->tiles, split);
-  s_->scratch = make_scratch(s_->tiles, num_threads);
+  s_->tasks = make_tasks(p, kernel_of(p, options), s_->tiles, split);
+  s_->scratch = make_scratch(s_->tiles, options.num_threads);
   const int64_t rows = p.batch * p.heads * p.shard_rows;
   s_->acc_o = aligned_floats(static_cast<size_t>(rows * s_->tiles.padded_dim),
                              "the shard's fp32 output accumulators [B, H, N_loc, D]");
@@ -247,7 +321,7 @@ ShardForward::~ShardForward() = default;
 
 void ShardForward::restart() {
   Tiles tiles;
-  s_->tasks = make_tasks(p_, tiles, s_->split);
+  s_->tasks = make_tasks(p_, s_->tiles.kernel, tiles, s_->split);
   const int64_t rows = p_.batch * p_.heads * p_.shard_rows;
   std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
   std::fill(s_->acc_l.begin(), s_->acc_l.end(), kNegInf);
@@ -353,24 +427,30 @@ void ShardForward::write_output() const {
 
 namespace {
 
-// One thread's backward scratch.
+// One thread's backward scratch: the fp32 products' tiles, or the bf16 kernel's bytes.
 class BackwardThreadScratch {
  public:
   explicit BackwardThreadScratch(const detail::BackwardTiles& t)
-      : arena_({seg(t), seg(t), seg(t), seg(t), t.head_dim * QB, QR * t.padded_dim, t.head_dim * QB,
-                QR * t.padded_dim, KB * QR, KB * QR, QB, QB, QR * t.padded_dim},
+      : arena_({seg(t), seg(t), seg(t), seg(t), f(t) * t.head_dim * QB, f(t) * QR * t.padded_dim,
+                f(t) * t.head_dim * QB, f(t) * QR * t.padded_dim, f(t) * KB * QR, f(t) * KB * QR,
+                f(t) * QB, f(t) * QB, f(t) * QR * t.padded_dim,
+                bf16_floats(t, detail::bf16_backward_scratch_bytes)},
                {&s_.k, &s_.v, &s_.dk, &s_.dv, &s_.qt, &s_.q, &s_.dot, &s_.dout, &s_.p, &s_.ds,
-                &s_.lse2, &s_.dr, &s_.dq}) {}
+                &s_.lse2, &s_.dr, &s_.dq, &bf16_}) {
+    s_.bf16 = bf16_;
+  }
   const detail::BackwardScratch& get() const { return s_; }
 
  private:
   static constexpr int64_t KB = detail::BackwardTiles::kKeyBlock;
   static constexpr int64_t QB = detail::BackwardTiles::kQueryBlock;
   static constexpr int64_t QR = detail::BackwardTiles::kQueryRows;
+  static int64_t f(const detail::BackwardTiles& t) { return t.kernel == CpuBf16::kWiden ? 1 : 0; }
   static int64_t seg(const detail::BackwardTiles& t) {
-    return round_up(t.max_kept, KB) * t.padded_dim;
+    return f(t) * round_up(t.max_kept, KB) * t.padded_dim;
   }
   detail::BackwardScratch s_{};
+  float* bf16_ = nullptr;
   Arena arena_;
 };
 
@@ -431,15 +511,16 @@ detail::GradRows grad_rows(const Problem& p, void* dst, const Strides3& st, int6
 
 }  // namespace
 
-ShardBackward::ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows)
+ShardBackward::ShardBackward(const BackwardProblem& bp, const ExecOptions& options,
+                             int64_t max_key_rows)
     : bp_(bp), local_(detail::local_keys(bp.fwd)), s_(new State) {
   const Problem& p = bp.fwd;
-  s_->tiles = {round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0};
+  s_->tiles = {round_up(p.head_dim, Tiles::kMaxPanel), p.head_dim, 0, kernel_of(p, options)};
   for (const Branch& br : p.branches) {
     s_->tiles.max_kept = std::max(s_->tiles.max_kept, kept_count(br.segment, br.rate, 0));
   }
   if (max_key_rows > 0) s_->tiles.max_kept = std::min(s_->tiles.max_kept, max_key_rows);
-  s_->threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  s_->threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
   s_->scratch.reserve(static_cast<size_t>(s_->threads));
   for (int i = 0; i < s_->threads; ++i) s_->scratch.emplace_back(s_->tiles);
   restart();
@@ -575,8 +656,8 @@ void ShardBackward::write_output() const {
   cast(s_->dv_acc, bp_.dv, bp_.dv_st, p.kv_heads);
 }
 
-void backward(const BackwardProblem& bp, int num_threads) {
-  ShardBackward shard(bp, num_threads);
+void backward(const BackwardProblem& bp, const ExecOptions& options) {
+  ShardBackward shard(bp, options);
   shard.local_passes();
   shard.write_output();
 }

@@ -14,12 +14,12 @@ namespace ringattn::cpu {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Computes p.out (and p.lse when set) from the keys in the local views.
-// `num_threads` = 0 uses OpenMP's default.
-void forward(const Problem& p, int num_threads);
+// Computes p.out (and p.lse when set) from the keys in the local views, on
+// options.num_threads threads (0: OpenMP's default) with the products options.cpu_bf16 picks.
+void forward(const Problem& p, const ExecOptions& options);
 
 // Computes bp.dq, bp.dk, bp.dv (SPEC.md backward) from the saved out and lse.
-void backward(const BackwardProblem& bp, int num_threads);
+void backward(const BackwardProblem& bp, const ExecOptions& options);
 
 namespace detail {
 struct KeySource;
@@ -40,7 +40,7 @@ class ShardBackward {
   // `max_key_rows` > 0 bounds the keys of one unit (scratch size) when the branches' own
   // bound (their kept rows per segment) is larger than any unit the caller forms. fp32
   // bp.dq / dk / dv are zeroed here and summed into directly; null ones get accumulators.
-  ShardBackward(const BackwardProblem& bp, int num_threads, int64_t max_key_rows = 0);
+  ShardBackward(const BackwardProblem& bp, const ExecOptions& options, int64_t max_key_rows = 0);
   ~ShardBackward();
   // Zeroes the sums again, for a problem whose pointers or rows (not its shape) changed
   // since: one shard serves the passes of several ring steps without allocating.
@@ -79,7 +79,7 @@ class ShardBackward {
 class ShardForward {
  public:
   // Row blocks never straddle the global row `split` (so a pass can stop there).
-  ShardForward(const Problem& p, int num_threads, int64_t split = -1);
+  ShardForward(const Problem& p, const ExecOptions& options, int64_t split = -1);
   ~ShardForward();
   // Plans the tasks again and clears the accumulators, for a problem whose pointers or rows
   // (not its shape) changed since: one shard serves several ring steps without reallocating.
@@ -131,8 +131,9 @@ struct Tiles {
   static constexpr int64_t kMaxPanel = kMicroVecs * 16;  // widest panel (AVX-512)
   static constexpr int64_t kKeyTile = 21 * kMicroRows;   // key rows per tile (126: no padding)
   static constexpr int64_t kKeyRows = (kKeyTile + kMicroRows - 1) / kMicroRows * kMicroRows;
-  int64_t padded_dim;                                        // D rounded up to kMicroRows
-  int64_t row_block;                                         // sequence rows per task
+  int64_t padded_dim;                // D rounded up to kMicroRows (kWiden) or to 32 (kDot, kAmx)
+  int64_t row_block;                 // sequence rows per task
+  CpuBf16 kernel = CpuBf16::kWiden;  // the products (resolved)
   int64_t ld_rows() const { return row_block + kMaxPanel; }  // room for a padded panel
 };
 
@@ -147,6 +148,7 @@ struct Scratch {
   float* s;      // [kKeyRows][kMaxPanel], S^T then P^T of one query panel
   float* acc_o;  // [row_block][padded_dim], merged normalised output of the block
   float* acc_l;  // [row_block], merged lse (natural log)
+  void* bf16;    // kDot, kAmx: bf16_forward_scratch_bytes (then qt, k, v and s are unused)
 };
 
 // Keys and values one piece attends to: kept indices [t_begin, t_end) of a branch segment,
@@ -192,6 +194,12 @@ struct QueryRows {
 void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
                   const KeySource* sources, int64_t num_sources, const Scratch& scratch);
 
+// The end of forward_rows: query i < rows.t_end - rows.t_begin has the unnormalised output
+// ot[c * tiles.ld_rows() + i] (c < D), running max m[i] (log2 units) and sum l[i]; each
+// query that saw a key is normalised and merged (SPEC.md merge) into its accumulator row.
+void merge_queries(const Problem& p, const Tiles& tiles, const QueryRows& rows, const float* ot,
+                   const float* m, const float* l);
+
 // Backward tiles: a key block of kKeyBlock rows (dk, dv accumulate in scratch) meets query
 // blocks of kQueryBlock rows; the five products run on the forward's micro-tile.
 struct BackwardTiles {
@@ -201,6 +209,7 @@ struct BackwardTiles {
   int64_t padded_dim;  // D rounded up to 2 vectors of the widest target (row-major tiles)
   int64_t head_dim;    // D
   int64_t max_kept;    // most kept rows of any branch segment
+  CpuBf16 kernel = CpuBf16::kWiden;  // the products (resolved)
 };
 
 struct BackwardScratch {
@@ -217,6 +226,7 @@ struct BackwardScratch {
   float* lse2;  // [kQueryBlock], lse in log2 units
   float* dr;    // [kQueryBlock], rowsum(dout * out)
   float* dq;    // [kQueryRows][padded_dim], dQ of the query block (unscaled)
+  void* bf16;   // kDot, kAmx: bf16_backward_scratch_bytes (then the buffers above are unused)
 };
 
 // One unit of backward work: the local queries [tq_begin, tq_end) (kept indices) of batch b,

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "src/cpu/attention_cpu.h"
+#include "src/cpu/bf16_kernels.h"
 #include "src/dtype.h"
 #include "src/index_math.h"
 
@@ -250,7 +251,6 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
   const int64_t panel = Tiles::kMicroVecs * L, MR = Tiles::kMicroRows;
   const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows();
   const float q_mul = p.scale * 1.4426950408889634f;  // log2(e): scores in log2 units
-  constexpr float kLn2 = 0.6931471805599453f;
   float alpha[Tiles::kMaxPanel], tile_max[Tiles::kMaxPanel];
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t t0 = qr.t_begin, rows = qr.t_end - qr.t_begin;
@@ -339,55 +339,7 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
     }
   }
 
-  // Normalise each query and merge it into its accumulator row (SPEC.md merge).
-  for (int64_t i = 0; i < rows; ++i) {
-    const float l = sc.l[i];
-    if (!(l > 0.0f)) continue;  // no visible key: nothing to merge
-    const float lse = (sc.m[i] + std::log2(l)) * kLn2;
-    float* acc = qr.acc_o + i * qr.acc_step * dp;
-    float& acc_l = qr.acc_l[i * qr.acc_step];
-    const float prev = acc_l;
-    if (prev == kNegInf) {  // the row's first result (its acc_o row is not read)
-      const float a = 1.0f / l;
-      for (int64_t c = 0; c < D; ++c) acc[c] = a * sc.ot[c * ld + i];
-      acc_l = lse;
-      continue;
-    }
-    const float mx = prev > lse ? prev : lse;
-    const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
-    const float total = w_prev + w_part;
-    const float a_prev = w_prev / total, a_part = w_part / (total * l);
-    for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * sc.ot[c * ld + i];
-    acc_l = mx + std::log(total);
-  }
-}
-
-void ForwardBlockImpl(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                      int64_t n1, const KeySourceFn& sources, const Scratch& sc) {
-  const char* q_base = static_cast<const char*>(p.q);
-  const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype)), dp = tiles.padded_dim;
-
-  for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
-    const Branch br = p.branches[p.head_branches[hb].branch];
-    const int64_t o = p.head_branches[hb].offset, r = br.rate;
-    for (int64_t seg = n0 / br.segment; seg * br.segment < n1; ++seg) {
-      // The piece: kept rows t in [t0, t0 + rows) of this segment inside the block.
-      const KeptSpan span = kept_span_in_window(seg, br.segment, r, o, n0, n1);
-      const int64_t row0 = span.seg_start + o;  // global row of kept index 0
-      const int64_t t0 = span.t_begin;
-      KeySource src;
-      if (span.t_end == t0 || !sources(b, h, hb, seg, src)) continue;
-      const int64_t q_row = row0 + t0 * r - p.shard_begin;  // local row of the first query
-      const QueryRows qr{q_base + esize * (b * p.q_st.b + q_row * p.q_st.n + h * p.q_st.h),
-                         r * p.q_st.n,
-                         t0,
-                         span.t_end,
-                         sc.acc_o + (row0 + t0 * r - n0) * dp,
-                         sc.acc_l + (row0 + t0 * r - n0),
-                         r};
-      ForwardRowsImpl(p, tiles, qr, &src, 1, sc);
-    }
-  }
+  merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l);
 }
 
 // Gradients of one piece (see backward_piece in attention_cpu.h). The keys are packed
@@ -520,24 +472,24 @@ HWY_AFTER_NAMESPACE();
 namespace ringattn::cpu {
 namespace detail {
 
-HWY_EXPORT(ForwardBlockImpl);
 HWY_EXPORT(TargetNameImpl);
 HWY_EXPORT(BackwardPieceImpl);
 HWY_EXPORT(ForwardRowsImpl);
 
+// The one dispatch point of the kernels: bf16 products where the tiles ask for them
+// (resolve_bf16 checked the CPU), else Highway's best target for this CPU.
 void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
                   const KeySource* sources, int64_t num_sources, const Scratch& scratch) {
+  if (tiles.kernel != CpuBf16::kWiden) {
+    return forward_rows_bf16(p, tiles, rows, sources, num_sources, scratch);
+  }
   HWY_DYNAMIC_DISPATCH(ForwardRowsImpl)(p, tiles, rows, sources, num_sources, scratch);
 }
 
 void backward_piece(const BackwardProblem& bp, const BackwardTiles& tiles, const BackwardWork& w,
                     const BackwardScratch& scratch, const GradRows& dq) {
+  if (tiles.kernel != CpuBf16::kWiden) return backward_piece_bf16(bp, tiles, w, scratch, dq);
   HWY_DYNAMIC_DISPATCH(BackwardPieceImpl)(bp, tiles, w, scratch, dq);
-}
-
-void forward_block(const Problem& p, const Tiles& tiles, int64_t b, int64_t h, int64_t n0,
-                   int64_t n1, const KeySourceFn& sources, const Scratch& scratch) {
-  HWY_DYNAMIC_DISPATCH(ForwardBlockImpl)(p, tiles, b, h, n0, n1, sources, scratch);
 }
 
 }  // namespace detail
