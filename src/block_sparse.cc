@@ -626,11 +626,22 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
     });
     const Problem& p = bp.fwd;
     check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p));
+    // An lse too large for its fp32 rounding (kPreciseLse) on any rank: every rank runs the
+    // forward again for the lse in double first.
+    int64_t precise = device == Device::kCPU && cpu::needs_precise_lse(p) ? 1 : 0;
+    comm_.allreduce_max(&precise, 1);
     Plan plan;
     std::unique_ptr<CpuBlockBackward> cpu;
+    std::unique_ptr<cpu::PreciseLse> precise_lse;
+    std::unique_ptr<CpuBlockForward> again;
     check_on_all_ranks(comm_, [&] {
       plan = make_plan(config_, p, rank, world);
-      if (device == Device::kCPU) cpu = std::make_unique<CpuBlockBackward>(bp, plan, options_);
+      if (device != Device::kCPU) return;
+      cpu = std::make_unique<CpuBlockBackward>(bp, plan, options_);
+      if (precise != 0) {
+        precise_lse = std::make_unique<cpu::PreciseLse>(p);
+        again = std::make_unique<CpuBlockForward>(precise_lse->forward_problem(), plan, options_);
+      }
     });
 
     stats_ = RingStats{};
@@ -644,6 +655,10 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
             !options_.cuda_async);
       }
 #endif
+      if (again) {
+        again->run(comm_, stats_);
+        precise_lse->attach(bp.fwd);
+      }
       cpu->run(comm_, stats_);
     });
     stats_.bytes_sent = comm_.bytes_sent() - sent_before;

@@ -85,4 +85,16 @@ RA_HD fp16_t from_f32<fp16_t>(float f) {
   return fp16_t{static_cast<uint16_t>(sign | ((a - 0x38000000u + rounding) >> 13))};
 }
 
+inline constexpr double kInfD = __builtin_inf();
+
+// A double carried as two floats, hi (the float nearest x) + lo (the rest): about 48 bits of
+// x in a message of floats (the ring's partial results carry lse so). Infinities: lo = 0.
+inline void split_double(double x, float* out) {
+  out[0] = static_cast<float>(x);
+  out[1] = __builtin_isfinite(x) ? static_cast<float>(x - out[0]) : 0.0f;
+}
+inline double join_double(const float* in) {
+  return static_cast<double>(in[0]) + in[1];
+}
+
 }  // namespace ringattn

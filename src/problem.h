@@ -46,10 +46,15 @@ struct Problem {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
-  void* out = nullptr;
+  void* out = nullptr;   // null: not written (a forward run for lse_precise alone)
   float* lse = nullptr;  // optional
   Strides3 q_st{}, k_st{}, v_st{}, out_st{};
   Strides3 lse_st{};  // b, n, h element strides of lse [B, H, N]
+  // Optional (CPU): the lse in double, [B, H, N] at lse_precise_st. A backward whose fp32 lse
+  // is too large for the fp32 rounding of it to be harmless (kPreciseLse) runs the forward
+  // again for this, and reads it instead.
+  double* lse_precise = nullptr;
+  Strides3 lse_precise_st{};
 
   int64_t kv_head(int64_t h) const { return h / (heads / kv_heads); }
   // The index into head_branches of head h's entry for `branch`, or -1 if h skips it.
@@ -64,6 +69,11 @@ struct Problem {
 // Assigns branches to heads as SPEC.md says for `mode`.
 void assign_heads(Mode mode, const std::vector<Branch>& branches, int64_t heads,
                   std::vector<int>& head_begin, std::vector<HeadBranch>& head_branches);
+
+// |lse| from which a backward recomputes the row statistics (Problem::lse_precise): an fp32
+// lse is rounded by up to |lse| * 2^-24, and exp(s - lse) inherits that as a relative error
+// of every probability (6e-8 at |lse| = 1, 3.8e-6 at 64, 3% at 1e6).
+inline constexpr float kPreciseLse = 64.0f;
 
 // A validated backward call: the forward problem (q, k, v, out, lse) plus the incoming
 // gradient and the gradients to write.

@@ -226,8 +226,9 @@ class CpuRingForward {
       pack_half(p.q, p.q_st, p, plan.split - p.shard_begin, sb.head_begin, sb.head_end, esize,
                 mine_[static_cast<size_t>(st.span)]);
     }
-    // Balanced partial results, (O, lse) for at most every head of the second half.
-    const size_t partial = static_cast<size_t>(p.batch * p.heads * half * (p.head_dim + 1));
+    // Balanced partial results, (O, lse as two floats) for at most every head of the second
+    // half.
+    const size_t partial = static_cast<size_t>(p.batch * p.heads * half * (p.head_dim + 2));
     if (asks_queries(plan)) {
       resize_buffer(partial_in_, partial, "the ring's balanced partial results");
     }
@@ -269,7 +270,7 @@ class CpuRingForward {
       const RingStep& st = plan.steps[e];
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
       const int64_t heads = sb.head_end - sb.head_begin;
-      const size_t partial_size = static_cast<size_t>(p.batch * heads * half * (p.head_dim + 1));
+      const size_t partial_size = static_cast<size_t>(p.batch * heads * half * (p.head_dim + 2));
       if (sb.balanced && st.send_to >= 0) {
         // The later rank's second-half queries against this rank's keys.
         const size_t lead = static_cast<size_t>(sb.head_begin * p.head_dim) * esize;
@@ -329,7 +330,7 @@ class CpuRingForward {
 // This rank's second-half q, dout, out and lse of a balanced span (the receiver's order).
 struct Half {
   std::vector<uint8_t> q, dout, out;
-  std::vector<float> lse;
+  std::vector<double> lse;  // in double: lse_precise where the backward recomputed it
 };
 
 // One rank of the CPU ring backward, made like CpuRingForward.
@@ -354,14 +355,6 @@ class CpuRingBackward {
       pack_half(p.out, p.out_st, p, split_local, sb.head_begin, sb.head_end, esize, m.out);
       resize_buffer(m.lse, static_cast<size_t>(p.batch * (sb.head_end - sb.head_begin) * half),
                     "the ring's balanced lse");
-      float* lse = m.lse.data();
-      for (int64_t b = 0; b < p.batch; ++b) {
-        for (int64_t h = sb.head_begin; h < sb.head_end; ++h) {
-          for (int64_t n = split_local; n < p.shard_rows; ++n) {
-            *lse++ = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
-          }
-        }
-      }
     }
     // Gradients of received blocks (sent back) and of this rank's (returned), fp32.
     const int64_t most_sent = most_over_steps(
@@ -381,7 +374,7 @@ class CpuRingBackward {
         resize_buffer(*buf, most * esize, "the ring's received balanced queries");
       }
       resize_buffer(in_lse_, static_cast<size_t>(p.heads * half * p.batch),
-                    "the ring's received balanced lse");
+                    "the ring's received balanced lse (double)");
       for (std::vector<float>& buf : dq_out_) {
         resize_buffer(buf, most, "the ring's balanced dq results");
       }
@@ -409,12 +402,13 @@ class CpuRingBackward {
     for (const RingStep& st : plan.steps) {
       const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
       if (!sb.balanced || st.recv_from < 0) continue;
-      const Half& m = mine_[static_cast<size_t>(st.span)];
+      Half& m = mine_[static_cast<size_t>(st.span)];
+      pack_lse(sb, m.lse);
       for (const std::vector<uint8_t>* part : {&m.q, &m.dout, &m.out}) {
         sends.push_back(comm.isend(part->data(), part->size(), st.recv_from, tags_.queries(st)));
       }
       sends.push_back(
-          comm.isend(m.lse.data(), m.lse.size() * sizeof(float), st.recv_from, tags_.queries(st)));
+          comm.isend(m.lse.data(), m.lse.size() * sizeof(double), st.recv_from, tags_.queries(st)));
       stats.messages_sent += 4;
     }
     shard_.local_passes(poll);
@@ -496,6 +490,23 @@ class CpuRingBackward {
   }
 
  private:
+  // This rank's second-half lse of span sb, [B][heads of sb][rows], in double: the
+  // recomputed lse where the backward made one (lse_precise), else the caller's.
+  void pack_lse(const SpanningBranch& sb, std::vector<double>& out) const {
+    const Problem& p = bp_.fwd;
+    double* lse = out.data();
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t h = sb.head_begin; h < sb.head_end; ++h) {
+        for (int64_t n = plan_.split - p.shard_begin; n < p.shard_rows; ++n) {
+          *lse++ = p.lse_precise != nullptr
+                       ? p.lse_precise[b * p.lse_precise_st.b + n * p.lse_precise_st.n +
+                                       h * p.lse_precise_st.h]
+                       : p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
+        }
+      }
+    }
+  }
+
   // Step e of a balanced span whose keys this rank owns: the later rank's second-half
   // queries against them. Their dq goes back; the gradients of these keys stay here.
   void answer_queries(Communicator& comm, KvRing& ring, RingStats& stats, size_t e,
@@ -514,15 +525,16 @@ class CpuRingBackward {
                            comm.irecv(in_dout_.data() + lead, bytes, st.send_to, tags_.queries(st)),
                            comm.irecv(in_out_.data() + lead, bytes, st.send_to, tags_.queries(st)),
                            comm.irecv(in_lse_.data() + lse_lead,
-                                      static_cast<size_t>(p.batch * heads * half) * sizeof(float),
+                                      static_cast<size_t>(p.batch * heads * half) * sizeof(double),
                                       st.send_to, tags_.queries(st))};
     for (CommRequest& req : reqs) ring.wait(req, e);
     const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
     foreign_.fwd = foreign_queries(p, span, in_q_.data(), split, half);
     foreign_.fwd.out = in_out_.data();
     foreign_.fwd.out_st = foreign_.fwd.q_st;
-    foreign_.fwd.lse = in_lse_.data();
-    foreign_.fwd.lse_st = {heads * half, 1, half};
+    foreign_.fwd.lse = nullptr;
+    foreign_.fwd.lse_precise = in_lse_.data();
+    foreign_.fwd.lse_precise_st = {heads * half, 1, half};
     foreign_.dout = in_dout_.data();
     foreign_.dout_st = foreign_.fwd.q_st;
     foreign_shard_->restart();
@@ -589,7 +601,8 @@ class CpuRingBackward {
   std::vector<Half> mine_;  // per balanced span
   std::vector<float> grads_out_[2], grads_in_[2];
   std::vector<uint8_t> in_q_, in_dout_, in_out_;
-  std::vector<float> in_lse_, dq_out_[2], dq_in_;
+  std::vector<double> in_lse_;
+  std::vector<float> dq_out_[2], dq_in_;
   BackwardProblem foreign_;
   std::unique_ptr<cpu::ShardBackward> foreign_shard_;
 };
@@ -741,8 +754,14 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
     const Problem& p = bp.fwd;
     check_same_on_all_ranks(comm_, "the configuration, shapes and device of RingDilatedAttention",
                             agreement_fields(config_, p, device));
+    // An lse too large for its fp32 rounding (kPreciseLse) on any rank: every rank runs the
+    // ring forward again for the lse in double first.
+    int64_t precise = device == Device::kCPU && cpu::needs_precise_lse(p) ? 1 : 0;
+    comm_.allreduce_max(&precise, 1);
     RingPlan plan;
     std::unique_ptr<CpuRingBackward> cpu;
+    std::unique_ptr<cpu::PreciseLse> precise_lse;
+    std::unique_ptr<CpuRingForward> again;
 #if defined(RINGATTN_HAVE_CUDA)
     std::unique_ptr<cuda::RingBackwardShard> gpu;
 #endif
@@ -755,6 +774,12 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
       }
 #endif
       cpu = std::make_unique<CpuRingBackward>(bp, plan, options_);
+      if (precise != 0) {
+        precise_lse = std::make_unique<cpu::PreciseLse>(p);
+        if (!plan.steps.empty()) {
+          again = std::make_unique<CpuRingForward>(precise_lse->forward_problem(), plan, options_);
+        }
+      }
     });
 
     stats_ = RingStats{};
@@ -763,6 +788,14 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
 #if defined(RINGATTN_HAVE_CUDA)
       if (gpu) return backward_cuda(comm_, bp, plan, *gpu, stats_);
 #endif
+      if (precise_lse) {
+        if (again) {
+          again->run(comm_, stats_);
+        } else {
+          cpu::forward(precise_lse->forward_problem(), options_);
+        }
+        precise_lse->attach(bp.fwd);
+      }
       cpu->run(comm_, stats_);
     });
     stats_.bytes_sent = comm_.bytes_sent() - sent_before;

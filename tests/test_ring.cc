@@ -88,8 +88,9 @@ int64_t expected_bytes(const RingCase& c, int rank, int world_size, bool backwar
       if (backward && (!c.causal || q < rank)) total += theirs * kv * 4;
       const int64_t rows = c.B * half * heads;  // balanced (row, head) pairs
       if (balanced && q < rank)
-        total += backward ? rows * (3 * c.D * esize + 4) : rows * c.D * esize;
-      if (balanced && q > rank) total += backward ? rows * c.D * 4 : rows * (c.D + 1) * 4;
+        total += backward ? rows * (3 * c.D * esize + 8) : rows * c.D * esize;  // lse: double
+      // (the lse of a partial result: two floats, hi + lo of its double)
+      if (balanced && q > rank) total += backward ? rows * c.D * 4 : rows * (c.D + 2) * 4;
     }
   }
   return total;

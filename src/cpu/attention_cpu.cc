@@ -76,13 +76,15 @@ int64_t bf16_floats(const T& tiles, int64_t (*bytes)(const T&)) {
 class ThreadScratch {
  public:
   explicit ThreadScratch(const Tiles& t)
-      : arena_({fp32(t) * t.padded_dim * t.ld_rows(), t.padded_dim * t.ld_rows(), t.ld_rows(),
-                t.ld_rows(), fp32(t) * Tiles::kKeyRows * t.padded_dim,
-                fp32(t) * Tiles::kKeyRows * t.padded_dim,
-                fp32(t) * Tiles::kKeyRows * Tiles::kMaxPanel, t.row_block * t.padded_dim,
-                t.row_block, bf16_floats(t, detail::bf16_forward_scratch_bytes)},
-               {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &s_.acc_l, &bf16_}) {
+      : arena_(
+            {fp32(t) * t.padded_dim * t.ld_rows(), t.padded_dim * t.ld_rows(), t.ld_rows(),
+             t.ld_rows(), fp32(t) * Tiles::kKeyRows * t.padded_dim,
+             fp32(t) * Tiles::kKeyRows * t.padded_dim, fp32(t) * Tiles::kKeyRows * Tiles::kMaxPanel,
+             t.row_block * t.padded_dim, bf16_floats(t, detail::bf16_forward_scratch_bytes)},
+            {&s_.qt, &s_.ot, &s_.m, &s_.l, &s_.k, &s_.v, &s_.s, &s_.acc_o, &bf16_}) {
     s_.bf16 = bf16_;
+    resize_buffer(acc_l_, static_cast<size_t>(t.row_block), "the CPU kernel's per-thread scratch");
+    s_.acc_l = acc_l_.data();
   }
   const Scratch& get() const { return s_; }
 
@@ -91,28 +93,38 @@ class ThreadScratch {
   Scratch s_{};
   float* bf16_ = nullptr;
   Arena arena_;
+  std::vector<double> acc_l_;
 };
 
 template <typename T>
 void write_rows(const Problem& p, int64_t b, int64_t h, int64_t n0, int64_t n1, const float* acc_o,
-                int64_t ld, const float* acc_l) {
+                int64_t ld, const double* acc_l) {
   T* out = static_cast<T*>(p.out);
   for (int64_t n = n0; n < n1; ++n) {
     const float* acc = acc_o + (n - n0) * ld;
     const int64_t local = n - p.shard_begin;
-    T* row = out + b * p.out_st.b + local * p.out_st.n + h * p.out_st.h;
-    if (acc_l[n - n0] == kNegInf) {  // no key seen: 0 (the accumulator row was never written)
-      std::fill_n(row, p.head_dim, from_f32<T>(0.0f));
-    } else {
-      for (int64_t d = 0; d < p.head_dim; ++d) row[d] = from_f32<T>(acc[d] * p.out_factor);
+    const double lse = acc_l[n - n0];
+    if (out != nullptr) {
+      T* row = out + b * p.out_st.b + local * p.out_st.n + h * p.out_st.h;
+      if (lse == -kInfD) {  // no key seen: 0 (the accumulator row was never written)
+        std::fill_n(row, p.head_dim, from_f32<T>(0.0f));
+      } else {
+        for (int64_t d = 0; d < p.head_dim; ++d) row[d] = from_f32<T>(acc[d] * p.out_factor);
+      }
     }
-    if (p.lse) p.lse[b * p.lse_st.b + local * p.lse_st.n + h * p.lse_st.h] = acc_l[n - n0];
+    if (p.lse) {
+      p.lse[b * p.lse_st.b + local * p.lse_st.n + h * p.lse_st.h] = static_cast<float>(lse);
+    }
+    if (p.lse_precise) {
+      const Strides3& st = p.lse_precise_st;
+      p.lse_precise[b * st.b + local * st.n + h * st.h] = lse;
+    }
   }
 }
 
-// Casts finished accumulator rows into p.out (times out_factor) and p.lse.
+// Casts finished accumulator rows into p.out (times out_factor), p.lse and p.lse_precise.
 void write_block(const Problem& p, const Task& t, const float* acc_o, int64_t ld,
-                 const float* acc_l) {
+                 const double* acc_l) {
   switch (p.dtype) {
     case DType::kF32:
       write_rows<float>(p, t.b, t.h, t.n0, t.n1, acc_o, ld, acc_l);
@@ -258,25 +270,30 @@ void detail::forward_block(const Problem& p, const Tiles& tiles, int64_t b, int6
 }
 
 void detail::merge_queries(const Problem& p, const Tiles& tiles, const QueryRows& qr,
-                           const float* ot, const float* m, const float* l) {
-  constexpr float kLn2 = 0.6931471805599453f;
+                           const float* ot, const float* m, const float* l, double m_scale) {
+  constexpr double kLn2 = 0.6931471805599453;
   const int64_t D = p.head_dim, dp = tiles.padded_dim, ld = tiles.ld_rows();
   for (int64_t i = 0; i < qr.t_end - qr.t_begin; ++i) {
     if (!(l[i] > 0.0f)) continue;  // no visible key: nothing to merge
-    const float lse = (m[i] + std::log2(l[i])) * kLn2;
+    // The lse in double: l sums 2^((s - m) m_scale) with this very m (an exact score), so
+    // m m_scale + log2(l) holds to the double's precision for scores of any size (what
+    // Problem::lse_precise keeps).
+    const double lse =
+        (static_cast<double>(m[i]) * m_scale + std::log2(static_cast<double>(l[i]))) * kLn2;
     float* acc = qr.acc_o + i * qr.acc_step * dp;
-    float& acc_l = qr.acc_l[i * qr.acc_step];
-    const float prev = acc_l;
-    if (prev == kNegInf) {  // the row's first result (its acc_o row is not read)
+    double& acc_l = qr.acc_l[i * qr.acc_step];
+    const double prev = acc_l;
+    if (prev == -kInfD) {  // the row's first result (its acc_o row is not read)
       const float a = 1.0f / l[i];
       for (int64_t c = 0; c < D; ++c) acc[c] = a * ot[c * ld + i];
       acc_l = lse;
       continue;
     }
-    const float mx = prev > lse ? prev : lse;
-    const float w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
-    const float total = w_prev + w_part;
-    const float a_prev = w_prev / total, a_part = w_part / (total * l[i]);
+    const double mx = prev > lse ? prev : lse;
+    const double w_prev = std::exp(prev - mx), w_part = std::exp(lse - mx);
+    const double total = w_prev + w_part;
+    const float a_prev = static_cast<float>(w_prev / total);
+    const float a_part = static_cast<float>(w_part / (total * l[i]));
     for (int64_t c = 0; c < D; ++c) acc[c] = a_prev * acc[c] + a_part * ot[c * ld + i];
     acc_l = mx + std::log(total);
   }
@@ -289,7 +306,7 @@ void forward(const Problem& p, const ExecOptions& options) {
   const std::vector<ThreadScratch> scratch = make_scratch(tiles, options.num_threads);
   const KeySourceFn sources = detail::local_keys(p);
   run_tasks(tasks, scratch, nullptr, [&](const Task& t, const Scratch& sc) {
-    std::fill_n(sc.acc_l, t.n1 - t.n0, kNegInf);  // acc_o rows are written by their first merge
+    std::fill_n(sc.acc_l, t.n1 - t.n0, -kInfD);  // acc_o rows are written by their first merge
     detail::forward_block(p, tiles, t.b, t.h, t.n0, t.n1, sources, sc);
     write_block(p, t, sc.acc_o, tiles.padded_dim, sc.acc_l);
   });
@@ -301,7 +318,7 @@ struct ShardForward::State {
   Tiles tiles;
   std::vector<ThreadScratch> scratch;
   hwy::AlignedFreeUniquePtr<float[]> acc_o;  // [B][H][shard_rows][padded_dim]
-  std::vector<float> acc_l;                  // [B][H][shard_rows]
+  std::vector<double> acc_l;                 // [B][H][shard_rows]
 };
 
 ShardForward::ShardForward(const Problem& p, const ExecOptions& options, int64_t split)
@@ -313,8 +330,8 @@ ShardForward::ShardForward(const Problem& p, const ExecOptions& options, int64_t
   s_->acc_o = aligned_floats(static_cast<size_t>(rows * s_->tiles.padded_dim),
                              "the shard's fp32 output accumulators [B, H, N_loc, D]");
   std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
-  assign_buffer(s_->acc_l, static_cast<size_t>(rows), kNegInf,
-                "the shard's fp32 lse accumulators [B, H, N_loc]");
+  assign_buffer(s_->acc_l, static_cast<size_t>(rows), -kInfD,
+                "the shard's lse accumulators [B, H, N_loc]");
 }
 
 ShardForward::~ShardForward() = default;
@@ -324,7 +341,7 @@ void ShardForward::restart() {
   s_->tasks = make_tasks(p_, s_->tiles.kernel, tiles, s_->split);
   const int64_t rows = p_.batch * p_.heads * p_.shard_rows;
   std::fill_n(s_->acc_o.get(), rows * s_->tiles.padded_dim, 0.0f);
-  std::fill(s_->acc_l.begin(), s_->acc_l.end(), kNegInf);
+  std::fill(s_->acc_l.begin(), s_->acc_l.end(), -kInfD);
 }
 
 int64_t ShardForward::row_index(int64_t b, int64_t h, int64_t n) const {
@@ -353,7 +370,8 @@ void ShardForward::export_rows(int64_t h0, int64_t h1, float* dst) const {
       for (int64_t n = 0; n < rows; ++n) {
         const float* src = s_->acc_o.get() + row_index(b, h, p.shard_begin + n) * dp;
         std::copy_n(src, D, dst + (at + n) * D);
-        lse[at + n] = s_->acc_l[static_cast<size_t>(row_index(b, h, p.shard_begin + n))];
+        split_double(s_->acc_l[static_cast<size_t>(row_index(b, h, p.shard_begin + n))],
+                     lse + 2 * (at + n));
       }
     }
   }
@@ -368,15 +386,16 @@ void ShardForward::merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t at = (b * (h1 - h0) + h - h0) * rows;
       for (int64_t n = 0; n < rows; ++n) {
-        const float l_b = lse[at + n];
-        if (l_b == kNegInf) continue;
+        const double l_b = join_double(lse + 2 * (at + n));
+        if (l_b == -kInfD) continue;
         const int64_t i = row_index(b, h, row0 + n);
-        float& l_a = s_->acc_l[static_cast<size_t>(i)];
-        const float m = std::max(l_a, l_b);
-        const float w_a = std::exp(l_a - m), w_b = std::exp(l_b - m), sum = w_a + w_b;
+        double& l_a = s_->acc_l[static_cast<size_t>(i)];
+        const double m = std::max(l_a, l_b);
+        const double w_a = std::exp(l_a - m), w_b = std::exp(l_b - m), sum = w_a + w_b;
+        const float a = static_cast<float>(w_a / sum), c = static_cast<float>(w_b / sum);
         float* o = s_->acc_o.get() + i * dp;
         const float* o_b = src + (at + n) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = (w_a * o[d] + w_b * o_b[d]) / sum;
+        for (int64_t d = 0; d < D; ++d) o[d] = a * o[d] + c * o_b[d];
         l_a = m + std::log(sum);
       }
     }
@@ -433,10 +452,10 @@ class BackwardThreadScratch {
   explicit BackwardThreadScratch(const detail::BackwardTiles& t)
       : arena_({seg(t), seg(t), seg(t), seg(t), f(t) * t.head_dim * QB, f(t) * QR * t.padded_dim,
                 f(t) * t.head_dim * QB, f(t) * QR * t.padded_dim, f(t) * KB * QR, f(t) * KB * QR,
-                f(t) * QB, f(t) * QB, f(t) * QR * t.padded_dim,
+                f(t) * QB, f(t) * QB, f(t) * QB, f(t) * QR * t.padded_dim,
                 bf16_floats(t, detail::bf16_backward_scratch_bytes)},
                {&s_.k, &s_.v, &s_.dk, &s_.dv, &s_.qt, &s_.q, &s_.dot, &s_.dout, &s_.p, &s_.ds,
-                &s_.lse2, &s_.dr, &s_.dq, &bf16_}) {
+                &s_.lse2, &s_.lse2_lo, &s_.dr, &s_.dq, &bf16_}) {
     s_.bf16 = bf16_;
   }
   const detail::BackwardScratch& get() const { return s_; }
@@ -656,7 +675,39 @@ void ShardBackward::write_output() const {
   cast(s_->dv_acc, bp_.dv, bp_.dv_st, p.kv_heads);
 }
 
+bool needs_precise_lse(const Problem& p) {
+  if (p.lse == nullptr || p.lse_precise != nullptr) return false;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t n = 0; n < p.shard_rows; ++n) {
+        const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
+        if (std::isfinite(lse) && std::fabs(lse) >= kPreciseLse) return true;
+      }
+  return false;
+}
+
+PreciseLse::PreciseLse(const Problem& p) : forward_(p) {
+  resize_buffer(lse_, static_cast<size_t>(p.batch * p.heads * p.shard_rows),
+                "the lse in double that the backward recomputes");
+  forward_.out = nullptr;
+  forward_.lse = nullptr;
+  forward_.lse_precise = lse_.data();
+  forward_.lse_precise_st = {p.heads * p.shard_rows, 1, p.shard_rows};
+}
+
+void PreciseLse::attach(Problem& p) const {
+  p.lse_precise = forward_.lse_precise;
+  p.lse_precise_st = forward_.lse_precise_st;
+}
+
 void backward(const BackwardProblem& bp, const ExecOptions& options) {
+  if (needs_precise_lse(bp.fwd)) {
+    const PreciseLse precise(bp.fwd);
+    forward(precise.forward_problem(), options);
+    BackwardProblem with = bp;
+    precise.attach(with.fwd);
+    return backward(with, options);
+  }
   ShardBackward shard(bp, options);
   shard.local_passes();
   shard.write_output();

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "../dtype.h"
 #include "../problem.h"
 
 namespace ringattn::cpu {
@@ -18,7 +19,27 @@ constexpr int64_t kMaxHeadDim = 256;
 // options.num_threads threads (0: OpenMP's default) with the products options.cpu_bf16 picks.
 void forward(const Problem& p, const ExecOptions& options);
 
-// Computes bp.dq, bp.dk, bp.dv (SPEC.md backward) from the saved out and lse.
+// Whether some row of the shard has a finite |lse| >= kPreciseLse (problem.h): then a
+// backward runs the forward again for the lse in double (PreciseLse).
+bool needs_precise_lse(const Problem& p);
+
+// The lse of a shard in double ([B][H][shard_rows]), for a backward (Problem::lse_precise):
+// recompute() runs the forward (its output not written) on `p`'s queries and keys.
+class PreciseLse {
+ public:
+  explicit PreciseLse(const Problem& p);
+  // The forward problem that writes only this lse (for a ring's forward, or cpu::forward).
+  const Problem& forward_problem() const { return forward_; }
+  // Points p.lse_precise here.
+  void attach(Problem& p) const;
+
+ private:
+  std::vector<double> lse_;
+  Problem forward_;
+};
+
+// Computes bp.dq, bp.dk, bp.dv (SPEC.md backward) from the saved out and lse (recomputing
+// the lse in double first where needs_precise_lse).
 void backward(const BackwardProblem& bp, const ExecOptions& options);
 
 namespace detail {
@@ -90,7 +111,8 @@ class ShardForward {
   void pass(const detail::KeySourceFn& sources, const std::function<void()>& poll = nullptr,
             int64_t row_end = INT64_MAX);
   // The (O, lse) of heads [h0, h1) for all the shard's rows, as [B][h1 - h0][rows][D] O
-  // followed by [B][h1 - h0][rows] lse (fp32): a partial result for another rank.
+  // followed by [B][h1 - h0][rows][2] lse (fp32 pairs: split_double of the double lse): a
+  // partial result for another rank, of partial_floats(...) floats.
   void export_rows(int64_t h0, int64_t h1, float* dst) const;
   // Merges such a partial, for `rows` rows from global row `row0`, into the accumulators.
   void merge_rows(int64_t h0, int64_t h1, int64_t row0, int64_t rows, const float* src);
@@ -139,16 +161,16 @@ struct Tiles {
 
 // Per-thread scratch: every buffer is O(tile) or O(row block), none depends on N.
 struct Scratch {
-  float* qt;     // [padded_dim][ld_rows], Q^T of the current piece, times scale*log2(e)
-  float* ot;     // [padded_dim][ld_rows], unnormalised O^T of the current piece
-  float* m;      // [ld_rows], running max per query (log2 units)
-  float* l;      // [ld_rows], running sum per query
-  float* k;      // [kKeyRows][padded_dim], the current key tile (zero rows past its end)
-  float* v;      // [kKeyTile][padded_dim], the current value tile
-  float* s;      // [kKeyRows][kMaxPanel], S^T then P^T of one query panel
-  float* acc_o;  // [row_block][padded_dim], merged normalised output of the block
-  float* acc_l;  // [row_block], merged lse (natural log)
-  void* bf16;    // kDot, kAmx: bf16_forward_scratch_bytes (then qt, k, v and s are unused)
+  float* qt;      // [padded_dim][ld_rows], Q^T of the current piece, times scale*log2(e)
+  float* ot;      // [padded_dim][ld_rows], unnormalised O^T of the current piece
+  float* m;       // [ld_rows], running max per query (log2 units)
+  float* l;       // [ld_rows], running sum per query
+  float* k;       // [kKeyRows][padded_dim], the current key tile (zero rows past its end)
+  float* v;       // [kKeyTile][padded_dim], the current value tile
+  float* s;       // [kKeyRows][kMaxPanel], S^T then P^T of one query panel
+  float* acc_o;   // [row_block][padded_dim], merged normalised output of the block
+  double* acc_l;  // [row_block], merged lse (natural log, in double: see merge_queries)
+  void* bf16;     // kDot, kAmx: bf16_forward_scratch_bytes (then qt, k, v and s are unused)
 };
 
 // Keys and values one piece attends to: kept indices [t_begin, t_end) of a branch segment,
@@ -183,7 +205,7 @@ struct QueryRows {
   int64_t q_stride;
   int64_t t_begin, t_end;  // t_end - t_begin <= Tiles::row_block
   float* acc_o;
-  float* acc_l;
+  double* acc_l;
   int64_t acc_step;
 };
 
@@ -195,10 +217,30 @@ void forward_rows(const Problem& p, const Tiles& tiles, const QueryRows& rows,
                   const KeySource* sources, int64_t num_sources, const Scratch& scratch);
 
 // The end of forward_rows: query i < rows.t_end - rows.t_begin has the unnormalised output
-// ot[c * tiles.ld_rows() + i] (c < D), running max m[i] (log2 units) and sum l[i]; each
-// query that saw a key is normalised and merged (SPEC.md merge) into its accumulator row.
+// ot[c * tiles.ld_rows() + i] (c < D), running max m[i] (in units that m_scale turns into
+// log2 units) and sum l[i] of 2^((s - m) m_scale); each query that saw a key is normalised
+// and merged (SPEC.md merge) into its accumulator row, its lse computed in double.
 void merge_queries(const Problem& p, const Tiles& tiles, const QueryRows& rows, const float* ot,
-                   const float* m, const float* l);
+                   const float* m, const float* l, double m_scale);
+
+// The lse of query (batch b, local row n, head h) in log2 units as hi + lo, for backward's
+// P = exp2((s - hi) - lo): from p.lse_precise when set, else from the fp32 lse (converted in
+// double, so the conversion adds no error). A row that saw no key (lse = -inf) gets
+// hi = +inf, lo = 0: P = 0.
+inline void lse2_of(const Problem& p, int64_t b, int64_t n, int64_t h, float& hi, float& lo) {
+  const double lse =
+      p.lse_precise != nullptr
+          ? p.lse_precise[b * p.lse_precise_st.b + n * p.lse_precise_st.n + h * p.lse_precise_st.h]
+          : static_cast<double>(p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h]);
+  if (!(lse > -kInfD)) {
+    hi = static_cast<float>(kInfD);
+    lo = 0.0f;
+    return;
+  }
+  const double l2 = lse * 1.4426950408889634;
+  hi = static_cast<float>(l2);
+  lo = static_cast<float>(l2 - hi);
+}
 
 // Backward tiles: a key block of kKeyBlock rows (dk, dv accumulate in scratch) meets query
 // blocks of kQueryBlock rows; the five products run on the forward's micro-tile.
@@ -213,20 +255,21 @@ struct BackwardTiles {
 };
 
 struct BackwardScratch {
-  float* k;     // [max_kept + kKeyBlock][padded_dim], K of the segment
-  float* v;     // [max_kept + kKeyBlock][padded_dim], V of the segment
-  float* dk;    // [max_kept + kKeyBlock][padded_dim], dK of the segment (unscaled)
-  float* dv;    // [max_kept + kKeyBlock][padded_dim], dV of the segment
-  float* qt;    // [D][kQueryBlock], Q^T times scale*log2(e)
-  float* q;     // [kQueryRows][padded_dim], Q
-  float* dot;   // [D][kQueryBlock], dO^T times the output factor
-  float* dout;  // [kQueryRows][padded_dim], dO times the output factor
-  float* p;     // [kKeyBlock][kQueryRows], S^T then P^T
-  float* ds;    // [kKeyBlock][kQueryRows], dP^T then dS^T
-  float* lse2;  // [kQueryBlock], lse in log2 units
-  float* dr;    // [kQueryBlock], rowsum(dout * out)
-  float* dq;    // [kQueryRows][padded_dim], dQ of the query block (unscaled)
-  void* bf16;   // kDot, kAmx: bf16_backward_scratch_bytes (then the buffers above are unused)
+  float* k;        // [max_kept + kKeyBlock][padded_dim], K of the segment
+  float* v;        // [max_kept + kKeyBlock][padded_dim], V of the segment
+  float* dk;       // [max_kept + kKeyBlock][padded_dim], dK of the segment (unscaled)
+  float* dv;       // [max_kept + kKeyBlock][padded_dim], dV of the segment
+  float* qt;       // [D][kQueryBlock], Q^T times scale*log2(e)
+  float* q;        // [kQueryRows][padded_dim], Q
+  float* dot;      // [D][kQueryBlock], dO^T times the output factor
+  float* dout;     // [kQueryRows][padded_dim], dO times the output factor
+  float* p;        // [kKeyBlock][kQueryRows], S^T then P^T
+  float* ds;       // [kKeyBlock][kQueryRows], dP^T then dS^T
+  float* lse2;     // [kQueryBlock], lse in log2 units, hi part (lse2_of)
+  float* lse2_lo;  // [kQueryBlock], its lo part
+  float* dr;       // [kQueryBlock], rowsum(dout * out)
+  float* dq;       // [kQueryRows][padded_dim], dQ of the query block (unscaled)
+  void* bf16;      // kDot, kAmx: bf16_backward_scratch_bytes (then the buffers above are unused)
 };
 
 // One unit of backward work: the local queries [tq_begin, tq_end) (kept indices) of batch b,

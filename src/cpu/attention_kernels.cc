@@ -339,7 +339,7 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
     }
   }
 
-  merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l);
+  merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l, 1.0);
 }
 
 // Gradients of one piece (see backward_piece in attention_cpu.h). The keys are packed
@@ -392,12 +392,11 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
       for (int64_t i = 0; i < QB; ++i) {
         if (i >= nq) {
           sc.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
+          sc.lse2_lo[i] = 0.0f;
           sc.dr[i] = 0.0f;
           continue;
         }
-        const int64_t n = row0 + (i0 + i) * r;
-        const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
-        sc.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+        lse2_of(p, b, row0 + (i0 + i) * r, h, sc.lse2[i], sc.lse2_lo[i]);
         float dr = 0.0f;
         for (int64_t c = 0; c < D; ++c) {
           dr += to_f32(dout[i * r * bp.dout_st.n + c]) * to_f32(out[i * r * p.out_st.n + c]);
@@ -425,8 +424,13 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
         for (int64_t i = 0; i < QB; i += L) {
           float* pj = sc.p + j * QR + i;
           float* dsj = sc.ds + j * QR + i;
+          // (s - hi) - lo keeps the precision of a large lse; P <= 1, as it is exactly.
           VF prob =
-              j < nk ? Exp2(df, hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i))) : zero;
+              j < nk
+                  ? Exp2(df, hn::Min(hn::Sub(hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i)),
+                                             hn::LoadU(df, sc.lse2_lo + i)),
+                                     zero))
+                  : zero;
           if (diagonal) {
             const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
             prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);

@@ -392,17 +392,22 @@ void SoftmaxPanelBf16(const float* s, int64_t keys, float c, float* m, float* l,
     __m512 t_max = neg_inf;
     for (int64_t j = 0; j < keys; ++j)
       t_max = _mm512_max_ps(t_max, _mm512_loadu_ps(s + j * kPanel + off));
+    // The running max m is kept in raw score units (an exact score): s - m is exact where it
+    // matters and never above 0, so no probability exceeds 1, at any score magnitude (with m
+    // in log2 units, s c - fl(m c) reached ulp(m c) / 2, and exp2 of that overflowed).
     const __m512 m_old = _mm512_loadu_ps(m + off);
-    const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(t_max, vc));
+    const __m512 m_new = _mm512_max_ps(m_old, t_max);
     // Guard of SPEC.md: never (-inf) - (-inf).
     const __m512 m_ref =
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ), m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < pairs; ++j) {
-      const __m512 e0 = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + 2 * j * kPanel + off), vc, m_ref));
+      const __m512 e0 =
+          Exp2(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + 2 * j * kPanel + off), m_ref), vc));
       const __m512 e1 =
           2 * j + 1 < keys
-              ? Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + (2 * j + 1) * kPanel + off), vc, m_ref))
+              ? Exp2(_mm512_mul_ps(
+                    _mm512_sub_ps(_mm512_loadu_ps(s + (2 * j + 1) * kPanel + off), m_ref), vc))
               : _mm512_setzero_ps();
       sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(p2 + j * kPanel + off, PairBf16(e0, e1));
@@ -412,7 +417,8 @@ void SoftmaxPanelBf16(const float* s, int64_t keys, float c, float* m, float* l,
     }
     // alpha is exactly 1 where the max did not move (RescalePanel then skips the panel).
     const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, m_new, _CMP_EQ_OQ),
-                                          Exp2(_mm512_sub_ps(m_old, m_ref)), _mm512_set1_ps(1.0f));
+                                          Exp2(_mm512_mul_ps(_mm512_sub_ps(m_old, m_ref), vc)),
+                                          _mm512_set1_ps(1.0f));
     _mm512_storeu_ps(alpha + off, a);
     _mm512_storeu_ps(l + off, _mm512_fmadd_ps(_mm512_loadu_ps(l + off), a, sum));
     _mm512_storeu_ps(m + off, m_new);
@@ -532,7 +538,7 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
       }
     }
   }
-  merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l);
+  merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l, c);
 }
 
 // The backward scratch of one thread, carved from BackwardScratch::bf16.
@@ -552,7 +558,8 @@ struct BackwardBuffers {
   uint16_t* dst;   // [kKeyBlock][kQueryBlock], dS^T in bf16
   uint32_t* ds2;   // [kKeyBlock / 2][kQueryBlock], dS^T pair-packed along the keys
   float* dqt;      // [dp][kQueryBlock], dQ^T of the query block (unscaled)
-  float* lse2;     // [kQueryBlock], lse in log2 units (+inf for padding queries)
+  float* lse2;     // [kQueryBlock], lse in log2 units, hi (+inf for padding queries)
+  float* lse2_lo;  // [kQueryBlock], its lo part (lse2_of)
   float* dr;       // [kQueryBlock], rowsum(dout * out)
   BackwardBuffers(void* base, int64_t dp, int64_t keys, int64_t* bytes = nullptr) {
     Carve carve(base);
@@ -572,6 +579,7 @@ struct BackwardBuffers {
     ds2 = carve.take<uint32_t>(kKeyBlock / 2 * kQueryBlock);
     dqt = carve.take<float>(dp * kQueryBlock);
     lse2 = carve.take<float>(kQueryBlock);
+    lse2_lo = carve.take<float>(kQueryBlock);
     dr = carve.take<float>(kQueryBlock);
     if (bytes) *bytes = carve.used();
   }
@@ -596,8 +604,12 @@ void BlockProbabilities(const BackwardBuffers& buf, int64_t nk, int64_t j0, int6
           const int64_t at = row * kQueryBlock + i + 16 * h, col = i + 16 * h;
           prob[u][h] = ds[u][h] = zero;
           if (row >= nk) continue;  // padding rows: P = dS = 0
-          __m512 pr = Exp2(
-              _mm512_fmsub_ps(_mm512_loadu_ps(buf.s + at), vc, _mm512_loadu_ps(buf.lse2 + col)));
+          // (s c - hi) - lo keeps the precision of a large lse; P <= 1, as it is exactly.
+          __m512 pr =
+              Exp2(_mm512_min_ps(_mm512_sub_ps(_mm512_fmsub_ps(_mm512_loadu_ps(buf.s + at), vc,
+                                                               _mm512_loadu_ps(buf.lse2 + col)),
+                                               _mm512_loadu_ps(buf.lse2_lo + col)),
+                                 zero));
           if (diagonal) {
             const __m512 query = _mm512_add_ps(_mm512_set1_ps(static_cast<float>(i0 + col)), iota);
             const __mmask16 later =
@@ -661,12 +673,12 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
     for (int64_t i = 0; i < kQueryBlock; ++i) {
       if (i >= nq) {
         buf.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
+        buf.lse2_lo[i] = 0.0f;
         buf.dr[i] = 0.0f;
         continue;
       }
       const int64_t n = row0 + (i0 + i) * r;
-      const float lse = p.lse[b * p.lse_st.b + n * p.lse_st.n + h * p.lse_st.h];
-      buf.lse2[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+      lse2_of(p, b, n, h, buf.lse2[i], buf.lse2_lo[i]);
       buf.dr[i] = DotBf16(dout + i * ds, out + i * os, D);
     }
     std::memset(buf.dqt, 0, sizeof(float) * static_cast<size_t>(dp * kQueryBlock));

@@ -358,7 +358,9 @@ __device__ void probabilities(const BackwardLayout<T, kDim>& L, char* smem, int6
   for (int idx = threadIdx.x; idx < BQ * BK; idx += kThreads) {
     const int i = idx / BK, j = idx % BK;
     const bool visible = i < nq && j < nk && (!causal || k0 + j <= q0 + i) && lse2[i] != kNegInf;
-    const float p = visible ? exp2f(ss[i * L.lds + j] * scale_log2 - lse2[i]) : 0.0f;
+    // (P <= 1, as it is exactly: at large scores the fp32 lse's rounding could push the
+    // exponent above 0 and the gradients to inf.)
+    const float p = visible ? exp2f(fminf(ss[i * L.lds + j] * scale_log2 - lse2[i], 0.0f)) : 0.0f;
     const float ds = visible ? p * (out_factor * dps[i * L.lds + j] - dr[i]) : 0.0f;
     ps[i * L.ldp + j] = from_float<T>(p);
     dss[i * L.ldp + j] = from_float<T>(ds);
