@@ -80,14 +80,14 @@ TEST(LargeScores, GradientsMatchTheReferenceOnOneDevice) {
   for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
     for (bool causal : {false, true}) {
       for (double mag : {1e2, 1e4, 1e6}) {
-        SCOPED_TRACE(std::string(mode_name(mode)) + (causal ? " causal" : "") +
-                     " magnitude " + std::to_string(mag));
+        SCOPED_TRACE(std::string(mode_name(mode)) + (causal ? " causal" : "") + " magnitude " +
+                     std::to_string(mag));
         LargeCase c(mag);
         DilatedConfig cfg{{32, 64}, {1, 2}, mode, causal, 1.0f};
         const DilatedAttention a(cfg);
         a.forward(c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view());
-        a.backward(c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(),
-                   c.lse.view(), c.dq.view(), c.dk.view(), c.dv.view());
+        a.backward(c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view(),
+                   c.dq.view(), c.dk.view(), c.dv.view());
         const ReferenceGrads ref = reference_backward(make_backward_problem(
             cfg, c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view(),
             c.dq.view(), c.dk.view(), c.dv.view(), 1 << 20, "reference"));
