@@ -1,4 +1,4 @@
-#include "blocksparse_bench.h"
+#include "bench/blocksparse_bench.h"
 
 #include <algorithm>
 #include <cmath>
@@ -6,10 +6,10 @@
 #include <limits>
 #include <stdexcept>
 
-#include "ring_bench.h"
-#include "tensors.h"
+#include "bench/ring_bench.h"
+#include "bench/tensors.h"
 
-#include "src/tensor_access.h"
+#include "src/backend/ref/tensor_access.h"
 
 namespace ringattn::bench {
 namespace {

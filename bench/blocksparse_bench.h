@@ -9,8 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "dilated_bench.h"
-#include "harness.h"
+#include "bench/dilated_bench.h"
+#include "bench/harness.h"
 
 namespace ringattn::bench {
 

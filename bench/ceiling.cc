@@ -1,6 +1,6 @@
 // The ceiling: sgemm through the BLAS of the build and a peak-FMA loop (x86-64).
 
-#include "ceiling.h"
+#include "bench/ceiling.h"
 
 #include <cblas.h>
 #include <immintrin.h>
@@ -10,8 +10,8 @@
 #include <numeric>
 #include <vector>
 
-#include "harness.h"
-#include "src/cpu/bf16_kernels.h"
+#include "bench/harness.h"
+#include "src/backend/cpu/bf16_kernels.h"
 
 #ifdef RINGATTN_BENCH_OPENBLAS
 extern "C" char* openblas_get_corename(void);

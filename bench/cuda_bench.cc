@@ -1,4 +1,4 @@
-#include "cuda_bench.h"
+#include "bench/cuda_bench.h"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "tensors.h"
+#include "bench/tensors.h"
 
 namespace ringattn::bench {
 

@@ -5,9 +5,9 @@
 #include <array>
 #include <vector>
 
-#include "ceiling.h"
-#include "dilated_bench.h"
-#include "tensors.h"
+#include "bench/ceiling.h"
+#include "bench/dilated_bench.h"
+#include "bench/tensors.h"
 
 namespace ringattn::bench {
 

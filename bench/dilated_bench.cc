@@ -1,15 +1,15 @@
-#include "dilated_bench.h"
+#include "bench/dilated_bench.h"
 
-#include "tensors.h"
+#include "bench/tensors.h"
 #ifdef RINGATTN_HAVE_CUDA
-#include "cuda_bench.h"
+#include "bench/cuda_bench.h"
 #endif
 
-#include "src/cpu/attention_cpu.h"
-#include "src/cpu/bf16_kernels.h"
-#include "src/problem.h"
-#include "src/reference.h"
-#include "src/tensor_access.h"
+#include "src/backend/cpu/attention_cpu.h"
+#include "src/backend/cpu/bf16_kernels.h"
+#include "src/backend/ref/reference.h"
+#include "src/backend/ref/tensor_access.h"
+#include "src/plan/problem.h"
 
 namespace ringattn::bench {
 

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "harness.h"
+#include "bench/harness.h"
 #include "ringattn/ringattn.h"
 
 namespace ringattn::bench {

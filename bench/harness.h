@@ -10,7 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ceiling.h"
+#include "bench/ceiling.h"
 #include "ringattn/comm.h"
 
 namespace ringattn::bench {

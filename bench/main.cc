@@ -21,20 +21,20 @@
 #include <optional>
 #include <stdexcept>
 
-#include "blocksparse_bench.h"
-#include "dilated_bench.h"
+#include "bench/blocksparse_bench.h"
+#include "bench/dilated_bench.h"
 #ifdef RINGATTN_HAVE_CUDA
-#include "cuda_bench.h"
+#include "bench/cuda_bench.h"
 #endif
-#include "harness.h"
-#include "multihead_bench.h"
-#include "ring_bench.h"
+#include "bench/harness.h"
+#include "bench/multihead_bench.h"
+#include "bench/ring_bench.h"
 #include "ringattn/ringattn.h"
 #ifdef RINGATTN_HAVE_MPI
 #include "ringattn/comm_mpi.h"
 #endif
 
-#include "src/agreement.h"
+#include "src/base/agreement.h"
 
 namespace ringattn::bench {
 namespace {

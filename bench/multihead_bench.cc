@@ -1,4 +1,4 @@
-#include "multihead_bench.h"
+#include "bench/multihead_bench.h"
 
 #include <cblas.h>
 
@@ -12,13 +12,13 @@
 #include <thread>
 #include <vector>
 
-#include "ring_bench.h"
+#include "bench/ring_bench.h"
 #include "ringattn/distributed.h"
 #ifdef RINGATTN_HAVE_MPI
 #include "ringattn/comm_mpi.h"
 #endif
+#include "bench/tensors.h"
 #include "ringattn/multihead.h"
-#include "tensors.h"
 
 namespace ringattn::bench {
 namespace {
@@ -261,7 +261,7 @@ Record run_multihead(const DilatedShape& s, const RunOptions& options,
   if (options.check && options.backward) {
     std::printf(
         "# multihead %s: --check covers the forward; the layer's gradients are "
-        "checked by the tests (tests/test_multihead.cc)\n",
+        "checked by the tests (tests/unit/test_multihead.cc)\n",
         s.name.c_str());
   } else if (options.check) {
     // Batch 0 against the same layer with the reference attention (fp64 loops).
@@ -333,7 +333,7 @@ Record run_distributed(const DilatedShape& s, const RunOptions& options, Communi
     if (comm.rank() == 0) {
       std::printf(
           "# distributed %s: --check covers the forward; the layer's gradients are "
-          "checked by the tests (tests/test_distributed.cc)\n",
+          "checked by the tests (tests/dist/test_distributed.cc)\n",
           s.name.c_str());
     }
   } else if (options.check) {

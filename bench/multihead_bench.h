@@ -10,8 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "dilated_bench.h"
-#include "harness.h"
+#include "bench/dilated_bench.h"
+#include "bench/harness.h"
 #include "ringattn/comm.h"
 
 namespace ringattn::bench {

@@ -1,4 +1,4 @@
-#include "ring_bench.h"
+#include "bench/ring_bench.h"
 
 #include <array>
 #include <cmath>
@@ -8,12 +8,12 @@
 #include <stdexcept>
 #include <vector>
 
-#include "tensors.h"
+#include "bench/tensors.h"
 #ifdef RINGATTN_HAVE_CUDA
-#include "cuda_bench.h"
+#include "bench/cuda_bench.h"
 #endif
 
-#include "src/tensor_access.h"
+#include "src/backend/ref/tensor_access.h"
 
 namespace ringattn::bench {
 namespace {
@@ -164,7 +164,7 @@ Record run_ring(const DilatedShape& s, const RunOptions& options, Communicator& 
       if (comm.rank() == 0) {
         std::printf(
             "# ring %s: --check covers the forward; the ring backward is checked by the "
-            "tests (tests/test_ring.cc)\n",
+            "tests (tests/dist/test_ring.cc)\n",
             s.name.c_str());
       }
       return std::nullopt;

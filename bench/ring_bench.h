@@ -6,10 +6,10 @@
 #include <functional>
 #include <optional>
 
-#include "dilated_bench.h"
-#include "harness.h"
+#include "bench/dilated_bench.h"
+#include "bench/harness.h"
+#include "bench/tensors.h"
 #include "ringattn/ring_attention.h"
-#include "tensors.h"
 
 namespace ringattn::bench {
 

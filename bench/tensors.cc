@@ -1,11 +1,11 @@
-#include "tensors.h"
+#include "bench/tensors.h"
 
 #include <cmath>
 #include <numbers>
 
-#include "dilated_bench.h"
-#include "harness.h"
-#include "src/tensor_access.h"
+#include "bench/dilated_bench.h"
+#include "bench/harness.h"
+#include "src/backend/ref/tensor_access.h"
 
 namespace ringattn::bench {
 namespace {

@@ -14,10 +14,8 @@
 #include "ringattn/comm.h"
 #include "ringattn/comm_mpi.h"
 #include "ringattn/error.h"
-#include "src/check.h"
-#ifdef RINGATTN_HAVE_CUDA
-#include "src/cuda/host_staging.h"
-#endif
+#include "src/base/check.h"
+#include "src/base/host_staging.h"
 
 namespace ringattn {
 namespace {
@@ -106,13 +104,11 @@ struct MpiTransfer : CommRequest::State {
 
 // The host buffer MPI reads for a send of `buf` (a staged copy of a device buffer).
 const void* stage_send(MpiTransfer& t, const void* buf, size_t bytes) {
-#ifdef RINGATTN_HAVE_CUDA
-  if (bytes > 0 && cuda::is_device_pointer(buf)) {
+  if (bytes > 0 && staging::is_device_pointer(buf)) {
     t.staging.resize(bytes);
-    cuda::copy_to_host(t.staging.data(), buf, bytes);
+    staging::copy_to_host(t.staging.data(), buf, bytes);
     return t.staging.data();
   }
-#endif
   (void)t;
   (void)bytes;
   return buf;
@@ -120,13 +116,11 @@ const void* stage_send(MpiTransfer& t, const void* buf, size_t bytes) {
 
 // The host buffer MPI writes for a receive into `buf`.
 void* stage_recv(MpiTransfer& t, void* buf, size_t bytes) {
-#ifdef RINGATTN_HAVE_CUDA
-  if (bytes > 0 && cuda::is_device_pointer(buf)) {
+  if (bytes > 0 && staging::is_device_pointer(buf)) {
     t.staging.resize(bytes);
     t.device_dst = buf;
     return t.staging.data();
   }
-#endif
   (void)t;
   (void)bytes;
   return buf;
@@ -268,9 +262,8 @@ class MpiCommunicator final : public Communicator {
         }
       }
     }
-#ifdef RINGATTN_HAVE_CUDA
-    if (t->device_dst != nullptr) cuda::copy_to_device(t->device_dst, t->staging.data(), t->bytes);
-#endif
+    if (t->device_dst != nullptr)
+      staging::copy_to_device(t->device_dst, t->staging.data(), t->bytes);
     req.reset();
   }
 

@@ -8,8 +8,8 @@
 
 #include "ringattn/comm_nccl.h"
 #include "ringattn/error.h"
-#include "src/check.h"
-#include "src/cuda/cuda_check.h"
+#include "src/base/check.h"
+#include "src/base/cuda_check.h"
 
 namespace ringattn {
 namespace {

@@ -9,7 +9,7 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
-#include "src/check.h"
+#include "src/base/check.h"
 
 namespace ringattn {
 namespace {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fuzzer over the public API (tests/fuzz_main.cc) for longer than the test suite runs it:
+# The fuzzer over the public API (tests/dist/fuzz_main.cc) for longer than the test suite runs it:
 # one process, then mpirun at 2, 3 and 4 ranks, --seconds each (default 300), seed --seed.
 #   launch/fuzz.sh [--seconds S] [--seed X] [--ranks "1 2 3 4"]
 # Builds first (launch/build.sh; BUILD_DIR as there). Prints each run's counts per class and

@@ -22,11 +22,11 @@
 #include <utility>
 #include <vector>
 
-#include "python_communicator.h"
+#include "python/src/python_communicator.h"
+#include "python/src/tensors.h"
 #include "ringattn/ringattn.h"
-#include "src/agreement.h"
-#include "src/check.h"
-#include "tensors.h"
+#include "src/base/agreement.h"
+#include "src/base/check.h"
 #if defined(RINGATTN_HAVE_MPI)
 #include "ringattn/comm_mpi.h"
 #endif

@@ -1,4 +1,4 @@
-#include "python_communicator.h"
+#include "python/src/python_communicator.h"
 
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "src/check.h"
+#include "src/base/check.h"
 
 namespace nb = nanobind;
 

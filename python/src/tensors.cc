@@ -1,6 +1,6 @@
-#include "tensors.h"
+#include "python/src/tensors.h"
 
-#include "src/check.h"
+#include "src/base/check.h"
 
 namespace ringattn::python {
 

@@ -1,4 +1,4 @@
-#include "gpu_util.h"
+#include "tests/gpu/gpu_util.h"
 
 #include <cstdlib>
 

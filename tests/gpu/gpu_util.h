@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "tests/test_util.h"
+#include "tests/support/test_util.h"
 
 namespace ringattn::test {
 

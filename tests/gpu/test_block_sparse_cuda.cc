@@ -10,10 +10,10 @@
 #include <limits>
 #include <sstream>
 
-#include "gpu_util.h"
-#include "src/cuda/block_sparse_cuda.h"
-#include "tests/block_sparse_oracle.h"
-#include "tests/expect.h"
+#include "src/backend/cuda/block_sparse_cuda.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/support/block_sparse_oracle.h"
+#include "tests/support/expect.h"
 
 namespace ringattn::test {
 namespace {

@@ -6,10 +6,10 @@
 
 #include <cmath>
 
-#include "gpu_util.h"
-#include "src/problem.h"
-#include "src/reference.h"
-#include "tests/expect.h"
+#include "src/backend/ref/reference.h"
+#include "src/plan/problem.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/support/expect.h"
 
 namespace ringattn::test {
 namespace {

@@ -1,4 +1,4 @@
-// The CUDA backend's host-side plan (src/cuda/tasks.h) and the index math its kernels use,
+// The CUDA backend's host-side plan (src/backend/cuda/tasks.h) and the index math its kernels use,
 // checked on the CPU (no GPU needed): every kept row of every head-branch entry is computed
 // exactly once, partial rows are distinct, and no two blocks of one backward launch write
 // the same accumulator row (the determinism argument of the kernels without atomics).
@@ -10,11 +10,11 @@
 #include <set>
 #include <tuple>
 
-#include "src/cuda/tasks.h"
-#include "src/index_math.h"
-#include "src/problem.h"
-#include "src/ring_plan.h"
-#include "tests/test_util.h"
+#include "src/backend/cuda/tasks.h"
+#include "src/base/index_math.h"
+#include "src/plan/problem.h"
+#include "src/plan/ring_plan.h"
+#include "tests/support/test_util.h"
 
 namespace ringattn::test {
 namespace {

@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "gpu_util.h"
-#include "src/reference.h"
-#include "tests/expect.h"
-#include "tests/mpi_main.h"
+#include "src/backend/ref/reference.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/support/expect.h"
+#include "tests/support/mpi_main.h"
 #ifdef RINGATTN_HAVE_NCCL
 #include "ringattn/comm_nccl.h"
 #endif

@@ -11,8 +11,8 @@
 #include <cmath>
 #include <vector>
 
-#include "gpu_util.h"
-#include "tests/layer_util.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/support/layer_util.h"
 
 namespace ringattn::test {
 namespace {

@@ -4,7 +4,7 @@
 #include <new>
 
 #include "ringattn/error.h"
-#include "src/fault.h"
+#include "src/base/fault.h"
 
 namespace ringattn::test {
 namespace {

@@ -1,5 +1,5 @@
 #pragma once
-// Failures injected through the library's fault hook (src/fault.h), per thread: the thread
+// Failures injected through the library's fault hook (src/base/fault.h), per thread: the thread
 // (a rank, in a thread world or an MPI process) that armed it fails at its n-th visit of a
 // site, with a ringattn::Error(kDevice, "injected failure") or a std::bad_alloc.
 

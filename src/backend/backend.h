@@ -1,0 +1,67 @@
+#pragma once
+// The attention backend interface: what one device's kernels offer the public classes, the
+// multihead layer and the ring executor. The reference (fp64 loops, host), CPU (threaded SIMD,
+// host) and CUDA backends implement it; select_backend() (src/backend/select.cc) is the one
+// home of the device rule, which backend runs a call.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "ringattn/dilated_attention.h"
+#include "ringattn/tensor.h"
+#include "src/plan/problem.h"
+
+namespace ringattn {
+
+namespace detail {
+class LayerBackend;  // src/backend/layer_backend.h
+}
+
+class AttentionBackend {
+ public:
+  virtual ~AttentionBackend() = default;
+
+  // Capabilities.
+  virtual Backend kind() const = 0;
+  const char* name() const { return backend_name(kind()); }
+  // Where the tensors it computes on live.
+  virtual Device device() const = 0;
+  // The largest head dim its kernels take (a larger one is Error(kUnsupported)).
+  virtual int64_t max_head_dim() const = 0;
+  // Whether it runs the ring (RingDilatedAttention, the block-sparse ring, the distributed
+  // layer); the reference does not.
+  virtual bool runs_ring() const = 0;
+
+  // The checks of a call's tensors beyond shapes and strides (CUDA: every view points at
+  // memory of the current device); throw Error naming the tensor. Host backends check nothing.
+  virtual void check_forward_tensors(const TensorView& q, const TensorView& k,
+                                     const TensorView& v, const TensorView& out,
+                                     const std::optional<TensorView>& lse) const;
+  virtual void check_backward_tensors(const TensorView& dout, const TensorView& q,
+                                      const TensorView& k, const TensorView& v,
+                                      const TensorView& out, const TensorView& lse,
+                                      const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv) const;
+
+  // Attention of one whole problem (a sequence, or a shard whose keys are all local).
+  virtual void forward(const Problem& p, const ExecOptions& options) const = 0;
+  virtual void backward(const BackwardProblem& bp, const ExecOptions& options) const = 0;
+
+  // The dense operations of the multihead layer on this device.
+  virtual std::unique_ptr<detail::LayerBackend> layer_backend(
+      const ExecOptions& options) const = 0;
+};
+
+// The backend that runs a call with these options whose q is `q`: q's device decides (CUDA
+// tensors run on the CUDA backend, for backend cpu or cuda); throws Error(kInvalidArgument)
+// when the requested backend cannot take q's device and Error(kUnsupported) when this build
+// lacks the backend the call needs.
+const AttentionBackend& select_backend(Backend requested, const TensorView& q);
+// The backend of a kind; Error(kUnsupported) naming the rebuild when this build lacks it.
+const AttentionBackend& backend_of_kind(Backend kind);
+// Error(kUnsupported) unless this build has `requested` and it runs the ring (`what` names
+// the class, for the message).
+void require_ring_backend(Backend requested, const char* what);
+
+}  // namespace ringattn
