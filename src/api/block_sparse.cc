@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ringattn/block_sparse.h"
+#include "src/backend/backend.h"
 #include "src/backend/cpu/attention_cpu.h"
 #include "src/base/agreement.h"
 #include "src/base/check.h"
@@ -405,15 +406,15 @@ void backward_pass(cpu::ShardBackward& shard, const Problem& p, const Plan& plan
       poll);
 }
 
-// The device a call runs on (call_device); CUDA tensors on one device only (world size 1).
-Device sparse_device(const TensorView& q, Backend backend, int world) {
-  const Device device = call_device(backend, q);
-  if (device == Device::kCUDA && world > 1) {
+// The backend a call runs on (select_backend); CUDA tensors on one device only (world size 1).
+const AttentionBackend& sparse_backend(const TensorView& q, Backend requested, int world) {
+  const AttentionBackend& backend = select_backend(requested, q);
+  if (backend.device() == Device::kCUDA && world > 1) {
     fail(ErrorCode::kUnsupported, "q lives on a CUDA device but the communicator has ", world,
          " ranks; BlockSparseRingDilatedAttention runs CUDA tensors on one device only in this "
          "version: use a communicator of one rank, or pass host tensors");
   }
-  return device;
+  return backend;
 }
 
 // One rank of the CPU block-sparse forward: the local K/V copy and the block traffic's
@@ -571,9 +572,10 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
     Problem p;
     Device device = Device::kCPU;
     check_on_all_ranks(comm_, [&] {
-      device = sparse_device(q, options_.backend, world);
-      p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, max_head_dim(device),
-                       backend_of(device), Shard{rank, world}, device);
+      const AttentionBackend& backend = sparse_backend(q, options_.backend, world);
+      device = backend.device();
+      p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, backend.max_head_dim(),
+                       backend.name(), Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
       if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
 #endif
@@ -614,9 +616,10 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
     BackwardProblem bp;
     Device device = Device::kCPU;
     check_on_all_ranks(comm_, [&] {
-      device = sparse_device(q, options_.backend, world);
+      const AttentionBackend& backend = sparse_backend(q, options_.backend, world);
+      device = backend.device();
       bp = make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk,
-                                 dv, max_head_dim(device), backend_of(device), Shard{rank, world},
+                                 dv, backend.max_head_dim(), backend.name(), Shard{rank, world},
                                  device);
 #if defined(RINGATTN_HAVE_CUDA)
       if (device == Device::kCUDA) {

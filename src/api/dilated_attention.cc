@@ -2,36 +2,17 @@
 
 #include <utility>
 
-#include "src/backend/cpu/attention_cpu.h"
-#include "src/backend/ref/reference.h"
+#include "src/backend/backend.h"
 #include "src/base/check.h"
 #include "src/plan/problem.h"
-#if defined(RINGATTN_HAVE_CUDA)
-#include "src/backend/cuda/attention_cuda.h"
-#endif
 
 namespace ringattn {
-
-namespace {
-
-// The backend a call runs on: q's device decides (CUDA tensors run on the CUDA backend).
-Backend effective_backend(Backend requested, const TensorView& q) {
-  return call_device(requested, q) == Device::kCUDA ? Backend::kCuda : requested;
-}
-
-}  // namespace
 
 DilatedAttention::DilatedAttention(DilatedConfig config, ExecOptions options)
     : config_(std::move(config)), options_(options) {
   config_.validate();
   options_.validate();
-#if !defined(RINGATTN_HAVE_CUDA)
-  if (options_.backend == Backend::kCuda) {
-    fail(ErrorCode::kUnsupported,
-         "backend = cuda, but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or use backend = cpu");
-  }
-#endif
+  backend_of_kind(options_.backend);  // Error(kUnsupported) when this build lacks it
 }
 
 void DilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -42,22 +23,11 @@ void DilatedAttention::forward(const TensorView& q, const TensorView& k, const T
 void DilatedAttention::run_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                    const TensorView& out,
                                    const std::optional<TensorView>& lse) const {
-  const Backend backend = effective_backend(options_.backend, q);
-  const Problem p = make_problem(config_, q, k, v, out, lse, max_head_dim(q.device),
-                                 backend_name(backend), Shard{}, q.device);
-  switch (backend) {
-    case Backend::kReference:
-      return reference_forward_into(p);
-    case Backend::kCpu:
-      return cpu::forward(p, options_);
-    case Backend::kCuda:
-#if defined(RINGATTN_HAVE_CUDA)
-      cuda::check_forward_tensors(q, k, v, out, lse);
-      return cuda::forward(p, options_.cuda_stream, !options_.cuda_async);
-#endif
-      break;
-  }
-  fail(ErrorCode::kInternal, "no backend ran the forward");
+  const AttentionBackend& backend = select_backend(options_.backend, q);
+  const Problem p = make_problem(config_, q, k, v, out, lse, backend.max_head_dim(), backend.name(),
+                                 Shard{}, q.device);
+  backend.check_forward_tensors(q, k, v, out, lse);
+  backend.forward(p, options_);
 }
 
 void DilatedAttention::backward(const TensorView& dout, const TensorView& q, const TensorView& k,
@@ -71,23 +41,12 @@ void DilatedAttention::run_backward(const TensorView& dout, const TensorView& q,
                                     const TensorView& k, const TensorView& v, const TensorView& out,
                                     const TensorView& lse, const TensorView& dq,
                                     const TensorView& dk, const TensorView& dv) const {
-  const Backend backend = effective_backend(options_.backend, q);
+  const AttentionBackend& backend = select_backend(options_.backend, q);
   const BackwardProblem bp =
-      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(q.device),
-                            backend_name(backend), Shard{}, q.device);
-  switch (backend) {
-    case Backend::kReference:
-      return reference_backward_into(bp);
-    case Backend::kCpu:
-      return cpu::backward(bp, options_);
-    case Backend::kCuda:
-#if defined(RINGATTN_HAVE_CUDA)
-      cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-      return cuda::backward(bp, options_.cuda_stream, !options_.cuda_async);
-#endif
-      break;
-  }
-  fail(ErrorCode::kInternal, "no backend ran the backward");
+      make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, backend.max_head_dim(),
+                            backend.name(), Shard{}, q.device);
+  backend.check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
+  backend.backward(bp, options_);
 }
 
 }  // namespace ringattn

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "src/backend/backend.h"
 #include "src/backend/cpu/attention_cpu.h"
 #include "src/base/agreement.h"
 #include "src/base/check.h"
@@ -690,8 +691,9 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
     Problem p;
     Device device = Device::kCPU;
     check_on_all_ranks(comm_, [&] {
-      device = call_device(options_.backend, q);
-      p = make_problem(config_, q, k, v, out, lse, max_head_dim(device), backend_of(device),
+      const AttentionBackend& backend = select_backend(options_.backend, q);
+      device = backend.device();
+      p = make_problem(config_, q, k, v, out, lse, backend.max_head_dim(), backend.name(),
                        Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
       if (device == Device::kCUDA) cuda::check_forward_tensors(q, k, v, out, lse);
@@ -742,9 +744,11 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
     BackwardProblem bp;
     Device device = Device::kCPU;
     check_on_all_ranks(comm_, [&] {
-      device = call_device(options_.backend, q);
-      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv, max_head_dim(device),
-                                 backend_of(device), Shard{rank, world}, device);
+      const AttentionBackend& backend = select_backend(options_.backend, q);
+      device = backend.device();
+      bp =
+          make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv,
+                                backend.max_head_dim(), backend.name(), Shard{rank, world}, device);
 #if defined(RINGATTN_HAVE_CUDA)
       if (device == Device::kCUDA) {
         cuda::check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);

@@ -35,8 +35,8 @@ class AttentionBackend {
 
   // The checks of a call's tensors beyond shapes and strides (CUDA: every view points at
   // memory of the current device); throw Error naming the tensor. Host backends check nothing.
-  virtual void check_forward_tensors(const TensorView& q, const TensorView& k,
-                                     const TensorView& v, const TensorView& out,
+  virtual void check_forward_tensors(const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const TensorView& out,
                                      const std::optional<TensorView>& lse) const;
   virtual void check_backward_tensors(const TensorView& dout, const TensorView& q,
                                       const TensorView& k, const TensorView& v,
@@ -49,8 +49,7 @@ class AttentionBackend {
   virtual void backward(const BackwardProblem& bp, const ExecOptions& options) const = 0;
 
   // The dense operations of the multihead layer on this device.
-  virtual std::unique_ptr<detail::LayerBackend> layer_backend(
-      const ExecOptions& options) const = 0;
+  virtual std::unique_ptr<detail::LayerBackend> layer_backend(const ExecOptions& options) const = 0;
 };
 
 // The backend that runs a call with these options whose q is `q`: q's device decides (CUDA
@@ -63,5 +62,13 @@ const AttentionBackend& backend_of_kind(Backend kind);
 // Error(kUnsupported) unless this build has `requested` and it runs the ring (`what` names
 // the class, for the message).
 void require_ring_backend(Backend requested, const char* what);
+
+namespace detail {
+// The backends themselves (select.cc is their one caller); cuda_backend() exists only in
+// builds with CUDA.
+const AttentionBackend& reference_backend();
+const AttentionBackend& cpu_backend();
+const AttentionBackend& cuda_backend();
+}  // namespace detail
 
 }  // namespace ringattn

@@ -10,13 +10,9 @@
 #include <string>
 
 #include "ringattn/comm.h"
-#include "src/backend/cpu/attention_cpu.h"
 #include "src/base/check.h"
 #include "src/base/index_math.h"
 #include "src/base/tensor_checks.h"
-#if defined(RINGATTN_HAVE_CUDA)
-#include "src/backend/cuda/attention_cuda.h"
-#endif
 
 namespace ringattn {
 
@@ -235,50 +231,6 @@ BackwardProblem make_backward_problem(const DilatedConfig& config, const TensorV
   bp.dk = dk.data;
   bp.dv = dv.data;
   return bp;
-}
-
-Device call_device(Backend requested, const TensorView& q) {
-  if (q.device == Device::kCUDA) {
-    if (requested == Backend::kReference) {
-      fail(ErrorCode::kInvalidArgument,
-           "backend = reference runs on the CPU but q lives on a CUDA device; pass host tensors "
-           "or use backend = cuda");
-    }
-#if !defined(RINGATTN_HAVE_CUDA)
-    fail(ErrorCode::kUnsupported,
-         "q lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-#endif
-    return Device::kCUDA;
-  }
-  require(requested != Backend::kCuda,
-          "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
-          "tensors (Device::kCUDA) or use backend = cpu");
-  return Device::kCPU;
-}
-
-int64_t max_head_dim(Device device) {
-#if defined(RINGATTN_HAVE_CUDA)
-  if (device == Device::kCUDA) return cuda::kMaxHeadDim;
-#endif
-  (void)device;
-  return cpu::kMaxHeadDim;
-}
-
-const char* backend_of(Device device) {
-  return device == Device::kCUDA ? "cuda" : "cpu";
-}
-
-void require_ring_backend(Backend backend, const char* what) {
-  bool supported = backend == Backend::kCpu;
-#if defined(RINGATTN_HAVE_CUDA)
-  supported |= backend == Backend::kCuda;
-#endif
-  if (!supported) {
-    fail(ErrorCode::kUnsupported, "backend = ", backend_name(backend), " cannot run ", what,
-         " in this build; use backend = cpu (host tensors) or, in a build with CUDA, backend = "
-         "cuda (CUDA tensors)");
-  }
 }
 
 std::vector<AgreedField> shape_fields(const Problem& p) {

@@ -93,17 +93,6 @@ struct Shard {
   int world = 1;
 };
 
-// The device a call runs on: q's. CUDA tensors need a build with CUDA and a backend other than
-// reference; backend = cuda needs CUDA tensors. Throws Error naming the fix.
-Device call_device(Backend requested, const TensorView& q);
-// The largest head dim of the kernels on `device`, and the backend name its errors mention.
-int64_t max_head_dim(Device device);
-const char* backend_of(Device device);
-
-// The ring classes (`what`) run on backend cpu, or cuda in a build with CUDA; anything else
-// throws Error(kUnsupported) naming the backend and the fix.
-void require_ring_backend(Backend backend, const char* what);
-
 // Validates everything SPEC.md lists (config, shapes, strides, dtypes, every tensor on
 // `device`, head dim limit `max_head_dim` of the backend) and returns the problem. Throws Error.
 Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
