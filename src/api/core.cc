@@ -7,18 +7,13 @@
 #include "ringattn/error.h"
 #include "ringattn/tensor.h"
 #include "ringattn/version.h"
-#include "src/backend/cpu/attention_cpu.h"
-#include "src/backend/cpu/bf16_kernels.h"
+#include "src/backend/backend.h"
 #include "src/base/check.h"
 
 namespace ringattn {
 
 const char* version() {
   return RINGATTN_VERSION;
-}
-
-const char* cpu_simd_target() {
-  return cpu::simd_target();
 }
 
 const char* error_code_name(ErrorCode code) {
@@ -148,7 +143,7 @@ void ExecOptions::validate() const {
   const int k = static_cast<int>(cpu_bf16);
   require(k >= 0 && k <= static_cast<int>(CpuBf16::kAmx), "ExecOptions.cpu_bf16 = ", k,
           " is not a CpuBf16; use CpuBf16::kAuto, kWiden, kDot or kAmx");
-  if (backend == Backend::kCpu) cpu::resolve_bf16(cpu_bf16);
+  if (backend != Backend::kCuda) backend_of_kind(backend).check_options(*this);
 }
 
 const char* cpu_bf16_name(CpuBf16 kernel) {

@@ -4,8 +4,7 @@
 #include <initializer_list>
 #include <utility>
 
-#include "src/backend/cpu/attention_cpu.h"
-#include "src/backend/cpu/bf16_kernels.h"
+#include "src/backend/backend.h"
 #include "src/base/agreement.h"
 #include "src/base/check.h"
 #include "src/layer/multihead_layer.h"
@@ -161,16 +160,17 @@ void DistributedDilatedAttention::set_weights(MultiheadWeights weights) {
 
 namespace {
 
-// Until the ring's backward runs on CUDA tensors (sequence parallel; its forward does) and the
-// head group's sums reach device memory (head parallel), the distributed layer takes host
-// tensors only.
+// The head group's sums move host memory (head parallel), and the CUDA layer around the GPU
+// ring (sequence parallel; both of its directions exist) has no test on a device yet: the
+// distributed layer takes host tensors only.
 void reject_cuda(std::initializer_list<const TensorView*> views) {
   for (const TensorView* t : views) {
     if (t->device == Device::kCUDA) {
       fail(ErrorCode::kUnsupported,
-           "DistributedDilatedAttention runs on host tensors only: the ring's backward "
-           "(sequence parallel) and the head-parallel sums are not available on CUDA tensors "
-           "yet; pass host tensors (MultiheadDilatedAttention takes CUDA tensors on one GPU)");
+           "DistributedDilatedAttention runs on host tensors only: the head-parallel sums "
+           "move host memory and the sequence-parallel layer is not enabled on CUDA tensors "
+           "yet; pass host tensors (MultiheadDilatedAttention takes CUDA tensors on one GPU, "
+           "RingDilatedAttention on several)");
     }
   }
 }
@@ -181,8 +181,9 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAtte
   detail::AttentionCore core;
   core.check = [&](const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse) {
-    const Problem p = make_problem(ring.config(), q, k, v, out, lse, cpu::kMaxHeadDim, "cpu",
-                                   Shard{seq.rank(), seq.size()});
+    const AttentionBackend& backend = select_backend(options.backend, q);
+    const Problem p = make_problem(ring.config(), q, k, v, out, lse, backend.max_head_dim(),
+                                   backend.name(), Shard{seq.rank(), seq.size()});
     plan_ring(p, seq.rank(), seq.size());  // every branch fits the shards
   };
   core.forward = [&](const TensorView& q, const TensorView& k, const TensorView& v,
@@ -192,8 +193,7 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAtte
                       const TensorView& v, const TensorView& out, const TensorView& lse,
                       const TensorView& dq, const TensorView& dk,
                       const TensorView& dv) { ring.backward(dout, q, k, v, out, lse, dq, dk, dv); };
-  core.bf16_products =
-      options.backend == Backend::kCpu && cpu::resolve_bf16(options.cpu_bf16) != CpuBf16::kWiden;
+  core.bf16_products = host_bf16_products(options);
   detail::HeadGroup group;
   if (head.size() > 1) {
     group.sum_norm_stats = [&head](double* data, int64_t n) {

@@ -5,12 +5,8 @@
 #include <numbers>
 #include <utility>
 
-#include "src/backend/cpu/attention_cpu.h"
-#include "src/backend/cpu/bf16_kernels.h"
+#include "src/backend/backend.h"
 #include "src/base/check.h"
-#if defined(RINGATTN_HAVE_CUDA)
-#include "src/backend/cuda/attention_cuda.h"
-#endif
 #include "src/layer/multihead_layer.h"
 #include "src/plan/problem.h"
 
@@ -103,20 +99,8 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAt
   core.check = [&](const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse) {
     // DilatedAttention's rule: the tensors' device picks the backend.
-    if (q.device == Device::kCUDA) {
-      require(options.backend != Backend::kReference,
-              "backend = reference runs on the CPU but the inputs live on a CUDA device; pass "
-              "host tensors or use backend = cpu or cuda");
-#if defined(RINGATTN_HAVE_CUDA)
-      make_problem(attention.config(), q, k, v, out, lse, cuda::kMaxHeadDim, "cuda");
-#endif
-      return;
-    }
-    require(options.backend != Backend::kCuda,
-            "backend = cuda needs tensors on a CUDA device but the inputs live on the CPU; pass "
-            "CUDA tensors (Device::kCUDA) or use backend = cpu");
-    make_problem(attention.config(), q, k, v, out, lse, cpu::kMaxHeadDim,
-                 backend_name(options.backend));
+    const AttentionBackend& backend = select_backend(options.backend, q);
+    make_problem(attention.config(), q, k, v, out, lse, backend.max_head_dim(), backend.name());
   };
   core.forward = [&](const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out,
@@ -126,8 +110,7 @@ detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAt
                       const TensorView& dq, const TensorView& dk, const TensorView& dv) {
     attention.backward(dout, q, k, v, out, lse, dq, dk, dv);
   };
-  core.bf16_products =
-      options.backend == Backend::kCpu && cpu::resolve_bf16(options.cpu_bf16) != CpuBf16::kWiden;
+  core.bf16_products = host_bf16_products(options);
   return detail::MultiheadLayer(config, detail::LayerShape::of(config), std::move(core), {},
                                 options.num_threads, options.cuda_stream);
 }

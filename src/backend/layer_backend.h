@@ -6,10 +6,18 @@
 // each operation are those of the cpu:: function of the same name.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "ringattn/tensor.h"
-#include "src/backend/cpu/layer_ops.h"
+
+namespace ringattn {
+
+// Adds n per-row partial sums over the ranks that hold the other features of each row (the
+// ranks of a head-parallel group); empty when one process holds every feature.
+using FeatureSum = std::function<void(double* sums, int64_t n)>;
+
+}  // namespace ringattn
 
 namespace ringattn::detail {
 
@@ -31,11 +39,11 @@ class LayerBackend {
                     int64_t ldc) const = 0;
   virtual void layer_norm_forward(const float* x, int64_t rows, int64_t features,
                                   int64_t total_features, const float* w, const float* b, float eps,
-                                  float* y, float* stats, const cpu::FeatureSum& sum) const = 0;
+                                  float* y, float* stats, const FeatureSum& sum) const = 0;
   virtual void layer_norm_backward(const float* dy, const float* x, const float* stats,
                                    int64_t rows, int64_t features, int64_t total_features,
                                    const float* w, float* dx, float* dw, float* db,
-                                   const cpu::FeatureSum& sum) const = 0;
+                                   const FeatureSum& sum) const = 0;
   virtual void column_sums(const float* x, int64_t rows, int64_t cols, float* out) const = 0;
   virtual void add_rows(const float* bias, int64_t rows, int64_t cols, float* y) const = 0;
 };

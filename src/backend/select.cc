@@ -4,13 +4,14 @@
 #include "src/backend/backend.h"
 #include "src/base/check.h"
 #include "src/base/host_staging.h"
+#include "src/ring/ring_run.h"
 
 namespace ringattn {
 
 namespace {
 
 // The CUDA backend, or Error(kUnsupported) naming the rebuild (`why`: what needed it).
-const AttentionBackend& cuda_or_fail(const char* why) {
+const AttentionBackend& cuda_or_fail(const std::string& why) {
 #if defined(RINGATTN_HAVE_CUDA)
   (void)why;
   return detail::cuda_backend();
@@ -21,17 +22,72 @@ const AttentionBackend& cuda_or_fail(const char* why) {
 #endif
 }
 
+// Error(kUnsupported): backend `b` does not run rings.
+[[noreturn]] void no_ring(const AttentionBackend& b) {
+  fail(ErrorCode::kUnsupported, "backend = ", b.name(),
+       " does not run the ring; use backend = cpu (host tensors) or, in a build with CUDA, "
+       "backend = cuda (CUDA tensors)");
+}
+
 }  // namespace
 
-void AttentionBackend::check_forward_tensors(const TensorView&, const TensorView&,
-                                             const TensorView&, const TensorView&,
-                                             const std::optional<TensorView>&) const {}
+std::unique_ptr<RingRun> AttentionBackend::ring_forward(const Problem&, const RingPlan&,
+                                                        const ExecOptions&) const {
+  no_ring(*this);
+}
 
-void AttentionBackend::check_backward_tensors(const TensorView&, const TensorView&,
-                                              const TensorView&, const TensorView&,
-                                              const TensorView&, const TensorView&,
-                                              const TensorView&, const TensorView&,
-                                              const TensorView&) const {}
+std::unique_ptr<RingRun> AttentionBackend::ring_backward(BackwardProblem&, const RingPlan&,
+                                                         const ExecOptions&, bool) const {
+  no_ring(*this);
+}
+
+std::unique_ptr<RingRun> AttentionBackend::sparse_forward(const Problem&, const BlockSparsePlan&,
+                                                          const ExecOptions&) const {
+  no_ring(*this);
+}
+
+std::unique_ptr<RingRun> AttentionBackend::sparse_backward(BackwardProblem&, const BlockSparsePlan&,
+                                                           const ExecOptions&, bool) const {
+  no_ring(*this);
+}
+
+bool AttentionBackend::needs_precise_lse(const Problem&) const {
+  return false;
+}
+
+void AttentionBackend::check_sparse_ranks(int) const {}
+
+void AttentionBackend::check_tensors(
+    std::initializer_list<std::pair<const char*, const TensorView*>>) const {}
+
+void AttentionBackend::check_forward_tensors(const TensorView& q, const TensorView& k,
+                                             const TensorView& v, const TensorView& out,
+                                             const std::optional<TensorView>& lse) const {
+  check_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+  if (lse) check_tensors({{"lse", &*lse}});
+}
+
+void AttentionBackend::check_backward_tensors(const TensorView& dout, const TensorView& q,
+                                              const TensorView& k, const TensorView& v,
+                                              const TensorView& out, const TensorView& lse,
+                                              const TensorView& dq, const TensorView& dk,
+                                              const TensorView& dv) const {
+  check_tensors({{"dout", &dout},
+                 {"q", &q},
+                 {"k", &k},
+                 {"v", &v},
+                 {"out", &out},
+                 {"lse", &lse},
+                 {"dq", &dq},
+                 {"dk", &dk},
+                 {"dv", &dv}});
+}
+
+void AttentionBackend::check_options(const ExecOptions&) const {}
+
+bool AttentionBackend::bf16_products(const ExecOptions&) const {
+  return false;
+}
 
 const AttentionBackend& backend_of_kind(Backend kind) {
   switch (kind) {
@@ -44,6 +100,10 @@ const AttentionBackend& backend_of_kind(Backend kind) {
   }
   fail(ErrorCode::kInvalidArgument, "backend = ", static_cast<int>(kind),
        " is not a backend; use cpu, reference or cuda");
+}
+
+const AttentionBackend& backend_of_device(Device device, const std::string& what) {
+  return device == Device::kCUDA ? cuda_or_fail(what) : detail::cpu_backend();
 }
 
 const AttentionBackend& select_backend(Backend requested, const TensorView& q) {
@@ -59,6 +119,10 @@ const AttentionBackend& select_backend(Backend requested, const TensorView& q) {
           "backend = cuda needs tensors on a CUDA device but q lives on the CPU; pass CUDA "
           "tensors (Device::kCUDA) or use backend = cpu");
   return backend_of_kind(requested);
+}
+
+bool host_bf16_products(const ExecOptions& options) {
+  return options.backend == Backend::kCpu && detail::cpu_backend().bf16_products(options);
 }
 
 void require_ring_backend(Backend requested, const char* what) {

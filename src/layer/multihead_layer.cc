@@ -5,15 +5,13 @@
 #include <algorithm>
 #include <deque>
 #include <memory>
+#include <string>
 #include <utility>
 
+#include "src/backend/backend.h"
 #include "src/base/check.h"
 #include "src/base/dtype.h"
 #include "src/base/tensor_checks.h"
-#if defined(RINGATTN_HAVE_CUDA)
-#include "src/backend/cuda/attention_cuda.h"
-#include "src/backend/cuda/layer_backend.h"
-#endif
 
 namespace ringattn::detail {
 
@@ -90,13 +88,7 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInp
                   const char*& first, Staging& staging, bool written) {
   require(t.ndim == 3, name, " has ", t.ndim, " dimensions; it must be [B, N, E] with E = ", embed);
   require(t.data != nullptr, name, ".data is null; pass a buffer holding [B, N, E]");
-#if !defined(RINGATTN_HAVE_CUDA)
-  if (t.device == Device::kCUDA) {
-    fail(ErrorCode::kUnsupported, name,
-         " lives on a CUDA device but this build of ringattn has no CUDA backend; rebuild with "
-         "-DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-  }
-#endif
+  backend_of_device(t.device, std::string(name) + " lives on a CUDA device");  // in this build
   if (t.dtype != DType::kF32 && t.device == Device::kCUDA) {
     fail(ErrorCode::kUnsupported, name, " is ", dtype_name(t.dtype),
          " on a CUDA device; the multihead layers take bf16 / fp16 host tensors (through fp32 "
@@ -137,11 +129,8 @@ void convert(const float* src, T* dst, size_t n) {
 
 // CUDA tensors: their memory must be the current device's.
 void check_device_memory(std::initializer_list<std::pair<const char*, const TensorView*>> views) {
-#if defined(RINGATTN_HAVE_CUDA)
-  if (views.begin()->second->device == Device::kCUDA) cuda::check_device_tensors(views);
-#else
-  (void)views;
-#endif
+  const Device device = views.begin()->second->device;
+  backend_of_device(device, "the inputs live on a CUDA device").check_tensors(views);
 }
 
 }  // namespace
@@ -345,23 +334,16 @@ class ParamBuffers {
 
 const LayerBackend& MultiheadLayer::backend(Device device) const {
   if (backend_ && backend_->device() == device) return *backend_;
-  if (device == Device::kCPU) {
-    backend_ = cpu_layer_backend(threads_);
-    return *backend_;
-  }
-  if (group_.sum || group_.sum_norm_stats) {
+  if (device == Device::kCUDA && (group_.sum || group_.sum_norm_stats)) {
     fail(ErrorCode::kUnsupported,
          "head parallelism on CUDA tensors is not available (the head group's sums move host "
          "memory); pass host tensors");
   }
-#if defined(RINGATTN_HAVE_CUDA)
-  backend_ = cuda::layer_backend(cuda_stream_);
+  ExecOptions options;
+  options.num_threads = threads_;
+  options.cuda_stream = cuda_stream_;
+  backend_ = backend_of_device(device, "the inputs live on a CUDA device").layer_backend(options);
   return *backend_;
-#else
-  fail(ErrorCode::kUnsupported,
-       "the inputs live on a CUDA device but this build of ringattn has no CUDA backend; "
-       "rebuild with -DRINGATTN_WITH_CUDA=ON (needs nvcc) or pass host tensors");
-#endif
 }
 
 MultiheadLayer::SavedBuffers MultiheadLayer::saved_buffers(const MultiheadSaved& s) const {

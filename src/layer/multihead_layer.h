@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "ringattn/multihead.h"
-#include "src/backend/cpu/layer_ops.h"
 #include "src/backend/layer_backend.h"
 
 namespace ringattn::detail {
@@ -57,7 +56,7 @@ struct AttentionCore {
 
 // How the layer meets the ranks holding the other heads (all empty on one process).
 struct HeadGroup {
-  cpu::FeatureSum sum_norm_stats;                   // LayerNorm row sums
+  FeatureSum sum_norm_stats;                        // LayerNorm row sums
   std::function<void(float* data, int64_t n)> sum;  // y and dx partial sums
 };
 

@@ -8,9 +8,9 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/ring_attention.h"
-#include "src/backend/kv_store.h"
 #include "src/plan/problem.h"
 #include "src/plan/ring_plan.h"
+#include "src/ring/kv_store.h"
 #include "src/ring/ring_timing.h"
 
 namespace ringattn {

@@ -90,7 +90,7 @@ TEST(MultiheadDevices, DistributedRefusesCudaTensors) {
   const Error b = error_of(
       [&] { layer.backward(bne(x, 1, 16, 32), bne(x, 1, 16, 32), saved, marked_cuda(y), grads); });
   EXPECT_EQ(b.code(), ErrorCode::kUnsupported) << b.what();
-  EXPECT_TRUE(contains(b, "not available on CUDA tensors")) << b.what();
+  EXPECT_TRUE(contains(b, "not enabled on CUDA tensors")) << b.what();
   for (float v : y) ASSERT_EQ(v, 42.0f);
 }
 

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "src/backend/cpu/layer_ops.h"
 #include "src/backend/layer_backend.h"
 
 namespace ringattn::detail {
@@ -31,12 +32,12 @@ class CpuLayerBackend final : public LayerBackend {
   }
   void layer_norm_forward(const float* x, int64_t rows, int64_t features, int64_t total_features,
                           const float* w, const float* b, float eps, float* y, float* stats,
-                          const cpu::FeatureSum& sum) const override {
+                          const FeatureSum& sum) const override {
     cpu::layer_norm_forward(x, rows, features, total_features, w, b, eps, y, stats, sum, threads_);
   }
   void layer_norm_backward(const float* dy, const float* x, const float* stats, int64_t rows,
                            int64_t features, int64_t total_features, const float* w, float* dx,
-                           float* dw, float* db, const cpu::FeatureSum& sum) const override {
+                           float* dw, float* db, const FeatureSum& sum) const override {
     cpu::layer_norm_backward(dy, x, stats, rows, features, total_features, w, dx, dw, db, sum,
                              threads_);
   }

@@ -5,7 +5,8 @@
 // default); results do not depend on the thread count.
 
 #include <cstdint>
-#include <functional>
+
+#include "src/backend/layer_backend.h"
 
 namespace ringattn::cpu {
 
@@ -17,10 +18,6 @@ namespace ringattn::cpu {
 // BLAS's int.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads);
-
-// Adds n per-row partial sums over the ranks that hold the other features of each row (the
-// ranks of a head-parallel group); empty when one process holds every feature.
-using FeatureSum = std::function<void(double* sums, int64_t n)>;
 
 // y[r, :] = (x[r, :] - mean_r) * rstd_r * w + b over `features` local features of
 // `total_features` (the others on the ranks `sum` reaches). x, y: [rows, features];

@@ -18,13 +18,6 @@ constexpr int64_t kMaxHeadDim = 256;
 // Throws Error(kDevice) when no CUDA device is usable, and Error(kInvalidArgument) naming
 // the tensor when a view marked Device::kCUDA does not point at memory of the current device.
 void check_device_tensors(std::initializer_list<std::pair<const char*, const TensorView*>> views);
-// check_device_tensors for the tensors of a forward / backward call (named as in the API).
-void check_forward_tensors(const TensorView& q, const TensorView& k, const TensorView& v,
-                           const TensorView& out, const std::optional<TensorView>& lse);
-void check_backward_tensors(const TensorView& dout, const TensorView& q, const TensorView& k,
-                            const TensorView& v, const TensorView& out, const TensorView& lse,
-                            const TensorView& dq, const TensorView& dk, const TensorView& dv);
-
 // Computes p.out (and p.lse when set) on `stream` (a cudaStream_t; nullptr = the default
 // stream) and, when `wait`, waits for it. p describes one whole sequence on the current device.
 void forward(const Problem& p, void* stream, bool wait);

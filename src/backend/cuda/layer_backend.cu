@@ -141,7 +141,7 @@ int cublas_int(int64_t value) {
   return static_cast<int>(value);
 }
 
-void require_local(const cpu::FeatureSum& sum) {
+void require_local(const FeatureSum& sum) {
   if (sum) {
     fail(ErrorCode::kUnsupported,
          "LayerNorm over features split across ranks (head parallelism) is not available on "
@@ -192,7 +192,7 @@ class CudaLayerBackend final : public detail::LayerBackend {
 
   void layer_norm_forward(const float* x, int64_t rows, int64_t features, int64_t total_features,
                           const float* w, const float* b, float eps, float* y, float* stats,
-                          const cpu::FeatureSum& sum) const override {
+                          const FeatureSum& sum) const override {
     require_local(sum);
     layer_norm_forward_kernel<<<blocks(rows, kThreads / kWarp), kThreads, 0, stream_>>>(
         x, rows, features, 1.0 / static_cast<double>(total_features), eps, w, b, y, stats);
@@ -201,7 +201,7 @@ class CudaLayerBackend final : public detail::LayerBackend {
 
   void layer_norm_backward(const float* dy, const float* x, const float* stats, int64_t rows,
                            int64_t features, int64_t total_features, const float* w, float* dx,
-                           float* dw, float* db, const cpu::FeatureSum& sum) const override {
+                           float* dw, float* db, const FeatureSum& sum) const override {
     require_local(sum);
     // dw and db first: dx may overwrite dy.
     column_sums_of(TimesXhat{dy, x, stats, features}, rows, features, dw);

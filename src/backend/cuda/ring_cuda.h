@@ -6,9 +6,9 @@
 
 #include <memory>
 
-#include "src/backend/kv_store.h"
 #include "src/plan/problem.h"
 #include "src/plan/ring_plan.h"
+#include "src/ring/kv_store.h"
 
 namespace ringattn::cuda {
 

@@ -32,26 +32,6 @@ void check_device_tensors(std::initializer_list<std::pair<const char*, const Ten
   }
 }
 
-void check_forward_tensors(const TensorView& q, const TensorView& k, const TensorView& v,
-                           const TensorView& out, const std::optional<TensorView>& lse) {
-  check_device_tensors({{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
-  if (lse) check_device_tensors({{"lse", &*lse}});
-}
-
-void check_backward_tensors(const TensorView& dout, const TensorView& q, const TensorView& k,
-                            const TensorView& v, const TensorView& out, const TensorView& lse,
-                            const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-  check_device_tensors({{"dout", &dout},
-                        {"q", &q},
-                        {"k", &k},
-                        {"v", &v},
-                        {"out", &out},
-                        {"lse", &lse},
-                        {"dq", &dq},
-                        {"dk", &dk},
-                        {"dv", &dv}});
-}
-
 void allow_shared_memory(const void* kernel, int64_t bytes, const char* what) {
   int device = 0, limit = 0;
   RA_CUDA_CHECK(cudaGetDevice(&device));
