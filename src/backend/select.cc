@@ -22,11 +22,11 @@ const AttentionBackend& cuda_or_fail(const std::string& why) {
 #endif
 }
 
-// Error(kUnsupported): backend `b` does not run rings.
-[[noreturn]] void no_ring(const AttentionBackend& b) {
-  fail(ErrorCode::kUnsupported, "backend = ", b.name(),
-       " does not run the ring; use backend = cpu (host tensors) or, in a build with CUDA, "
-       "backend = cuda (CUDA tensors)");
+// Error(kUnsupported): backend `b` does not run `what` (a ring).
+[[noreturn]] void no_ring(const AttentionBackend& b, const char* what = "the ring") {
+  fail(ErrorCode::kUnsupported, "backend = ", b.name(), " cannot run ", what,
+       "; use backend = cpu (host tensors) or, in a build with CUDA, backend = cuda (CUDA "
+       "tensors)");
 }
 
 }  // namespace
@@ -126,11 +126,8 @@ bool host_bf16_products(const ExecOptions& options) {
 }
 
 void require_ring_backend(Backend requested, const char* what) {
-  if (!backend_of_kind(requested).runs_ring()) {
-    fail(ErrorCode::kUnsupported, "backend = ", backend_name(requested), " cannot run ", what,
-         "; use backend = cpu (host tensors) or, in a build with CUDA, backend = cuda (CUDA "
-         "tensors)");
-  }
+  const AttentionBackend& backend = backend_of_kind(requested);
+  if (!backend.runs_ring()) no_ring(backend, what);
 }
 
 }  // namespace ringattn

@@ -88,7 +88,10 @@ float* embed_rows(const TensorView& t, const char* name, int64_t embed, LayerInp
                   const char*& first, Staging& staging, bool written) {
   require(t.ndim == 3, name, " has ", t.ndim, " dimensions; it must be [B, N, E] with E = ", embed);
   require(t.data != nullptr, name, ".data is null; pass a buffer holding [B, N, E]");
-  backend_of_device(t.device, std::string(name) + " lives on a CUDA device");  // in this build
+  if (t.device == Device::kCUDA) {
+    backend_of_device(t.device,
+                      std::string(name) + " lives on a CUDA device");  // this build has it
+  }
   if (t.dtype != DType::kF32 && t.device == Device::kCUDA) {
     fail(ErrorCode::kUnsupported, name, " is ", dtype_name(t.dtype),
          " on a CUDA device; the multihead layers take bf16 / fp16 host tensors (through fp32 "
@@ -130,7 +133,9 @@ void convert(const float* src, T* dst, size_t n) {
 // CUDA tensors: their memory must be the current device's.
 void check_device_memory(std::initializer_list<std::pair<const char*, const TensorView*>> views) {
   const Device device = views.begin()->second->device;
-  backend_of_device(device, "the inputs live on a CUDA device").check_tensors(views);
+  if (device == Device::kCUDA) {
+    backend_of_device(device, "the inputs live on a CUDA device").check_tensors(views);
+  }
 }
 
 }  // namespace
