@@ -101,6 +101,42 @@ std::vector<BlockPiece> RingPlan::layout(const Problem& p, int s, int sender) co
   return pieces;
 }
 
+Problem asker_problem(const Problem& p, const RingPlan& plan, const SpanningBranch& sb,
+                      const void* queries, int asker) {
+  Problem f = p;
+  const int64_t heads = sb.head_end - sb.head_begin, rows = plan.half_rows(p);
+  f.q = queries;
+  f.q_st = {rows * heads * p.head_dim, heads * p.head_dim, p.head_dim};
+  f.shard_begin = plan.split_of(p, asker);
+  f.shard_rows = rows;
+  f.out = nullptr;
+  f.lse = nullptr;
+  return f;
+}
+
+bool RingPlan::asks() const {
+  return std::any_of(steps.begin(), steps.end(), [&](const RingStep& st) {
+    return spans[static_cast<size_t>(st.span)].balanced && st.recv_from >= 0;
+  });
+}
+
+bool RingPlan::answers() const {
+  return std::any_of(steps.begin(), steps.end(), [&](const RingStep& st) {
+    return spans[static_cast<size_t>(st.span)].balanced && st.send_to >= 0;
+  });
+}
+
+int64_t RingPlan::most_answered_rows(const Problem& p) const {
+  int64_t most = 0;
+  for (const RingStep& st : steps) {
+    const SpanningBranch& sb = spans[static_cast<size_t>(st.span)];
+    if (sb.balanced && st.send_to >= 0) {
+      most = std::max(most, sb.head_begin + p.batch * half_rows(p) * (sb.head_end - sb.head_begin));
+    }
+  }
+  return most;
+}
+
 int64_t RingPlan::query_elements(const Problem& p, int s) const {
   const SpanningBranch& sb = spans[static_cast<size_t>(s)];
   return p.batch * half_rows(p) * (sb.head_end - sb.head_begin) * p.head_dim;

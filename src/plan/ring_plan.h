@@ -62,8 +62,24 @@ struct RingPlan {
   // Rows of a rank's second half, and elements of its queries there for span `s`
   // ([B][rows][heads of s][D]).
   int64_t half_rows(const Problem& p) const { return p.shard_rows - p.shard_rows / 2; }
+  // The first global row of rank r's second half.
+  int64_t split_of(const Problem& p, int r) const { return r * p.shard_rows + p.shard_rows / 2; }
   int64_t query_elements(const Problem& p, int s) const;
+  // Whether this rank sends balanced queries (it receives keys of a balanced span), and
+  // whether it answers some (it owns keys another rank's balanced queries need).
+  bool asks() const;
+  bool answers() const;
+  // The most (row, head) pairs of the balanced queries this rank answers in one step, plus
+  // the head_begin slack of asker_problem's layout (times D: the elements of its inbox).
+  int64_t most_answered_rows(const Problem& p) const;
 };
+
+// The problem of rank `asker`'s balanced queries of span sb, as its key owner computes them:
+// the rows [split, split + half_rows) of the sequence, held in `queries` as
+// [B][rows][heads of sb][D] after head_begin * D elements of slack, so that head h sits at
+// h * D (the layout the asker packs them in). Output pointers are unset.
+Problem asker_problem(const Problem& p, const RingPlan& plan, const SpanningBranch& sb,
+                      const void* queries, int asker);
 
 // Checks that every branch fits the shards (throws the same Error on every rank, since all
 // ranks agree on the inputs by then) and plans the transfers of `rank`.

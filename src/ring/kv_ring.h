@@ -29,20 +29,13 @@ class KvRing {
   // Waits for step e's block (call only when receives(e)). Call for e = 0, 1, ... in order,
   // each followed by release(e) (also for steps that receive nothing).
   const void* receive(size_t e) {
-    const RingStep& st = plan_.steps[e];
     wait(recvs_[e], e);
-    layout_ = plan_.layout(p_, st.span, st.recv_from);
     return inbox_[e % 2];
   }
   // Step e's buffer is free again (everything reading it is issued): post step e + 2 into it.
   void release(size_t e) {
     if (receives(e)) store_.done_reading(static_cast<int>(e % 2));
     post(e + 2);
-  }
-
-  // Where stream `stream` of batch b lies in the block last received.
-  const BlockPiece& piece(int stream, int64_t b) const {
-    return layout_[static_cast<size_t>(stream * p_.batch + b)];
   }
 
   void wait(CommRequest& req, size_t step) { timed_wait(comm_, req, stats_, step); }
@@ -76,7 +69,6 @@ class KvRing {
   KvStore& store_;
   void* inbox_[2] = {nullptr, nullptr};
   std::vector<CommRequest> sends_, recvs_;
-  std::vector<BlockPiece> layout_;  // of the block last received
 };
 
 }  // namespace ringattn

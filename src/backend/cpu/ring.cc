@@ -15,7 +15,7 @@
 #include "src/base/fault.h"
 #include "src/base/index_math.h"
 #include "src/base/memory.h"
-#include "src/ring/kv_ring.h"
+#include "src/ring/ring_protocol.h"
 #include "src/ring/ring_steps.h"
 
 namespace ringattn::cpu {
@@ -82,14 +82,12 @@ class HostKvStore final : public KvStore {
   std::vector<uint8_t> inbox_[2];
 };
 
-// The key source of head h (head branch hb, batch b) in step e's block (the last received;
-// read-only, safe from every thread).
-bool block_keys(const KvRing& ring, const Problem& p, const RingPlan& plan, size_t e,
+// The key source of head h (head branch hb, batch b) in a received block of span sb whose
+// layout is `pieces` (read-only, safe from every thread).
+bool block_keys(const Problem& p, const SpanningBranch& sb, const std::vector<BlockPiece>& pieces,
                 const uint8_t* block, int64_t b, int64_t h, int hb, detail::KeySource& src) {
-  const RingStep& st = plan.steps[e];
-  const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
   if (p.head_branches[hb].branch != sb.branch) return false;
-  const BlockPiece& x = ring.piece(sb.head_stream[h], b);
+  const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch + b)];
   if (x.t_end == x.t_begin) return false;
   const size_t esize = dtype_size(p.dtype);
   src = {block + esize * static_cast<size_t>(x.k_offset),
@@ -122,58 +120,14 @@ void pack_half(const void* base, const Strides3& st, const Problem& p, int64_t s
   }
 }
 
-// The problem of another rank's balanced queries, held in `queries` ([B][rows][heads of the
-// span][D], after head_begin * D slack elements so that head h sits at h * D): the rows
-// [split, split + rows) of the sequence, computed here against this rank's own keys.
-Problem foreign_queries(const Problem& p, const SpanningBranch& sb, const void* queries,
-                        int64_t split, int64_t rows) {
-  Problem f = p;
-  const int64_t heads = sb.head_end - sb.head_begin;
-  f.q = queries;
-  f.q_st = {rows * heads * p.head_dim, heads * p.head_dim, p.head_dim};
-  f.shard_begin = split;
-  f.shard_rows = rows;
-  f.out = nullptr;
-  f.lse = nullptr;
-  return f;
-}
-
-// Whether this rank answers balanced queries in some step (it owns the keys they need), and
-// whether it sends its own (it receives keys of a balanced span); then the most elements
-// (heads of the span x rows x D, plus the slack) such queries take.
-bool answers_queries(const RingPlan& plan) {
-  for (const RingStep& st : plan.steps) {
-    if (plan.spans[static_cast<size_t>(st.span)].balanced && st.send_to >= 0) return true;
-  }
-  return false;
-}
-bool asks_queries(const RingPlan& plan) {
-  for (const RingStep& st : plan.steps) {
-    if (plan.spans[static_cast<size_t>(st.span)].balanced && st.recv_from >= 0) return true;
-  }
-  return false;
-}
-int64_t most_query_elements(const Problem& p, const RingPlan& plan) {
-  return most_over_steps(
-      plan,
-      [&](const RingStep& st) {
-        return plan.spans[static_cast<size_t>(st.span)].balanced && st.send_to >= 0;
-      },
-      [&](const RingStep& st) {
-        return plan.spans[static_cast<size_t>(st.span)].head_begin * p.head_dim +
-               plan.query_elements(p, st.span);
-      });
-}
-
-// One rank of the CPU ring forward: everything sized by the problem is allocated by the
-// constructor (inside the ranks' agreement, so that running out of memory on one rank fails
-// every rank there); run() is the protocol.
-class CpuRingForward final : public RingRun {
+// One rank's forward shard of the CPU ring: everything sized by the problem is allocated by
+// the constructor (inside the ranks' agreement, so that running out of memory on one rank
+// fails every rank there); the verbs are the steps of the protocol (ring_protocol.h).
+class CpuForwardShard final : public ForwardRingShard {
  public:
-  CpuRingForward(const Problem& p, const RingPlan& plan, const ExecOptions& options)
+  CpuForwardShard(const Problem& p, const RingPlan& plan, const ExecOptions& options)
       : p_(p),
         plan_(plan),
-        tags_(tags_of(plan)),
         shard_(p, options, plan.split),
         store_(p, plan),
         mine_(plan.spans.size()) {
@@ -190,95 +144,81 @@ class CpuRingForward final : public RingRun {
     // Balanced partial results, (O, lse as two floats) for at most every head of the second
     // half.
     const size_t partial = static_cast<size_t>(p.batch * p.heads * half * (p.head_dim + 2));
-    if (asks_queries(plan)) {
+    if (plan.asks()) {
       resize_buffer(partial_in_, partial, "the ring's balanced partial results");
     }
-    if (answers_queries(plan)) {
+    if (plan.answers()) {
       for (std::vector<float>& buf : partial_out_) {
         resize_buffer(buf, partial, "the ring's balanced partial results");
       }
-      resize_buffer(queries_, static_cast<size_t>(most_query_elements(p, plan)) * esize,
+      resize_buffer(queries_, static_cast<size_t>(plan.most_answered_rows(p) * p.head_dim) * esize,
                     "the ring's received balanced queries");
-      const SpanningBranch& sb = plan.spans[0];
-      foreign_p_ = foreign_queries(p, sb, queries_.data(), 0, half);
+      foreign_p_ = asker_problem(p, plan, plan.spans[0], queries_.data(), 0);
       foreign_ = std::make_unique<ShardForward>(foreign_p_, options);
     }
   }
 
-  void run(Communicator& comm, RingStats& stats) override {
-    const Problem& p = p_;
-    const RingPlan& plan = plan_;
-    const size_t esize = dtype_size(p.dtype);
-    const int64_t half = plan.half_rows(p);
-    const auto poll = [&comm] { comm.progress(); };
-    const detail::KeySourceFn local = detail::local_keys(p);
-    KvRing ring(comm, p, plan, stats, store_);
-
-    // Balanced spans: this rank's second-half queries go to every rank whose keys it gets.
-    std::vector<CommRequest> sends;
-    for (const RingStep& st : plan.steps) {
-      const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
-      if (!sb.balanced || st.recv_from < 0) continue;
-      const std::vector<uint8_t>& mine = mine_[static_cast<size_t>(st.span)];
-      sends.push_back(comm.isend(mine.data(), mine.size(), st.recv_from, tags_.queries(st)));
-      ++stats.messages_sent;
-    }
-    shard_.pass(local, poll);
-
-    CommRequest partial_sends[2];
-    for (size_t e = 0; e < plan.steps.size(); ++e) {
-      ringattn::detail::fault_point("ring.step");
-      const RingStep& st = plan.steps[e];
-      const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
-      const int64_t heads = sb.head_end - sb.head_begin;
-      const size_t partial_size = static_cast<size_t>(p.batch * heads * half * (p.head_dim + 2));
-      if (sb.balanced && st.send_to >= 0) {
-        // The later rank's second-half queries against this rank's keys.
-        const size_t lead = static_cast<size_t>(sb.head_begin * p.head_dim) * esize;
-        const size_t bytes = static_cast<size_t>(plan.query_elements(p, st.span)) * esize;
-        CommRequest req = comm.irecv(queries_.data() + lead, bytes, st.send_to, tags_.queries(st));
-        ring.wait(req, e);
-        const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
-        foreign_p_ = foreign_queries(p, sb, queries_.data(), split, half);
-        foreign_->restart();
-        foreign_->pass(
-            [&](int64_t b, int64_t h, int hb, int64_t seg, detail::KeySource& src) {
-              return p.head_branches[hb].branch == sb.branch && local(b, h, hb, seg, src);
-            },
-            poll);
-        std::vector<float>& out_buf = partial_out_[e % 2];
-        ring.wait(partial_sends[e % 2], e);  // the send that used this buffer two steps ago
-        foreign_->export_rows(sb.head_begin, sb.head_end, out_buf.data());
-        partial_sends[e % 2] =
-            comm.isend(out_buf.data(), partial_size * sizeof(float), st.send_to, tags_.partial(st));
-        ++stats.messages_sent;
-      }
-      if (ring.receives(e)) {
-        const auto* block = static_cast<const uint8_t*>(ring.receive(e));
-        shard_.pass(
-            [&](int64_t b, int64_t h, int hb, int64_t, detail::KeySource& src) {
-              return block_keys(ring, p, plan, e, block, b, h, hb, src);
-            },
-            poll, sb.balanced ? plan.split : INT64_MAX);
-        if (sb.balanced) {
-          CommRequest req = comm.irecv(partial_in_.data(), partial_size * sizeof(float),
-                                       st.recv_from, tags_.partial(st));
-          ring.wait(req, e);
-          shard_.merge_rows(sb.head_begin, sb.head_end, plan.split, half, partial_in_.data());
-        }
-      }
-      ring.release(e);
-    }
-    for (CommRequest& req : sends) ring.wait(req, plan.steps.size());
-    for (CommRequest& req : partial_sends) ring.wait(req, plan.steps.size());
-    ring.finish();
-    shard_.write_output();
+  KvStore& store() override { return store_; }
+  void attend_local(const Poll& poll) override { shard_.pass(detail::local_keys(p_), poll); }
+  void attend_block(size_t step, const void* block, int64_t row_end, const Poll& poll) override {
+    const RingStep& st = plan_.steps[step];
+    const std::vector<BlockPiece> pieces = plan_.layout(p_, st.span, st.recv_from);
+    shard_.pass(
+        [&](int64_t b, int64_t h, int hb, int64_t, detail::KeySource& src) {
+          return block_keys(p_, plan_.spans[static_cast<size_t>(st.span)], pieces,
+                            static_cast<const uint8_t*>(block), b, h, hb, src);
+        },
+        poll, row_end);
   }
+  std::vector<Message> own_queries(size_t step) override {
+    const int span = plan_.steps[step].span;
+    std::vector<uint8_t>& mine = mine_[static_cast<size_t>(span)];
+    return {{mine.data(), mine.size()}};
+  }
+  std::vector<Message> query_inbox(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const size_t esize = dtype_size(p_.dtype);
+    const size_t lead =
+        static_cast<size_t>(plan_.spans[static_cast<size_t>(span)].head_begin * p_.head_dim);
+    return {{queries_.data() + lead * esize,
+             static_cast<size_t>(plan_.query_elements(p_, span)) * esize}};
+  }
+  Message answer(size_t step, int slot, const Poll& poll) override {
+    const int span = plan_.steps[step].span, asker = plan_.steps[step].send_to;
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    const detail::KeySourceFn local = detail::local_keys(p_);
+    foreign_p_ = asker_problem(p_, plan_, sb, queries_.data(), asker);
+    foreign_->restart();
+    foreign_->pass(
+        [&](int64_t b, int64_t h, int hb, int64_t seg, detail::KeySource& src) {
+          return p_.head_branches[hb].branch == sb.branch && local(b, h, hb, seg, src);
+        },
+        poll);
+    std::vector<float>& out = partial_out_[slot];
+    foreign_->export_rows(sb.head_begin, sb.head_end, out.data());
+    return {out.data(), partial_bytes(span)};
+  }
+  Message partial_inbox(size_t step) override {
+    return {partial_in_.data(), partial_bytes(plan_.steps[step].span)};
+  }
+  void merge_partial(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    shard_.merge_rows(sb.head_begin, sb.head_end, plan_.split, plan_.half_rows(p_),
+                      partial_in_.data());
+  }
+  void write_output() override { shard_.write_output(); }
 
  private:
+  size_t partial_bytes(int span) const {
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    return static_cast<size_t>(p_.batch * (sb.head_end - sb.head_begin) * plan_.half_rows(p_) *
+                               (p_.head_dim + 2)) *
+           sizeof(float);
+  }
+
   const Problem& p_;
   const RingPlan& plan_;
-  Tags tags_;
   ShardForward shard_;
   HostKvStore store_;
   std::vector<std::vector<uint8_t>> mine_;  // per balanced span: this rank's second half
@@ -294,16 +234,11 @@ struct Half {
   std::vector<double> lse;  // in double: lse_precise where the backward recomputed it
 };
 
-// One rank of the CPU ring backward, made like CpuRingForward.
-class CpuRingBackward final : public RingRun {
+// One rank's backward shard of the CPU ring, made like CpuForwardShard.
+class CpuBackwardShard final : public BackwardRingShard {
  public:
-  CpuRingBackward(const BackwardProblem& bp, const RingPlan& plan, const ExecOptions& options)
-      : bp_(bp),
-        plan_(plan),
-        tags_(tags_of(plan)),
-        shard_(bp, options),
-        store_(bp.fwd, plan),
-        mine_(plan.spans.size()) {
+  CpuBackwardShard(const BackwardProblem& bp, const RingPlan& plan, const ExecOptions& options)
+      : bp_(bp), plan_(plan), shard_(bp, options), store_(bp.fwd, plan), mine_(plan.spans.size()) {
     const Problem& p = bp.fwd;
     const size_t esize = dtype_size(p.dtype);
     const int64_t half = plan.half_rows(p), split_local = plan.split - p.shard_begin;
@@ -329,8 +264,8 @@ class CpuRingBackward final : public RingRun {
       resize_buffer(grads_in_[i], static_cast<size_t>(most_returned),
                     "the ring's returned fp32 K/V gradients");
     }
-    if (answers_queries(plan)) {
-      const size_t most = static_cast<size_t>(most_query_elements(p, plan));
+    if (plan.answers()) {
+      const size_t most = static_cast<size_t>(plan.most_answered_rows(p) * p.head_dim);
       for (std::vector<uint8_t>* buf : {&in_q_, &in_dout_, &in_out_}) {
         resize_buffer(*buf, most * esize, "the ring's received balanced queries");
       }
@@ -340,117 +275,66 @@ class CpuRingBackward final : public RingRun {
         resize_buffer(buf, most, "the ring's balanced dq results");
       }
       foreign_ = bp;
-      foreign_.fwd = foreign_queries(p, plan.spans[0], in_q_.data(), 0, half);
+      foreign_.fwd = asker_problem(p, plan, plan.spans[0], in_q_.data(), 0);
       // Its dq goes back to the queries' owner and its keys' gradients into shard_: none of
       // it lands in this rank's tensors, so it sums in accumulators of its own.
       foreign_.dq = foreign_.dk = foreign_.dv = nullptr;
       foreign_shard_ = std::make_unique<ShardBackward>(foreign_, options);
     }
-    if (asks_queries(plan)) {
+    if (plan.asks()) {
       resize_buffer(dq_in_, static_cast<size_t>(p.batch * p.heads * half * p.head_dim),
                     "the ring's returned balanced dq");
     }
   }
 
-  void run(Communicator& comm, RingStats& stats) override {
-    const Problem& p = bp_.fwd;
-    const RingPlan& plan = plan_;
-    const int64_t half = plan.half_rows(p), D = p.head_dim, group = p.heads / p.kv_heads;
-    const auto poll = [&comm] { comm.progress(); };
-    KvRing ring(comm, p, plan, stats, store_);
-
-    std::vector<CommRequest> sends;
-    for (const RingStep& st : plan.steps) {
-      const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
-      if (!sb.balanced || st.recv_from < 0) continue;
-      Half& m = mine_[static_cast<size_t>(st.span)];
-      pack_lse(sb, m.lse);
-      for (const std::vector<uint8_t>* part : {&m.q, &m.dout, &m.out}) {
-        sends.push_back(comm.isend(part->data(), part->size(), st.recv_from, tags_.queries(st)));
-      }
-      sends.push_back(
-          comm.isend(m.lse.data(), m.lse.size() * sizeof(double), st.recv_from, tags_.queries(st)));
-      stats.messages_sent += 4;
-    }
-    shard_.local_passes(poll);
-
-    // Step e: the gradients of the received keys go back to their owner (fp32, the block's
-    // layout), and the gradients of this rank's keys come back from the rank it sent them
-    // to. Both are double-buffered; returned gradients are added in step order
-    // (deterministic). A step's gradient receive is posted after its block arrived, so that
-    // no wait on the block (which some communicators complete together with everything
-    // posted before it) depends on the peer's gradients.
-    CommRequest grad_sends[2], grad_recvs[2], dq_sends[2];
-    for (size_t e = 0; e < plan.steps.size(); ++e) {
-      ringattn::detail::fault_point("ring.step");
-      const RingStep& st = plan.steps[e];
-      const SpanningBranch& sb = plan.spans[static_cast<size_t>(st.span)];
-      if (sb.balanced && st.send_to >= 0) answer_queries(comm, ring, stats, e, dq_sends[e % 2]);
-      ring.wait(grad_sends[e % 2], e);  // step e - 2's returned gradients have left
-      const uint8_t* block =
-          ring.receives(e) ? static_cast<const uint8_t*>(ring.receive(e)) : nullptr;
-      if (st.send_to >= 0) {
-        grad_recvs[e % 2] = comm.irecv(
-            grads_in_[e % 2].data(),
-            static_cast<size_t>(plan.block_elements(p, st.span, plan.rank)) * sizeof(float),
-            st.send_to, tags_.grads(st));
-      }
-      if (block != nullptr) {
-        float* g = grads_out_[e % 2].data();
-        const size_t g_size = static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from));
-        std::fill_n(g, g_size, 0.0f);
-        // Balanced spans: only the first half's queries here (the key owner does the rest).
-        const int64_t own_end = sb.balanced ? plan.split : p.shard_begin + p.shard_rows;
-        const Branch br = p.branches[static_cast<size_t>(sb.branch)];
-        shard_.pass(
-            p.batch * p.kv_heads,
-            [&](int64_t t, std::vector<detail::BackwardWork>& works) {
-              const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
-              for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-                const int hb = p.head_branch(h, sb.branch);
-                detail::BackwardWork w{};
-                if (hb < 0 || !block_keys(ring, p, plan, e, block, b, h, hb, w.keys)) continue;
-                w.b = b;
-                w.h = h;
-                w.branch = sb.branch;
-                w.offset = p.head_branches[hb].offset;
-                w.segment = p.shard_begin / br.segment;
-                const KeptSpan own = kept_span_in_window(w.segment, br.segment, br.rate, w.offset,
-                                                         p.shard_begin, own_end);
-                w.tq_begin = own.t_begin;
-                w.tq_end = own.t_end;
-                const BlockPiece& x = ring.piece(sb.head_stream[h], b);
-                w.dk = g + x.k_offset;
-                w.dv = g + x.v_offset;
-                w.dk_stride = w.dv_stride = D;
-                works.push_back(w);
-              }
-            },
-            poll);
-        grad_sends[e % 2] = comm.isend(g, g_size * sizeof(float), st.recv_from, tags_.grads(st));
-        ++stats.messages_sent;
-        if (sb.balanced) {
-          const size_t bytes = static_cast<size_t>(plan.query_elements(p, st.span)) * sizeof(float);
-          CommRequest req = comm.irecv(dq_in_.data(), bytes, st.recv_from, tags_.partial(st));
-          ring.wait(req, e);
-          shard_.add_dq(sb.head_begin, sb.head_end, plan.split, half, dq_in_.data());
-        }
-      }
-      ring.release(e);
-      if (e >= 1) add_returned(ring, e - 1, grad_recvs[(e - 1) % 2]);
-    }
-    if (!plan.steps.empty()) {
-      add_returned(ring, plan.steps.size() - 1, grad_recvs[(plan.steps.size() - 1) % 2]);
-    }
-    for (CommRequest* req : {&grad_sends[0], &grad_sends[1], &dq_sends[0], &dq_sends[1]}) {
-      ring.wait(*req, plan.steps.size());
-    }
-    for (CommRequest& req : sends) ring.wait(req, plan.steps.size());
-    ring.finish();
-    shard_.write_output();
+  KvStore& store() override { return store_; }
+  void attend_local(const Poll& poll) override { shard_.local_passes(poll); }
+  std::vector<Message> own_queries(size_t step) override {
+    const int span = plan_.steps[step].span;
+    Half& m = mine_[static_cast<size_t>(span)];
+    pack_lse(plan_.spans[static_cast<size_t>(span)], m.lse);  // lse_precise is set by now
+    return {{m.q.data(), m.q.size()},
+            {m.dout.data(), m.dout.size()},
+            {m.out.data(), m.out.size()},
+            {m.lse.data(), m.lse.size() * sizeof(double)}};
   }
+  std::vector<Message> query_inbox(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const Problem& p = bp_.fwd;
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    const size_t esize = dtype_size(p.dtype);
+    const int64_t half = plan_.half_rows(p);
+    const size_t lead = static_cast<size_t>(sb.head_begin * p.head_dim) * esize;
+    const size_t bytes = static_cast<size_t>(plan_.query_elements(p, span)) * esize;
+    return {{in_q_.data() + lead, bytes},
+            {in_dout_.data() + lead, bytes},
+            {in_out_.data() + lead, bytes},
+            {in_lse_.data() + sb.head_begin * half,
+             static_cast<size_t>(p.batch * (sb.head_end - sb.head_begin) * half) * sizeof(double)}};
+  }
+  Message answer(size_t step, int slot, const Poll& poll) override;
+  Message partial_inbox(size_t step) override {
+    return {dq_in_.data(), dq_bytes(plan_.steps[step].span)};
+  }
+  void merge_partial(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    shard_.add_dq(sb.head_begin, sb.head_end, plan_.split, plan_.half_rows(bp_.fwd), dq_in_.data());
+  }
+  Message block_grads(size_t step, const void* block, int64_t row_end, const Poll& poll) override;
+  Message returned(size_t step) override {
+    const RingStep& st = plan_.steps[step];
+    return {
+        grads_in_[step % 2].data(),
+        static_cast<size_t>(plan_.block_elements(bp_.fwd, st.span, plan_.rank)) * sizeof(float)};
+  }
+  void add_returned(size_t step) override;
+  void write_output() override { shard_.write_output(); }
 
  private:
+  size_t dq_bytes(int span) const {
+    return static_cast<size_t>(plan_.query_elements(bp_.fwd, span)) * sizeof(float);
+  }
   // This rank's second-half lse of span sb, [B][heads of sb][rows], in double: the
   // recomputed lse where the backward made one (lse_precise), else the caller's.
   void pack_lse(const SpanningBranch& sb, std::vector<double>& out) const {
@@ -467,96 +351,32 @@ class CpuRingBackward final : public RingRun {
       }
     }
   }
-
-  // Step e of a balanced span whose keys this rank owns: the later rank's second-half
-  // queries against them. Their dq goes back; the gradients of these keys stay here.
-  void answer_queries(Communicator& comm, KvRing& ring, RingStats& stats, size_t e,
-                      CommRequest& dq_send) {
+  // The work of head h's queries (kv head group of task t) for span `span` against keys
+  // that `keys(b, h, hb, w)` sets up, the queries kept indices `queries(w)` of them.
+  template <typename Keys, typename Queries>
+  void span_pass(int span, Keys&& keys, Queries&& queries, const Poll& poll, ShardBackward& shard) {
     const Problem& p = bp_.fwd;
-    const RingStep& st = plan_.steps[e];
-    const SpanningBranch& span = plan_.spans[static_cast<size_t>(st.span)];
-    const size_t esize = dtype_size(p.dtype);
-    const int64_t half = plan_.half_rows(p), D = p.head_dim, group = p.heads / p.kv_heads;
-    const int64_t heads = span.head_end - span.head_begin;
-    const size_t lead = static_cast<size_t>(span.head_begin * D) * esize;
-    const int64_t elements = plan_.query_elements(p, st.span);
-    const size_t bytes = static_cast<size_t>(elements) * esize;
-    const size_t lse_lead = static_cast<size_t>(span.head_begin * half);
-    CommRequest reqs[4] = {comm.irecv(in_q_.data() + lead, bytes, st.send_to, tags_.queries(st)),
-                           comm.irecv(in_dout_.data() + lead, bytes, st.send_to, tags_.queries(st)),
-                           comm.irecv(in_out_.data() + lead, bytes, st.send_to, tags_.queries(st)),
-                           comm.irecv(in_lse_.data() + lse_lead,
-                                      static_cast<size_t>(p.batch * heads * half) * sizeof(double),
-                                      st.send_to, tags_.queries(st))};
-    for (CommRequest& req : reqs) ring.wait(req, e);
-    const int64_t split = st.send_to * p.shard_rows + p.shard_rows / 2;
-    foreign_.fwd = foreign_queries(p, span, in_q_.data(), split, half);
-    foreign_.fwd.out = in_out_.data();
-    foreign_.fwd.out_st = foreign_.fwd.q_st;
-    foreign_.fwd.lse = nullptr;
-    foreign_.fwd.lse_precise = in_lse_.data();
-    foreign_.fwd.lse_precise_st = {heads * half, 1, half};
-    foreign_.dout = in_dout_.data();
-    foreign_.dout_st = foreign_.fwd.q_st;
-    foreign_shard_->restart();
-    const Branch br = p.branches[static_cast<size_t>(span.branch)];
-    const int64_t seg = split / br.segment;
-    foreign_shard_->pass(
+    const int branch = plan_.spans[static_cast<size_t>(span)].branch;
+    const int64_t group = p.heads / p.kv_heads;
+    shard.pass(
         p.batch * p.kv_heads,
         [&](int64_t t, std::vector<detail::BackwardWork>& works) {
           const int64_t b = t / p.kv_heads, hk = t % p.kv_heads;
           for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            detail::BackwardWork w;
-            const int hb = p.head_branch(h, span.branch);
-            if (hb < 0 || !shard_.local_key_work(b, h, hb, seg, w)) continue;
-            const KeptSpan theirs =
-                kept_span_in_window(seg, br.segment, br.rate, w.offset, split, split + half);
-            w.tq_begin = theirs.t_begin;
-            w.tq_end = theirs.t_end;
+            detail::BackwardWork w{};
+            const int hb = p.head_branch(h, branch);
+            if (hb < 0 || !keys(b, h, hb, w)) continue;
+            const KeptSpan q = queries(w);
+            w.tq_begin = q.t_begin;
+            w.tq_end = q.t_end;
             works.push_back(w);
           }
         },
-        [&comm] { comm.progress(); });
-    std::vector<float>& dq_buf = dq_out_[e % 2];
-    ring.wait(dq_send, e);  // the send that used this buffer two steps ago
-    foreign_shard_->export_dq(span.head_begin, span.head_end, dq_buf.data());
-    dq_send = comm.isend(dq_buf.data(), static_cast<size_t>(elements) * sizeof(float), st.send_to,
-                         tags_.partial(st));
-    ++stats.messages_sent;
-  }
-
-  // Adds the gradients of this rank's keys that step e's receiver sent back.
-  void add_returned(KvRing& ring, size_t e, CommRequest& recv) {
-    const Problem& p = bp_.fwd;
-    const RingStep& st = plan_.steps[e];
-    if (st.send_to < 0) return;
-    ring.wait(recv, e);
-    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
-    const Branch br = p.branches[static_cast<size_t>(sb.branch)];
-    const std::vector<BlockPiece> pieces = plan_.layout(p, st.span, plan_.rank);
-    const int64_t seg_start = p.shard_begin / br.segment * br.segment, D = p.head_dim;
-    const float* grads = grads_in_[e % 2].data();
-    for (size_t si = 0; si < sb.streams.size(); ++si) {
-      for (int64_t b = 0; b < p.batch; ++b) {
-        const BlockPiece& x = pieces[si * static_cast<size_t>(p.batch) + static_cast<size_t>(b)];
-        for (int64_t t = x.t_begin; t < x.t_end; ++t) {
-          const int64_t row = seg_start + sb.streams[si].offset + t * br.rate - p.shard_begin;
-          float* dk_row = shard_.dk_row(b, row, sb.streams[si].kv_head);
-          float* dv_row = shard_.dv_row(b, row, sb.streams[si].kv_head);
-          const float* gk = grads + x.k_offset + (t - x.t_begin) * D;
-          const float* gv = grads + x.v_offset + (t - x.t_begin) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dk_row[d] += gk[d];
-            dv_row[d] += gv[d];
-          }
-        }
-      }
-    }
+        poll);
   }
 
   const BackwardProblem& bp_;
   const RingPlan& plan_;
-  Tags tags_;
   ShardBackward shard_;
   HostKvStore store_;
   std::vector<Half> mine_;  // per balanced span
@@ -567,6 +387,104 @@ class CpuRingBackward final : public RingRun {
   BackwardProblem foreign_;
   std::unique_ptr<ShardBackward> foreign_shard_;
 };
+
+// The asker's second-half queries against this rank's keys of the span: their dq goes
+// back; the gradients of these keys stay here.
+Message CpuBackwardShard::answer(size_t step, int slot, const Poll& poll) {
+  const int span = plan_.steps[step].span, asker = plan_.steps[step].send_to;
+  const Problem& p = bp_.fwd;
+  const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+  const int64_t half = plan_.half_rows(p), heads = sb.head_end - sb.head_begin;
+  const int64_t split = plan_.split_of(p, asker);
+  foreign_.fwd = asker_problem(p, plan_, sb, in_q_.data(), asker);
+  foreign_.fwd.out = in_out_.data();
+  foreign_.fwd.out_st = foreign_.fwd.q_st;
+  foreign_.fwd.lse = nullptr;
+  foreign_.fwd.lse_precise = in_lse_.data();
+  foreign_.fwd.lse_precise_st = {heads * half, 1, half};
+  foreign_.dout = in_dout_.data();
+  foreign_.dout_st = foreign_.fwd.q_st;
+  foreign_shard_->restart();
+  const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+  const int64_t seg = split / br.segment;
+  span_pass(
+      span,
+      [&](int64_t b, int64_t h, int hb, detail::BackwardWork& w) {
+        return shard_.local_key_work(b, h, hb, seg, w);
+      },
+      [&](const detail::BackwardWork& w) {
+        return kept_span_in_window(seg, br.segment, br.rate, w.offset, split, split + half);
+      },
+      poll, *foreign_shard_);
+  std::vector<float>& dq = dq_out_[slot];
+  foreign_shard_->export_dq(sb.head_begin, sb.head_end, dq.data());
+  return {dq.data(), dq_bytes(span)};
+}
+
+// The local queries before row_end against step e's block: dq here, the block's key
+// gradients into a fresh fp32 buffer of its layout.
+Message CpuBackwardShard::block_grads(size_t step, const void* block, int64_t row_end,
+                                      const Poll& poll) {
+  const Problem& p = bp_.fwd;
+  const RingStep& st = plan_.steps[step];
+  const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
+  const std::vector<BlockPiece> pieces = plan_.layout(p, st.span, st.recv_from);
+  float* g = grads_out_[step % 2].data();
+  const size_t g_size = static_cast<size_t>(plan_.block_elements(p, st.span, st.recv_from));
+  std::fill_n(g, g_size, 0.0f);
+  const int64_t own_end = std::min(row_end, p.shard_begin + p.shard_rows);
+  const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+  const int64_t seg = p.shard_begin / br.segment;
+  span_pass(
+      st.span,
+      [&](int64_t b, int64_t h, int hb, detail::BackwardWork& w) {
+        if (!block_keys(p, sb, pieces, static_cast<const uint8_t*>(block), b, h, hb, w.keys)) {
+          return false;
+        }
+        w.b = b;
+        w.h = h;
+        w.branch = sb.branch;
+        w.offset = p.head_branches[hb].offset;
+        w.segment = seg;
+        const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch + b)];
+        w.dk = g + x.k_offset;
+        w.dv = g + x.v_offset;
+        w.dk_stride = w.dv_stride = p.head_dim;
+        return true;
+      },
+      [&](const detail::BackwardWork& w) {
+        return kept_span_in_window(seg, br.segment, br.rate, w.offset, p.shard_begin, own_end);
+      },
+      poll, shard_);
+  return {g, g_size * sizeof(float)};
+}
+
+// Adds the gradients of this rank's keys that step e's receiver sent back.
+void CpuBackwardShard::add_returned(size_t step) {
+  const Problem& p = bp_.fwd;
+  const RingStep& st = plan_.steps[step];
+  const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
+  const Branch br = p.branches[static_cast<size_t>(sb.branch)];
+  const std::vector<BlockPiece> pieces = plan_.layout(p, st.span, plan_.rank);
+  const int64_t seg_start = p.shard_begin / br.segment * br.segment, D = p.head_dim;
+  const float* grads = grads_in_[step % 2].data();
+  for (size_t si = 0; si < sb.streams.size(); ++si) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const BlockPiece& x = pieces[si * static_cast<size_t>(p.batch) + static_cast<size_t>(b)];
+      for (int64_t t = x.t_begin; t < x.t_end; ++t) {
+        const int64_t row = seg_start + sb.streams[si].offset + t * br.rate - p.shard_begin;
+        float* dk_row = shard_.dk_row(b, row, sb.streams[si].kv_head);
+        float* dv_row = shard_.dv_row(b, row, sb.streams[si].kv_head);
+        const float* gk = grads + x.k_offset + (t - x.t_begin) * D;
+        const float* gv = grads + x.v_offset + (t - x.t_begin) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dk_row[d] += gk[d];
+          dv_row[d] += gv[d];
+        }
+      }
+    }
+  }
+}
 
 // A shard whose keys are all local (one rank, or every segment inside this rank): the
 // single-device kernel writes the output directly, without the shard's accumulators.
@@ -617,14 +535,14 @@ std::unique_ptr<RingRun> with_precise_lse(
 std::unique_ptr<RingRun> ring_forward(const Problem& p, const RingPlan& plan,
                                       const ExecOptions& options) {
   if (plan.steps.empty()) return std::make_unique<LocalForward>(p, options);
-  return std::make_unique<CpuRingForward>(p, plan, options);
+  return ring_protocol(p, plan, std::make_unique<CpuForwardShard>(p, plan, options));
 }
 
 std::unique_ptr<RingRun> ring_backward(BackwardProblem& bp, const RingPlan& plan,
                                        const ExecOptions& options, bool precise) {
   return with_precise_lse(
       bp, precise, [&](const Problem& f) { return ring_forward(f, plan, options); },
-      std::make_unique<CpuRingBackward>(bp, plan, options));
+      ring_protocol(bp.fwd, plan, std::make_unique<CpuBackwardShard>(bp, plan, options)));
 }
 
 }  // namespace ringattn::cpu

@@ -39,12 +39,14 @@ struct BackwardArgs {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     rows_kernel(const T* dout, Strides3 dout_st, const T* out, Strides3 out_st, const float* lse,
-                Strides3 lse_st, int64_t batch, int64_t rows, int64_t heads, int64_t head_dim,
-                float* lse2, float* dr) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+                Strides3 lse_st, int64_t batch, int64_t rows, int64_t heads, int64_t head_lo,
+                int64_t head_hi, int64_t head_dim, float* lse2, float* dr) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  if (row >= batch * heads * rows) return;
-  const int64_t n = row % rows, h = row / rows % heads, b = row / rows / heads;
+  const int64_t span = head_hi - head_lo;
+  if (item >= batch * span * rows) return;
+  const int64_t n = item % rows, h = head_lo + item / rows % span, b = item / rows / span;
+  const int64_t row = (b * heads + h) * rows + n;
   const T* g = dout + b * dout_st.b + n * dout_st.n + h * dout_st.h;
   const T* o = out + b * out_st.b + n * out_st.n + h * out_st.h;
   float sum = 0.0f;
@@ -198,6 +200,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// dst rows += src rows of run blockIdx.y (fp32; disjoint destination rows).
+__global__ void __launch_bounds__(kThreads)
+    add_copy_kernel(const CopyRun* runs, const float* src, float* dst, int64_t row_elements) {
+  const CopyRun run = runs[blockIdx.y];
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+       idx < run.rows * row_elements; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = idx / row_elements, d = idx % row_elements;
+    dst[run.dst + t * run.dst_t + d] += src[run.src + t * run.src_t + d];
+  }
+}
+
+void launch_add(const std::vector<CopyRun>& runs, const float* src, float* dst,
+                int64_t row_elements, cudaStream_t stream) {
+  if (runs.empty()) return;
+  require(runs.size() <= 65535, "the GPU ring adds at most 65535 (batch, head) runs at once, ",
+          "but this call has ", runs.size(), "; split the batch");
+  const DeviceBuffer dev_runs = upload(runs, stream);
+  add_copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
+      dev_runs.as<CopyRun>(), src, dst, row_elements);
+  RA_CUDA_CHECK_LAUNCH("add_copy_kernel");
+}
+
 // dst (strided [B, N, heads, D] view) = the contiguous fp32 accumulator src.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -232,12 +256,14 @@ struct BackwardTiles {
 
 template <typename T, int kDim>
 struct LaunchRows {
-  static void run(const BackwardProblem& bp, float* lse2, float* dr, cudaStream_t stream) {
+  static void run(const BackwardProblem& bp, int64_t head_lo, int64_t head_hi, float* lse2,
+                  float* dr, cudaStream_t stream) {
     const Problem& p = bp.fwd;
-    const int64_t rows = p.batch * p.heads * p.shard_rows;
-    rows_kernel<T><<<blocks_for(rows, kWarps), kThreads, 0, stream>>>(
+    const int64_t items = p.batch * (head_hi - head_lo) * p.shard_rows;
+    if (items == 0) return;
+    rows_kernel<T><<<blocks_for(items, kWarps), kThreads, 0, stream>>>(
         static_cast<const T*>(bp.dout), bp.dout_st, static_cast<const T*>(p.out), p.out_st, p.lse,
-        p.lse_st, p.batch, p.shard_rows, p.heads, p.head_dim, lse2, dr);
+        p.lse_st, p.batch, p.shard_rows, p.heads, head_lo, head_hi, p.head_dim, lse2, dr);
     RA_CUDA_CHECK_LAUNCH("rows_kernel");
   }
 };
@@ -326,7 +352,8 @@ BackwardShard::BackwardShard(const BackwardProblem& bp, cudaStream_t stream)
   RA_CUDA_CHECK(cudaMemsetAsync(acc_q_.as<float>(), 0, q_bytes(p), stream));
   RA_CUDA_CHECK(cudaMemsetAsync(acc_k_.as<float>(), 0, kv_bytes(p), stream));
   RA_CUDA_CHECK(cudaMemsetAsync(acc_v_.as<float>(), 0, kv_bytes(p), stream));
-  dispatch<LaunchRows>(p.dtype, p.head_dim, bp, lse2_.as<float>(), dr_.as<float>(), stream);
+  dispatch<LaunchRows>(p.dtype, p.head_dim, bp, int64_t{0}, p.heads, lse2_.as<float>(),
+                       dr_.as<float>(), stream);
 }
 
 void BackwardShard::local_passes() {
@@ -340,14 +367,46 @@ void BackwardShard::local_passes() {
 }
 
 void BackwardShard::block_pass(const RingPlan& plan, int span, int sender, const void* block,
-                               float* grads) {
+                               float* grads, int64_t row_end) {
   const Problem& p = bp_.fwd;
   const size_t bytes = static_cast<size_t>(plan.block_elements(p, span, sender)) * sizeof(float);
   if (bytes > 0) RA_CUDA_CHECK(cudaMemsetAsync(grads, 0, bytes, stream_));
   dispatch<LaunchPass>(
-      p.dtype, p.head_dim, bp_, block_backward_tasks(p, plan, span, sender, tile_k_, true),
-      block_backward_tasks(p, plan, span, sender, tile_q_, false), block, block, lse2_.as<float>(),
-      dr_.as<float>(), acc_q_.as<float>(), grads, grads, stream_);
+      p.dtype, p.head_dim, bp_, block_backward_tasks(p, plan, span, sender, tile_k_, true, row_end),
+      block_backward_tasks(p, plan, span, sender, tile_q_, false, row_end), block, block,
+      lse2_.as<float>(), dr_.as<float>(), acc_q_.as<float>(), grads, grads, stream_);
+}
+
+void BackwardShard::answer_pass(const RingPlan& plan, int span, int asker,
+                                const BackwardProblem& asker_bp, float* stats, float* acc_q) {
+  const Problem& p = bp_.fwd;
+  const Problem& f = asker_bp.fwd;
+  const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
+  const int64_t rows = f.batch * f.heads * f.shard_rows;
+  RA_CUDA_CHECK(
+      cudaMemsetAsync(acc_q, 0, static_cast<size_t>(rows * f.head_dim) * sizeof(float), stream_));
+  dispatch<LaunchRows>(p.dtype, p.head_dim, asker_bp, sb.head_begin, sb.head_end, stats,
+                       stats + rows, stream_);
+  dispatch<LaunchPass>(p.dtype, p.head_dim, asker_bp,
+                       answer_backward_tasks(p, plan, span, asker, tile_k_, true),
+                       answer_backward_tasks(p, plan, span, asker, tile_q_, false), p.k, p.v, stats,
+                       stats + rows, acc_q, acc_k_.as<float>(), acc_v_.as<float>(), stream_);
+}
+
+void BackwardShard::add_dq(const RingPlan& plan, int span, const float* dq) {
+  const Problem& p = bp_.fwd;
+  const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
+  const int64_t rows = plan.half_rows(p), D = p.head_dim;
+  // Per (b, h): the asker's rows n of [B][rows][H][D] onto local rows split + n.
+  std::vector<CopyRun> runs;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = sb.head_begin; h < sb.head_end; ++h) {
+      runs.push_back({(b * rows * p.heads + h) * D, p.heads * D,
+                      ((b * p.shard_rows + plan.split - p.shard_begin) * p.heads + h) * D,
+                      p.heads * D, rows});
+    }
+  }
+  launch_add(runs, dq, acc_q_.as<float>(), D, stream_);
 }
 
 void BackwardShard::add_returned(const RingPlan& plan, int span, const float* grads) {

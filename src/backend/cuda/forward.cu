@@ -68,15 +68,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a) {
 }
 
 struct MergeArgs {
-  const Task* tasks;
+  const Task* tasks;      // optional
   const int* head_begin;  // [H + 1]: head h's tasks are head_begin[h] .. head_begin[h + 1]
   const float* part_o;
   const float* part_lse;
+  RowsF32 in[2];  // rows merged before the tasks' partials, in order
+  int num_in;
+  bool to_f32;  // write dst, else out (times out_factor) and lse
+  RowsF32 dst;
   void* out;
   Strides3 out_st;
   float* lse;  // optional
   Strides3 lse_st;
-  int64_t batch, rows, row0, heads, head_dim;  // local rows n hold global rows row0 + n
+  int64_t batch, rows, row0, head_lo, head_hi, head_dim;  // rows n are global rows row0 + n
   float out_factor;
 };
 
@@ -88,34 +92,64 @@ __device__ __forceinline__ int64_t partial_row(const Task& t, int64_t b, int64_t
          t.q_lo;
 }
 
-// One warp per output row (b, n, h); lanes over D. Partials are merged in task order:
-// L = log sum_i exp(L_i), O = sum_i exp(L_i - L) O_i (a row no branch keeps: 0 and -inf).
+// Source i of row (b, n, h) of a merge (the rows `in` first, then head h's tasks): its lse
+// and O row, or false when it holds nothing for the row.
+__device__ __forceinline__ bool merge_source(const MergeArgs& a, int i, int64_t b, int64_t n,
+                                             int64_t h, float& lse, const float*& o) {
+  if (i < a.num_in) {
+    const RowsF32& v = a.in[i];
+    lse = *v.lse_at(b, n, h);
+    o = v.o_at(b, n, h);
+  } else {
+    const int64_t pr = partial_row(a.tasks[a.head_begin[h] + i - a.num_in], b, a.row0 + n);
+    if (pr < 0) return false;
+    lse = a.part_lse[pr];
+    o = a.part_o + pr * a.head_dim;
+  }
+  return lse != kNegInf;
+}
+
+// One warp per row (b, n, h); lanes over D. Sources are merged in order:
+// L = log sum_i exp(L_i), O = sum_i exp(L_i - L) O_i (a row no source holds: 0 and -inf).
+// dst may be in[0] (an accumulator merged in place).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs a) {
   constexpr int kPerLane = static_cast<int>(kMaxHeadDim / 32);
+  const int64_t heads = a.head_hi - a.head_lo;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  if (row >= a.batch * a.rows * a.heads) return;
-  const int64_t h = row % a.heads, n = row / a.heads % a.rows, b = row / a.heads / a.rows;
+  if (row >= a.batch * a.rows * heads) return;
+  const int64_t h = a.head_lo + row % heads, n = row / heads % a.rows, b = row / heads / a.rows;
+  const int sources = a.num_in + (a.tasks != nullptr ? a.head_begin[h + 1] - a.head_begin[h] : 0);
 
-  float mx = kNegInf;
-  for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
-    const int64_t pr = partial_row(a.tasks[t], b, a.row0 + n);
-    if (pr >= 0) mx = fmaxf(mx, a.part_lse[pr]);
+  float mx = kNegInf, lse = 0.0f;
+  const float* o = nullptr;
+  for (int i = 0; i < sources; ++i) {
+    if (merge_source(a, i, b, n, h, lse, o)) mx = fmaxf(mx, lse);
   }
   float acc[kPerLane] = {};
   float sum = 0.0f;
   if (mx != kNegInf) {
-    for (int t = a.head_begin[h]; t < a.head_begin[h + 1]; ++t) {
-      const int64_t pr = partial_row(a.tasks[t], b, a.row0 + n);
-      if (pr < 0 || a.part_lse[pr] == kNegInf) continue;
-      const float w = expf(a.part_lse[pr] - mx);
+    for (int i = 0; i < sources; ++i) {
+      if (!merge_source(a, i, b, n, h, lse, o)) continue;
+      const float w = expf(lse - mx);
       sum += w;
       for (int c = 0; c < kPerLane; ++c) {
         const int64_t d = lane + 32 * c;
-        if (d < a.head_dim) acc[c] += w * a.part_o[pr * a.head_dim + d];
+        if (d < a.head_dim) acc[c] += w * o[d];
       }
     }
+  }
+  __syncwarp();  // every lane has read the sources before dst (maybe one of them) is written
+  const float merged = sum > 0.0f ? mx + logf(sum) : kNegInf;
+  if (a.to_f32) {
+    float* out = a.dst.o_at(b, n, h);
+    for (int c = 0; c < kPerLane; ++c) {
+      const int64_t d = lane + 32 * c;
+      if (d < a.head_dim) out[d] = sum > 0.0f ? acc[c] / sum : 0.0f;
+    }
+    if (lane == 0) *a.dst.lse_at(b, n, h) = merged;
+    return;
   }
   const float factor = sum > 0.0f ? a.out_factor / sum : 0.0f;
   T* out = static_cast<T*>(a.out) + b * a.out_st.b + n * a.out_st.n + h * a.out_st.h;
@@ -123,9 +157,8 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs a) {
     const int64_t d = lane + 32 * c;
     if (d < a.head_dim) out[d] = from_float<T>(acc[c] * factor);
   }
-  if (a.lse != nullptr && lane == 0) {
-    a.lse[b * a.lse_st.b + n * a.lse_st.n + h * a.lse_st.h] = sum > 0.0f ? mx + logf(sum) : kNegInf;
-  }
+  if (a.lse != nullptr && lane == 0)
+    a.lse[b * a.lse_st.b + n * a.lse_st.n + h * a.lse_st.h] = merged;
 }
 
 template <typename T, int kDim>
@@ -152,16 +185,38 @@ struct LaunchForward {
 
 template <typename T, int kDim>
 struct LaunchMerge {
-  static void run(const Problem& p, const std::vector<Task>& order,
-                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
-                  cudaStream_t stream) {
+  static void run(const Problem& p, const MergeSpec& m, cudaStream_t stream) {
+    require(m.in.size() <= 2, "a merge reads at most two row sets before its tasks");
+    const int64_t rows = m.rows < 0 ? p.shard_rows : m.rows;
+    const int64_t head_hi = m.head_hi < 0 ? p.heads : m.head_hi;
+    std::vector<int> head_begin;
+    std::vector<Task> order;
+    if (m.list != nullptr) order = merge_order(p, {*m.list}, head_begin);
     const DeviceBuffer tasks = upload(order, stream);
     const DeviceBuffer begin = upload(head_begin, stream);
-    const MergeArgs ma{tasks.as<Task>(), begin.as<int>(), part_o,     part_lse,    p.out,
-                       p.out_st,         p.lse,           p.lse_st,   p.batch,     p.shard_rows,
-                       p.shard_begin,    p.heads,         p.head_dim, p.out_factor};
-    merge_kernel<T>
-        <<<blocks_for(p.batch * p.shard_rows * p.heads, kWarps), kThreads, 0, stream>>>(ma);
+    MergeArgs ma{};
+    ma.tasks = m.list != nullptr ? tasks.as<Task>() : nullptr;
+    ma.head_begin = begin.as<int>();
+    ma.part_o = m.part_o;
+    ma.part_lse = m.part_lse;
+    ma.num_in = static_cast<int>(m.in.size());
+    for (size_t i = 0; i < m.in.size(); ++i) ma.in[i] = m.in[i];
+    ma.to_f32 = m.dst != nullptr;
+    if (m.dst != nullptr) ma.dst = *m.dst;
+    ma.out = p.out;
+    ma.out_st = p.out_st;
+    ma.lse = p.lse;
+    ma.lse_st = p.lse_st;
+    ma.batch = p.batch;
+    ma.rows = rows;
+    ma.row0 = m.row0 < 0 ? p.shard_begin : m.row0;
+    ma.head_lo = m.head_lo;
+    ma.head_hi = head_hi;
+    ma.head_dim = p.head_dim;
+    ma.out_factor = p.out_factor;
+    const int64_t items = p.batch * rows * (head_hi - m.head_lo);
+    if (items == 0) return;
+    merge_kernel<T><<<blocks_for(items, kWarps), kThreads, 0, stream>>>(ma);
     RA_CUDA_CHECK_LAUNCH("merge_kernel");
   }
 };
@@ -179,10 +234,8 @@ void launch_forward(const Problem& p, const TaskList& list, const void* k, const
   dispatch<LaunchForward>(p.dtype, p.head_dim, p, list, k, v, part_o, part_lse, stream);
 }
 
-void launch_merge(const Problem& p, const std::vector<Task>& order,
-                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
-                  cudaStream_t stream) {
-  dispatch<LaunchMerge>(p.dtype, p.head_dim, p, order, head_begin, part_o, part_lse, stream);
+void launch_merge(const Problem& p, const MergeSpec& merge, cudaStream_t stream) {
+  dispatch<LaunchMerge>(p.dtype, p.head_dim, p, merge, stream);
 }
 
 void forward(const Problem& p, void* stream, bool wait) {
@@ -193,7 +246,11 @@ void forward(const Problem& p, void* stream, bool wait) {
   const DeviceBuffer part_o(static_cast<size_t>(list.part_rows * p.head_dim) * sizeof(float), s);
   const DeviceBuffer part_lse(static_cast<size_t>(list.part_rows) * sizeof(float), s);
   launch_forward(p, list, p.k, p.v, part_o.as<float>(), part_lse.as<float>(), s);
-  launch_merge(p, list.tasks, p.head_begin, part_o.as<float>(), part_lse.as<float>(), s);
+  MergeSpec merge;
+  merge.list = &list;
+  merge.part_o = part_o.as<float>();
+  merge.part_lse = part_lse.as<float>();
+  launch_merge(p, merge, s);
   if (wait) RA_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 

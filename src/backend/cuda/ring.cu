@@ -1,12 +1,15 @@
-// The GPU ring of one rank: device-side K/V blocks (a pack kernel gathers the kept rows of
-// each stream); forward: the forward kernel and merge of forward.cu over the local keys and
-// over each received block; backward: the passes of backward.cu over the same, the
-// gradients of each received block's keys kept in fp32 buffers of the block's layout.
+// The GPU ring shards of one rank (the verbs of src/ring/ring_protocol.h on device memory):
+// K/V blocks packed by a kernel that gathers the kept rows of each stream; forward: the
+// forward kernel of forward.cu over the local keys, each received block and the balanced
+// queries a rank answers, each launch's partials merged at once into fp32 row accumulators
+// (so memory stays O(N / P)); backward: the passes of backward.cu over the same, the
+// gradients of each received block's keys in fp32 buffers of the block's layout.
 
 #include <algorithm>
 
 #include "src/backend/cuda/ring_cuda.h"
 #include "src/backend/cuda/runtime.h"
+#include "src/plan/gpu_tasks.h"
 
 namespace ringattn::cuda {
 
@@ -26,6 +29,18 @@ __global__ void __launch_bounds__(kThreads)
         k[(run.src_k + t * run.src_k_t) * units_per_elem + u];
     block[(run.dst_v + t * head_dim) * units_per_elem + u] =
         v[(run.src_v + t * run.src_v_t) * units_per_elem + u];
+  }
+}
+
+// Copies the rows of run blockIdx.y (CopyRun, in `units` 2-byte units per element).
+__global__ void __launch_bounds__(kThreads)
+    copy_kernel(const CopyRun* runs, const uint16_t* src, uint16_t* dst, int64_t row_units,
+                int64_t units) {
+  const CopyRun run = runs[blockIdx.y];
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+       idx < run.rows * row_units; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = idx / row_units, u = idx % row_units;
+    dst[(run.dst + t * run.dst_t) * units + u] = src[(run.src + t * run.src_t) * units + u];
   }
 }
 
@@ -97,142 +112,323 @@ class DeviceKvStore final : public KvStore {
   bool recorded_[2] = {false, false};
 };
 
-}  // namespace
+// fp32 rows [B][rows][heads][D] of O and [B][rows][heads] of lse from `base`, heads from h0.
+RowsF32 rows_at(float* base, int64_t batch, int64_t rows, int64_t heads, int64_t head_dim,
+                int64_t h0) {
+  return {base,
+          base + batch * rows * heads * head_dim,
+          {rows * heads * head_dim, heads * head_dim, head_dim},
+          {rows * heads, heads, 1},
+          h0};
+}
 
-struct RingShard::Impl {
-  Impl(const Problem& problem, const RingPlan& ring_plan, cudaStream_t s)
-      : p(problem), plan(ring_plan), stream(s), store(problem, ring_plan, s) {
-    const int64_t tile_rows = forward_tile_rows(p);
-    lists.push_back(forward_tasks(p, tile_rows));
-    list_of_step.assign(plan.steps.size(), 0);
-    for (size_t e = 0; e < plan.steps.size(); ++e) {
-      const RingStep& st = plan.steps[e];
-      if (st.recv_from < 0) continue;
-      list_of_step[e] = lists.size();
-      lists.push_back(
-          block_tasks(p, plan, st.span, st.recv_from, tile_rows, lists.back().part_rows));
+// Packs the rows [split, end) of heads [h0, h1) of a tensor (`element_bytes` each, rows of
+// `row` elements, strides st) into `dst` (asker_problem's layout).
+void pack_half(const Problem& p, const RingPlan& plan, const void* src, const Strides3& st,
+               const SpanningBranch& sb, int64_t row, size_t element_bytes, DeviceBuffer& dst,
+               cudaStream_t stream) {
+  launch_copy(half_runs(p, plan, st, sb.head_begin, sb.head_end, row), src, dst.as<void>(), row,
+              element_bytes, stream);
+}
+
+std::vector<DeviceBuffer> buffers(const std::vector<int64_t>& bytes, cudaStream_t stream) {
+  std::vector<DeviceBuffer> out;
+  for (int64_t b : bytes) out.emplace_back(static_cast<size_t>(b), stream);
+  return out;
+}
+
+// One rank's forward shard of the GPU ring: everything is planned (plan_gpu_ring_forward) and
+// allocated (gpu_ring_memory's buffers) when it is made.
+class GpuForwardShard final : public ForwardRingShard {
+ public:
+  GpuForwardShard(const Problem& p, const RingPlan& plan, cudaStream_t stream)
+      : p_(p),
+        plan_(plan),
+        stream_(stream),
+        store_(p, plan, stream),
+        f_(plan_gpu_ring_forward(p, plan, forward_tile_rows(p))),
+        bal_(gpu_forward_balance(p, plan)),
+        acc_(bytes(p.batch * p.shard_rows * p.heads * (p.head_dim + 1)), stream),
+        part_(bytes(f_.partial_rows * (p.head_dim + 1)), stream),
+        own_(buffers(bal_.own_part, stream)),
+        inbox_(static_cast<size_t>(bal_.inbox_part), stream),
+        partial_out_(buffers({bal_.partial_out, bal_.partial_out}, stream)),
+        partial_in_(static_cast<size_t>(bal_.partial_in), stream) {
+    for (size_t s = 0; s < plan.spans.size(); ++s) {
+      if (bal_.own_part[s] == 0) continue;
+      pack_half(p, plan, p.q, p.q_st, plan.spans[s], p.head_dim, dtype_size(p.dtype), own_[s],
+                stream);
     }
-    const int64_t rows = lists.back().part_rows;
-    part_o = std::make_unique<DeviceBuffer>(static_cast<size_t>(rows * p.head_dim) * sizeof(float),
-                                            stream);
-    part_lse = std::make_unique<DeviceBuffer>(static_cast<size_t>(rows) * sizeof(float), stream);
-  }
-  void launch(size_t list, const void* k, const void* v) {
-    launch_forward(p, lists[list], k, v, part_o->as<float>(), part_lse->as<float>(), stream);
-  }
-
-  const Problem& p;
-  const RingPlan& plan;
-  cudaStream_t stream;
-  DeviceKvStore store;
-  std::vector<TaskList> lists;  // [0]: local keys; then one per receiving step
-  std::vector<size_t> list_of_step;
-  std::unique_ptr<DeviceBuffer> part_o, part_lse;
-};
-
-RingShard::RingShard(const Problem& p, const RingPlan& plan, void* stream)
-    : impl_(std::make_unique<Impl>(p, plan, static_cast<cudaStream_t>(stream))) {}
-
-RingShard::~RingShard() = default;
-
-KvStore& RingShard::store() {
-  return impl_->store;
-}
-
-void RingShard::attend_local() {
-  impl_->launch(0, impl_->p.k, impl_->p.v);
-}
-
-void RingShard::attend_block(size_t step, const void* block) {
-  impl_->launch(impl_->list_of_step[step], block, block);
-}
-
-void RingShard::write_output() {
-  std::vector<int> head_begin;
-  const std::vector<Task> order = merge_order(impl_->p, impl_->lists, head_begin);
-  launch_merge(impl_->p, order, head_begin, impl_->part_o->as<float>(),
-               impl_->part_lse->as<float>(), impl_->stream);
-  RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-}
-
-namespace {
-
-// The largest of `elements(step)` over the steps, in fp32 bytes.
-template <typename F>
-size_t most_grad_bytes(const RingPlan& plan, F elements) {
-  int64_t most = 0;
-  for (const RingStep& st : plan.steps) most = std::max(most, elements(st));
-  return static_cast<size_t>(most) * sizeof(float);
-}
-
-}  // namespace
-
-struct RingBackwardShard::Impl {
-  Impl(const BackwardProblem& problem, const RingPlan& ring_plan, cudaStream_t s)
-      : bp(problem),
-        plan(ring_plan),
-        stream(s),
-        store(problem.fwd, ring_plan, s),
-        shard(problem, s),
-        sent{DeviceBuffer(sent_bytes(), s), DeviceBuffer(sent_bytes(), s)},
-        returned{DeviceBuffer(returned_bytes(), s), DeviceBuffer(returned_bytes(), s)} {
-    // Allocated before the communicator uses them from another stream or the host.
+    // The communicator reads and writes these from other streams (or through the host).
     RA_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
-  // The gradients of a received block (its sender's layout), and of this rank's own.
-  size_t sent_bytes() const {
-    return most_grad_bytes(plan, [&](const RingStep& st) {
-      return st.recv_from < 0 ? 0 : plan.block_elements(bp.fwd, st.span, st.recv_from);
-    });
+
+  KvStore& store() override { return store_; }
+  void attend_local(const Poll&) override { attend(f_.local, p_.k, p_.v, true); }
+  // (The plan's block lists stop at the split already.)
+  void attend_block(size_t step, const void* block, int64_t, const Poll&) override {
+    attend(f_.block[step], block, block, false);
   }
-  size_t returned_bytes() const {
-    return most_grad_bytes(plan, [&](const RingStep& st) {
-      return st.send_to < 0 ? 0 : plan.block_elements(bp.fwd, st.span, plan.rank);
-    });
+  std::vector<Message> own_queries(size_t step) override {
+    const size_t span = static_cast<size_t>(plan_.steps[step].span);
+    return {{own_[span].as<void>(), static_cast<size_t>(bal_.own_part[span])}};
+  }
+  std::vector<Message> query_inbox(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const int64_t lead = plan_.spans[static_cast<size_t>(span)].head_begin * p_.head_dim;
+    const size_t esize = dtype_size(p_.dtype);
+    return {{inbox_.as<char>() + static_cast<size_t>(lead) * esize,
+             static_cast<size_t>(plan_.query_elements(p_, span)) * esize}};
+  }
+  Message answer(size_t step, int slot, const Poll&) override {
+    const RingStep& st = plan_.steps[step];
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
+    const Problem asker = asker_problem(p_, plan_, sb, inbox_.as<void>(), st.send_to);
+    const TaskList& list = f_.answer[step];
+    launch_forward(asker, list, p_.k, p_.v, part_o(), part_lse(), stream_);
+    const RowsF32 dst = partial_rows(partial_out_[static_cast<size_t>(slot)], sb);
+    MergeSpec m = list_merge(list);
+    m.dst = &dst;
+    m.rows = asker.shard_rows;
+    m.row0 = asker.shard_begin;
+    m.head_lo = sb.head_begin;
+    m.head_hi = sb.head_end;
+    launch_merge(asker, m, stream_);
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // complete before the send reads it
+    return {partial_out_[static_cast<size_t>(slot)].as<void>(),
+            static_cast<size_t>(gpu_partial_bytes(p_, plan_, st.span))};
+  }
+  Message partial_inbox(size_t step) override {
+    return {partial_in_.as<void>(),
+            static_cast<size_t>(gpu_partial_bytes(p_, plan_, plan_.steps[step].span))};
+  }
+  void merge_partial(size_t step) override {
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(plan_.steps[step].span)];
+    const int64_t split_local = plan_.split - p_.shard_begin;
+    RowsF32 acc = acc_rows();
+    acc.o += split_local * acc.o_st.n;
+    acc.lse += split_local * acc.lse_st.n;
+    MergeSpec m;
+    m.in = {acc, partial_rows(partial_in_, sb)};
+    m.dst = &acc;
+    m.rows = plan_.half_rows(p_);
+    m.row0 = plan_.split;
+    m.head_lo = sb.head_begin;
+    m.head_hi = sb.head_end;
+    launch_merge(p_, m, stream_);
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the inbox is free again
+  }
+  void write_output() override {
+    MergeSpec m;
+    m.in = {acc_rows()};
+    launch_merge(p_, m, stream_);
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
-  const BackwardProblem& bp;
-  const RingPlan& plan;
-  cudaStream_t stream;
-  DeviceKvStore store;
-  BackwardShard shard;
-  DeviceBuffer sent[2], returned[2];  // slot e % 2 serves step e
+ private:
+  static size_t bytes(int64_t floats) { return static_cast<size_t>(floats) * sizeof(float); }
+  float* part_o() const { return part_.as<float>(); }
+  float* part_lse() const { return part_.as<float>() + f_.partial_rows * p_.head_dim; }
+  RowsF32 acc_rows() const {
+    return rows_at(acc_.as<float>(), p_.batch, p_.shard_rows, p_.heads, p_.head_dim, 0);
+  }
+  // A balanced span's partial result in `buf` ([B][half][heads of sb][D + 1]).
+  RowsF32 partial_rows(const DeviceBuffer& buf, const SpanningBranch& sb) const {
+    return rows_at(buf.as<float>(), p_.batch, plan_.half_rows(p_), sb.head_end - sb.head_begin,
+                   p_.head_dim, sb.head_begin);
+  }
+  MergeSpec list_merge(const TaskList& list) const {
+    MergeSpec m;
+    m.list = &list;
+    m.part_o = part_o();
+    m.part_lse = part_lse();
+    return m;
+  }
+  // The local queries of `list` against the keys and values at k and v (the base pointers
+  // of its row sources), merged into the row accumulators (the first launch writes every
+  // row).
+  void attend(const TaskList& list, const void* k, const void* v, bool first) {
+    launch_forward(p_, list, k, v, part_o(), part_lse(), stream_);
+    const RowsF32 acc = acc_rows();
+    MergeSpec m = list_merge(list);
+    if (!first) m.in = {acc};
+    m.dst = &acc;
+    launch_merge(p_, m, stream_);
+  }
+
+  const Problem& p_;
+  const RingPlan& plan_;
+  cudaStream_t stream_;
+  DeviceKvStore store_;
+  GpuRingForwardPlan f_;
+  GpuBalanceBytes bal_;
+  DeviceBuffer acc_;   // [B][N_loc][H][D] O, then [B][N_loc][H] lse
+  DeviceBuffer part_;  // the partials of one launch: [rows][D] O, then [rows] lse
+  std::vector<DeviceBuffer> own_;
+  DeviceBuffer inbox_;
+  std::vector<DeviceBuffer> partial_out_;
+  DeviceBuffer partial_in_;
 };
 
-RingBackwardShard::RingBackwardShard(const BackwardProblem& bp, const RingPlan& plan, void* stream)
-    : impl_(std::make_unique<Impl>(bp, plan, static_cast<cudaStream_t>(stream))) {}
+// One rank's backward shard of the GPU ring, made like GpuForwardShard
+// (gpu_ring_backward_memory's buffers).
+class GpuBackwardShard final : public BackwardRingShard {
+ public:
+  GpuBackwardShard(const BackwardProblem& bp, const RingPlan& plan, cudaStream_t stream)
+      : bp_(bp),
+        p_(bp.fwd),
+        plan_(plan),
+        stream_(stream),
+        store_(bp.fwd, plan, stream),
+        shard_(bp, stream),
+        bal_(gpu_balance_bytes(bp.fwd, plan, sizeof(float), gpu_dq_bytes(bp.fwd, plan))),
+        sent_(buffers({grad_bytes(true), grad_bytes(true)}, stream)),
+        returned_(buffers({grad_bytes(false), grad_bytes(false)}, stream)),
+        stats_(plan.answers() ? 2 * static_cast<size_t>(p_.batch * plan.half_rows(p_) * p_.heads) *
+                                    sizeof(float)
+                              : 0,
+               stream),
+        own_q_(buffers(bal_.own_part, stream)),
+        own_dout_(buffers(bal_.own_part, stream)),
+        own_out_(buffers(bal_.own_part, stream)),
+        own_lse_(buffers(bal_.own_lse, stream)),
+        inbox_(
+            buffers({bal_.inbox_part, bal_.inbox_part, bal_.inbox_part, bal_.inbox_lse}, stream)),
+        partial_out_(buffers({bal_.partial_out, bal_.partial_out}, stream)),
+        partial_in_(static_cast<size_t>(bal_.partial_in), stream) {
+    const size_t esize = dtype_size(p_.dtype);
+    for (size_t s = 0; s < plan.spans.size(); ++s) {
+      if (bal_.own_part[s] == 0) continue;
+      const SpanningBranch& sb = plan.spans[s];
+      pack_half(p_, plan, p_.q, p_.q_st, sb, p_.head_dim, esize, own_q_[s], stream);
+      pack_half(p_, plan, bp.dout, bp.dout_st, sb, p_.head_dim, esize, own_dout_[s], stream);
+      pack_half(p_, plan, p_.out, p_.out_st, sb, p_.head_dim, esize, own_out_[s], stream);
+      pack_half(p_, plan, p_.lse, p_.lse_st, sb, 1, sizeof(float), own_lse_[s], stream);
+    }
+    // Allocated and packed before the communicator uses them from another stream or the host.
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
 
-RingBackwardShard::~RingBackwardShard() = default;
+  KvStore& store() override { return store_; }
+  void attend_local(const Poll&) override { shard_.local_passes(); }
+  Message block_grads(size_t step, const void* block, int64_t row_end, const Poll&) override {
+    const RingStep& st = plan_.steps[step];
+    DeviceBuffer& grads = sent_[step % 2];
+    shard_.block_pass(plan_, st.span, st.recv_from, block, grads.as<float>(), row_end);
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // complete before the send reads it
+    return {grads.as<void>(), block_grad_bytes(st, st.recv_from)};
+  }
+  Message returned(size_t step) override {
+    // add_returned(step - 2), which read this buffer, is done before it is written again.
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return {returned_[step % 2].as<void>(), block_grad_bytes(plan_.steps[step], plan_.rank)};
+  }
+  void add_returned(size_t step) override {
+    shard_.add_returned(plan_, plan_.steps[step].span, returned_[step % 2].as<float>());
+  }
+  std::vector<Message> own_queries(size_t step) override {
+    const size_t s = static_cast<size_t>(plan_.steps[step].span);
+    const size_t part = static_cast<size_t>(bal_.own_part[s]);
+    return {{own_q_[s].as<void>(), part},
+            {own_dout_[s].as<void>(), part},
+            {own_out_[s].as<void>(), part},
+            {own_lse_[s].as<void>(), static_cast<size_t>(bal_.own_lse[s])}};
+  }
+  std::vector<Message> query_inbox(size_t step) override {
+    const int span = plan_.steps[step].span;
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(span)];
+    const size_t esize = dtype_size(p_.dtype);
+    const size_t lead = static_cast<size_t>(sb.head_begin * p_.head_dim) * esize;
+    const size_t bytes = static_cast<size_t>(plan_.query_elements(p_, span)) * esize;
+    const size_t lse =
+        static_cast<size_t>(p_.batch * plan_.half_rows(p_) * (sb.head_end - sb.head_begin)) *
+        sizeof(float);
+    std::vector<Message> in;
+    for (size_t i = 0; i < 3; ++i) in.push_back({inbox_[i].as<char>() + lead, bytes});
+    in.push_back({inbox_[3].as<float>() + sb.head_begin, lse});
+    return in;
+  }
+  Message answer(size_t step, int slot, const Poll&) override {
+    const RingStep& st = plan_.steps[step];
+    const SpanningBranch& sb = plan_.spans[static_cast<size_t>(st.span)];
+    BackwardProblem asker = bp_;
+    asker.fwd = asker_problem(p_, plan_, sb, inbox_[0].as<void>(), st.send_to);
+    asker.fwd.out = inbox_[2].as<void>();
+    asker.fwd.out_st = asker.fwd.q_st;
+    const int64_t heads = sb.head_end - sb.head_begin;
+    asker.fwd.lse = inbox_[3].as<float>();
+    asker.fwd.lse_st = {plan_.half_rows(p_) * heads, heads, 1};
+    asker.dout = inbox_[1].as<void>();
+    asker.dout_st = asker.fwd.q_st;
+    asker.dq = asker.dk = asker.dv = nullptr;
+    DeviceBuffer& dq = partial_out_[static_cast<size_t>(slot)];
+    shard_.answer_pass(plan_, st.span, st.send_to, asker, stats_.as<float>(), dq.as<float>());
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // complete before the send reads it
+    return {dq.as<void>(), static_cast<size_t>(gpu_dq_bytes(p_, plan_))};
+  }
+  Message partial_inbox(size_t) override {
+    return {partial_in_.as<void>(), static_cast<size_t>(gpu_dq_bytes(p_, plan_))};
+  }
+  void merge_partial(size_t step) override {
+    shard_.add_dq(plan_, plan_.steps[step].span, partial_in_.as<float>());
+    RA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the inbox is free again
+  }
+  void write_output() override { shard_.write_output(); }
 
-KvStore& RingBackwardShard::store() {
-  return impl_->store;
+ private:
+  size_t block_grad_bytes(const RingStep& st, int owner) const {
+    return static_cast<size_t>(plan_.block_elements(p_, st.span, owner)) * sizeof(float);
+  }
+  // The largest gradients of a received block (sent back) or of this rank's (returned).
+  int64_t grad_bytes(bool sent) const {
+    int64_t most = 0;
+    for (const RingStep& st : plan_.steps) {
+      const int owner = sent ? st.recv_from : plan_.rank;
+      if ((sent ? st.recv_from : st.send_to) >= 0) {
+        most = std::max(most, plan_.block_elements(p_, st.span, owner));
+      }
+    }
+    return most * static_cast<int64_t>(sizeof(float));
+  }
+
+  const BackwardProblem& bp_;
+  const Problem& p_;
+  const RingPlan& plan_;
+  cudaStream_t stream_;
+  DeviceKvStore store_;
+  BackwardShard shard_;
+  GpuBalanceBytes bal_;
+  std::vector<DeviceBuffer> sent_, returned_;  // slot e % 2 serves step e
+  DeviceBuffer stats_;                         // the answered queries' row statistics
+  std::vector<DeviceBuffer> own_q_, own_dout_, own_out_, own_lse_;  // [spans]
+  std::vector<DeviceBuffer> inbox_;                                 // q, dout, out, lse
+  std::vector<DeviceBuffer> partial_out_;                           // dq answered, 2 slots
+  DeviceBuffer partial_in_;                                         // dq of this rank's half
+};
+
+}  // namespace
+
+void launch_copy(const std::vector<CopyRun>& runs, const void* src, void* dst, int64_t row_elements,
+                 size_t element_bytes, cudaStream_t stream) {
+  if (runs.empty()) return;
+  require(runs.size() <= 65535, "the GPU ring copies at most 65535 (batch, head) runs at once, ",
+          "but this call has ", runs.size(), "; split the batch");
+  const int64_t units = static_cast<int64_t>(element_bytes / 2);
+  const DeviceBuffer dev_runs = upload(runs, stream);
+  copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
+      dev_runs.as<CopyRun>(), static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst),
+      row_elements * units, units);
+  RA_CUDA_CHECK_LAUNCH("copy_kernel");
 }
 
-void RingBackwardShard::launch_local() {
-  impl_->shard.local_passes();
+std::unique_ptr<ForwardRingShard> forward_ring_shard(const Problem& p, const RingPlan& plan,
+                                                     void* stream) {
+  return std::make_unique<GpuForwardShard>(p, plan, static_cast<cudaStream_t>(stream));
 }
 
-const void* RingBackwardShard::block_grads(size_t step, const void* block) {
-  const RingStep& st = impl_->plan.steps[step];
-  float* grads = impl_->sent[step % 2].as<float>();
-  impl_->shard.block_pass(impl_->plan, st.span, st.recv_from, block, grads);
-  RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // complete before the send reads it
-  return grads;
-}
-
-void* RingBackwardShard::returned(size_t step) {
-  // add_returned(step - 2), which read this buffer, is done before it is written again.
-  RA_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-  return impl_->returned[step % 2].as<void>();
-}
-
-void RingBackwardShard::add_returned(size_t step) {
-  impl_->shard.add_returned(impl_->plan, impl_->plan.steps[step].span,
-                            impl_->returned[step % 2].as<float>());
-}
-
-void RingBackwardShard::write_output() {
-  impl_->shard.write_output();
+std::unique_ptr<BackwardRingShard> backward_ring_shard(const BackwardProblem& bp,
+                                                       const RingPlan& plan, void* stream) {
+  return std::make_unique<GpuBackwardShard>(bp, plan, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace ringattn::cuda

@@ -84,6 +84,35 @@ inline unsigned blocks_for(int64_t items, int64_t per_block) {
 // The grid of a task list: x = tiles (segments x tiles per segment), y = task, z = batch.
 dim3 task_grid(const TaskList& list, int64_t batch);
 
+// fp32 rows (b, n, h) of O (D floats each) and of lse: an accumulator or a partial result
+// for another rank. Row (b, n, h) is at o + b * o_st.b + n * o_st.n + (h - head0) * o_st.h.
+struct RowsF32 {
+  float* o;
+  float* lse;
+  Strides3 o_st, lse_st;
+  int64_t head0;
+  __host__ __device__ float* o_at(int64_t b, int64_t n, int64_t h) const {
+    return o + b * o_st.b + n * o_st.n + (h - head0) * o_st.h;
+  }
+  __host__ __device__ float* lse_at(int64_t b, int64_t n, int64_t h) const {
+    return lse + b * lse_st.b + n * lse_st.n + (h - head0) * lse_st.h;
+  }
+};
+
+// One merge (SPEC.md's): for rows n of [0, rows) (global rows row0 + n) and heads
+// [head_lo, head_hi), the rows `in` (at most two) and then the partials of `list`, in that
+// order, into `dst` (fp32 rows; may be in[0]) or, without dst, into p.out (times
+// p.out_factor) and p.lse. rows < 0: p.shard_rows; row0 < 0: p.shard_begin; head_hi < 0:
+// p.heads.
+struct MergeSpec {
+  const TaskList* list = nullptr;
+  const float* part_o = nullptr;
+  const float* part_lse = nullptr;
+  std::vector<RowsF32> in;
+  const RowsF32* dst = nullptr;
+  int64_t rows = -1, row0 = -1, head_lo = 0, head_hi = -1;
+};
+
 // Forward building blocks (forward.cu), shared by the single-GPU forward and the GPU ring.
 // The query tile rows of p's forward kernel (the tile_rows of forward_tasks / block_tasks).
 int64_t forward_tile_rows(const Problem& p);
@@ -91,10 +120,12 @@ int64_t forward_tile_rows(const Problem& p);
 // pointers k and v of the tasks' row sources), writing fp32 (O, lse) partial rows.
 void launch_forward(const Problem& p, const TaskList& list, const void* k, const void* v,
                     float* part_o, float* part_lse, cudaStream_t stream);
-// Launches the merge of the partials of `order` (merge_order) into p.out and p.lse.
-void launch_merge(const Problem& p, const std::vector<Task>& order,
-                  const std::vector<int>& head_begin, const float* part_o, const float* part_lse,
-                  cudaStream_t stream);
+// Launches a merge (MergeSpec).
+void launch_merge(const Problem& p, const MergeSpec& merge, cudaStream_t stream);
+// Launches the copy of `runs` (CopyRun, in elements of `element_bytes`, an even number;
+// rows of `row_elements` contiguous elements) from src to dst.
+void launch_copy(const std::vector<CopyRun>& runs, const void* src, void* dst, int64_t row_elements,
+                 size_t element_bytes, cudaStream_t stream);
 
 // The backward of one shard (backward.cu), shared by the single-GPU backward and the GPU
 // ring: fp32 accumulators of dq, dk, dv over the local rows, filled by passes launched in
@@ -105,10 +136,20 @@ class BackwardShard {
   BackwardShard(const BackwardProblem& bp, cudaStream_t stream);
   // Every branch, the local queries against the local keys.
   void local_passes();
-  // The local queries of span `span` against the block of `sender` (device memory, `block`):
-  // dq into the local accumulator, dk and dv of the block's keys into `grads` (fp32, the
-  // block's layout; zeroed first).
-  void block_pass(const RingPlan& plan, int span, int sender, const void* block, float* grads);
+  // The local queries before global row `row_end` of span `span` against the block of
+  // `sender` (device memory, `block`): dq into the local accumulator, dk and dv of the
+  // block's keys into `grads` (fp32, the block's layout; zeroed first).
+  void block_pass(const RingPlan& plan, int span, int sender, const void* block, float* grads,
+                  int64_t row_end);
+  // Rank `asker`'s balanced queries of span `span` (`asker_bp`: their q, out, dout and fp32
+  // lse in asker_problem's layout) against this shard's keys: their dq into `acc_q`
+  // ([B][rows][H][D] fp32, zeroed first), their row statistics in `stats` (2 x
+  // [B][H][rows] floats), the keys' dk and dv into this shard's accumulators.
+  void answer_pass(const RingPlan& plan, int span, int asker, const BackwardProblem& asker_bp,
+                   float* stats, float* acc_q);
+  // Adds `dq` ([B][rows][H][D] fp32, the answer to this rank's balanced queries of span
+  // `span`) into the dq accumulator of rows [split, end).
+  void add_dq(const RingPlan& plan, int span, const float* dq);
   // Adds `grads` (fp32 gradients of this rank's block of span `span`, the block's layout)
   // into the dk and dv accumulators.
   void add_returned(const RingPlan& plan, int span, const float* grads);

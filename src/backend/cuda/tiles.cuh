@@ -14,8 +14,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "src/backend/cuda/tasks.h"
 #include "src/base/index_math.h"
+#include "src/plan/gpu_tasks.h"
 #include "src/plan/problem.h"
 
 namespace ringattn::cuda {

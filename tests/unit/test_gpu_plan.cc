@@ -1,4 +1,4 @@
-// The CUDA backend's host-side plan (src/backend/cuda/tasks.h) and the index math its kernels use,
+// The CUDA backend's host-side plan (src/plan/gpu_tasks.h) and the index math its kernels use,
 // checked on the CPU (no GPU needed): every kept row of every head-branch entry is computed
 // exactly once, partial rows are distinct, and no two blocks of one backward launch write
 // the same accumulator row (the determinism argument of the kernels without atomics).
@@ -10,8 +10,8 @@
 #include <set>
 #include <tuple>
 
-#include "src/backend/cuda/tasks.h"
 #include "src/base/index_math.h"
+#include "src/plan/gpu_tasks.h"
 #include "src/plan/problem.h"
 #include "src/plan/ring_plan.h"
 #include "tests/support/test_util.h"
@@ -24,7 +24,7 @@ Problem problem_of(const Case& c, Tensor& q, Tensor& k, Tensor& out) {
                       "cuda");
 }
 
-TEST(CudaPlan, KeptIndexOfRowInvertsTheKeptRows) {
+TEST(GpuPlan, KeptIndexOfRowInvertsTheKeptRows) {
   for (int64_t s : {1, 7, 16, 48}) {
     for (int64_t r = 1; r <= std::min<int64_t>(s, 5); ++r) {
       for (int64_t o = 0; o < r; ++o) {
@@ -44,7 +44,7 @@ TEST(CudaPlan, KeptIndexOfRowInvertsTheKeptRows) {
   }
 }
 
-TEST(CudaPlan, ForwardTasksCoverEveryKeptRowOnce) {
+TEST(GpuPlan, ForwardTasksCoverEveryKeptRowOnce) {
   std::mt19937 rng(5);
   for (int trial = 0; trial < 30; ++trial) {
     const Case c = random_case(rng, {16, 64});
@@ -87,7 +87,7 @@ TEST(CudaPlan, ForwardTasksCoverEveryKeptRowOnce) {
   }
 }
 
-TEST(CudaPlan, BackwardTasksOwnDisjointRows) {
+TEST(GpuPlan, BackwardTasksOwnDisjointRows) {
   std::mt19937 rng(6);
   for (int trial = 0; trial < 30; ++trial) {
     const Case c = random_case(rng, {16});
@@ -130,10 +130,11 @@ TEST(CudaPlan, BackwardTasksOwnDisjointRows) {
 }
 
 // The GPU ring's host plan, simulated on the CPU for every rank of a ring: the local tasks
-// (forward_tasks of a shard), the tasks of every received block (block_tasks) and the packing
-// of the blocks (pack_runs) address exactly the (query row, key row) pairs of SPEC.md's
+// (forward_tasks of a shard), the tasks of every received block (block_tasks), of every
+// balanced step answered (answer_tasks) and the packing of the blocks (pack_runs) and of the
+// balanced queries (half_runs) address exactly the (query row, key row) pairs of SPEC.md's
 // dilated attention, each once: query and key rows are decoded from the element offsets the
-// kernels compute (packed blocks through the sender's pack runs).
+// kernels compute (packed data through the sender's runs).
 struct Coord {
   int64_t b, n, h;  // batch, global row, head (of q, or kv head of k/v)
 };
@@ -210,45 +211,80 @@ struct RingProblems {
   std::vector<RingPlan> plans;
 };
 
-TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
+// Where rank `asker`'s balanced queries of span `span` sit in the inbox of their key owner:
+// element offset -> query coordinates, from the asker's own packing (half_runs, placed
+// after head_begin * D elements of slack).
+std::map<int64_t, Coord> answered_queries(const RingProblems& ring, int asker, int span,
+                                          int64_t n_loc, int64_t H, int64_t D) {
+  const Problem& ap = ring.ps[static_cast<size_t>(asker)];
+  const RingPlan& aplan = ring.plans[static_cast<size_t>(asker)];
+  const SpanningBranch& sb = aplan.spans[static_cast<size_t>(span)];
+  std::map<int64_t, Coord> at;
+  for (const cuda::CopyRun& run :
+       cuda::half_runs(ap, aplan, ap.q_st, sb.head_begin, sb.head_end, D)) {
+    for (int64_t t = 0; t < run.rows; ++t) {
+      at[sb.head_begin * D + run.dst + t * run.dst_t] =
+          decode(run.src + t * run.src_t, n_loc, H, D, asker);
+    }
+  }
+  return at;
+}
+
+// The GPU ring forward's launches (plan_gpu_ring_forward), simulated on the CPU for every
+// rank: the local list, every received block's list (the queries before the split on a
+// balanced span) and every answered step's list (the asker's second half, read from the
+// inbox its packing fills, against the local keys) compute every pair of SPEC.md once; the
+// partial rows of one launch are distinct (each launch is merged before the next).
+TEST(GpuPlan, RingTasksComputeEveryPairOnce) {
   const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
   for_each_ring_case(n_loc, [&](int P, const DilatedConfig& cfg) {
     const bool causal = cfg.causal;
     const RingProblems ring(cfg, P, B, n_loc, H, Hkv, D);
-    const std::vector<Problem>& ps = ring.ps;
-    const std::vector<RingPlan>& plans = ring.plans;
     // (b, h, query row, key row, s, r, o) computed by any rank.
     Pairs pairs;
     for (int rank = 0; rank < P; ++rank) {
-      const Problem& p = ps[static_cast<size_t>(rank)];
-      const RingPlan& plan = plans[static_cast<size_t>(rank)];
-      std::vector<cuda::TaskList> lists = {cuda::forward_tasks(p, tile)};
-      std::vector<int> senders = {rank};
-      for (const RingStep& st : plan.steps) {
-        if (st.recv_from < 0) continue;
-        EXPECT_TRUE(!causal || st.recv_from < rank);
-        lists.push_back(
-            cuda::block_tasks(p, plan, st.span, st.recv_from, tile, lists.back().part_rows));
-        senders.push_back(st.recv_from);
+      const Problem& p = ring.ps[static_cast<size_t>(rank)];
+      const RingPlan& plan = ring.plans[static_cast<size_t>(rank)];
+      const cuda::GpuRingForwardPlan fp = cuda::plan_gpu_ring_forward(p, plan, tile);
+      // The launches: the local list (sender and asker -1), then per step its block's list
+      // and the list it answers.
+      struct Launch {
+        const cuda::TaskList* list;
+        int sender, asker, span;
+      };
+      std::vector<Launch> launches = {{&fp.local, -1, -1, -1}};
+      for (size_t e = 0; e < plan.steps.size(); ++e) {
+        const RingStep& st = plan.steps[e];
+        if (st.recv_from >= 0) {
+          EXPECT_TRUE(!causal || st.recv_from < rank);
+          launches.push_back({&fp.block[e], st.recv_from, -1, st.span});
+        }
+        if (!fp.answer[e].tasks.empty()) {
+          ASSERT_TRUE(plan.spans[static_cast<size_t>(st.span)].balanced);
+          launches.push_back({&fp.answer[e], -1, st.send_to, st.span});
+        }
       }
-      std::vector<int> seen(static_cast<size_t>(lists.back().part_rows), 0);
-      for (size_t li = 0; li < lists.size(); ++li) {
-        const int sender = senders[li];
+      for (const Launch& launch : launches) {
+        const cuda::TaskList& list = *launch.list;
+        EXPECT_LE(list.part_rows, fp.partial_rows);
+        std::vector<int> seen(static_cast<size_t>(list.part_rows), 0);
         // Block element offset -> the sender's K (or V) coordinates, from its pack runs.
-        std::map<int64_t, Coord> block_k, block_v;
-        for (size_t si = 0; li > 0 && si < plans[sender].spans.size(); ++si) {
+        std::map<int64_t, Coord> block_k, block_v, queries;
+        if (launch.sender >= 0) {
+          const Problem& sp = ring.ps[static_cast<size_t>(launch.sender)];
+          const RingPlan& splan = ring.plans[static_cast<size_t>(launch.sender)];
           for (const cuda::PackRun& run :
-               cuda::pack_runs(ps[sender], plans[sender], static_cast<int>(si), ps[sender].k_st,
-                               ps[sender].v_st)) {
+               cuda::pack_runs(sp, splan, launch.span, sp.k_st, sp.v_st)) {
             for (int64_t t = 0; t < run.rows; ++t) {
               block_k[run.dst_k + t * D] =
-                  decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, sender);
+                  decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, launch.sender);
               block_v[run.dst_v + t * D] =
-                  decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, sender);
+                  decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, launch.sender);
             }
           }
         }
-        const cuda::TaskList& list = lists[li];
+        if (launch.asker >= 0)
+          queries = answered_queries(ring, launch.asker, launch.span, n_loc, H, D);
         for (const cuda::Task& t : list.tasks) {
           const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
           EXPECT_EQ(t.tiles_per_seg, ceil_div(t.q_hi - t.q_lo, tile));
@@ -260,7 +296,13 @@ TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
                 const auto at = [&](const cuda::RowSource& x, int64_t row) {
                   return x.off + b * x.b_st + seg * x.seg_st + row * x.t_st;
                 };
-                const Coord qc = decode(at(t.q_src, tq), n_loc, H, D, rank);
+                Coord qc;
+                if (launch.asker >= 0) {
+                  ASSERT_EQ(queries.count(at(t.q_src, tq)), 1u) << "query " << n;
+                  qc = queries[at(t.q_src, tq)];
+                } else {
+                  qc = decode(at(t.q_src, tq), n_loc, H, D, rank);
+                }
                 ASSERT_TRUE(qc.b == b && qc.n == n && qc.h == h) << "query " << n;
                 const int64_t row =
                     t.part_row0 + b * t.rows_per_batch + seg * (t.q_hi - t.q_lo) + tq - t.q_lo;
@@ -270,7 +312,7 @@ TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
                 for (int64_t tk = t.k_lo; tk < t.k_hi; ++tk) {
                   if (causal && tk > tq) continue;
                   Coord kc, vc;
-                  if (li == 0) {
+                  if (launch.sender < 0) {
                     kc = decode(at(t.k_src, tk), n_loc, Hkv, D, rank);
                     vc = decode(at(t.v_src, tk), n_loc, Hkv, D, rank);
                   } else {
@@ -286,25 +328,66 @@ TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
                 }
               }
         }
-      }
-      // Partial rows are distinct, the queries of one launch never overlap.
-      EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
-      // The merge order: head by head, each head's tasks in launch order.
-      std::vector<int> head_begin;
-      const std::vector<cuda::Task> order = cuda::merge_order(p, lists, head_begin);
-      ASSERT_EQ(head_begin.size(), static_cast<size_t>(H + 1));
-      size_t total = 0;
-      for (const cuda::TaskList& list : lists) total += list.tasks.size();
-      EXPECT_EQ(order.size(), total);
-      for (int64_t h = 0; h < H; ++h) {
-        for (int i = head_begin[h]; i + 1 < head_begin[h + 1]; ++i) {
-          EXPECT_LT(order[static_cast<size_t>(i)].part_row0,
-                    order[static_cast<size_t>(i) + 1].part_row0);
-        }
+        // Partial rows of one launch are distinct: its queries never overlap.
+        EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
       }
     }
-    expect_every_pair_once(ps[0], causal, pairs);
+    expect_every_pair_once(ring.ps[0], causal, pairs);
   });
+}
+
+// The GPU ring's extra device memory per rank (gpu_ring_memory, gpu_ring_backward_memory:
+// what its shards allocate), for a fixed shard as the ring grows from 2 to 64 ranks with
+// one segment over the whole sequence: it does not grow with the number of ranks (each
+// step's partials are merged at once; two blocks in flight). And its causal work (the
+// (query, key) pairs of every launch) is the same on every rank, within a tile's rounding.
+TEST(GpuPlan, RingMemoryStaysBoundedAndCausalWorkIsBalanced) {
+  const int64_t B = 1, H = 2, Hkv = 1, D = 8, n_loc = 16, tile = 4;
+  struct Ring {
+    int64_t most_fwd = 0, most_bwd = 0, least_work = INT64_MAX, most_work = 0;
+  };
+  const auto measure = [&](int P) {
+    const DilatedConfig cfg{{n_loc * P}, {1}, Mode::kGroups, true, std::nullopt};
+    const RingProblems ring(cfg, P, B, n_loc, H, Hkv, D);
+    Ring r;
+    for (int rank = 0; rank < P; ++rank) {
+      const Problem& p = ring.ps[static_cast<size_t>(rank)];
+      const RingPlan& plan = ring.plans[static_cast<size_t>(rank)];
+      EXPECT_TRUE(plan.spans.size() == 1 && plan.spans[0].balanced);
+      const cuda::GpuRingForwardPlan fp = cuda::plan_gpu_ring_forward(p, plan, tile);
+      r.most_fwd = std::max(r.most_fwd, cuda::gpu_ring_memory(p, plan, fp).total());
+      r.most_bwd = std::max(r.most_bwd, cuda::gpu_ring_backward_memory(p, plan).total());
+      int64_t work = 0;
+      std::vector<const cuda::TaskList*> lists = {&fp.local};
+      for (size_t e = 0; e < plan.steps.size(); ++e) {
+        lists.push_back(&fp.block[e]);
+        lists.push_back(&fp.answer[e]);
+      }
+      for (const cuda::TaskList* list : lists) {
+        for (const cuda::Task& t : list->tasks) {
+          for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
+            work += std::max<int64_t>(0, std::min(t.k_hi, tq + 1) - t.k_lo);
+          }
+        }
+      }
+      r.least_work = std::min(r.least_work, work);
+      r.most_work = std::max(r.most_work, work);
+    }
+    return r;
+  };
+  // From 4 ranks on, some rank both sends its second half and answers another's: the most
+  // any rank holds.
+  const Ring at4 = measure(4);
+  ASSERT_GT(at4.most_fwd, 0);
+  for (int P = 2; P <= 64; P *= 2) {
+    SCOPED_TRACE(::testing::Message() << "P=" << P);
+    const Ring r = measure(P);
+    EXPECT_LE(r.most_fwd, at4.most_fwd) << "forward bytes per rank grow with the ranks";
+    EXPECT_LE(r.most_bwd, at4.most_bwd) << "backward bytes per rank grow with the ranks";
+    // Unbalanced, the last rank would do P times the first's work.
+    EXPECT_LE(static_cast<double>(r.most_work), 1.1 * static_cast<double>(r.least_work))
+        << "causal work per rank from " << r.least_work << " to " << r.most_work << " pairs";
+  }
 }
 
 // The GPU ring backward's host plan, simulated on the CPU for every rank: the dq passes
@@ -313,7 +396,7 @@ TEST(CudaPlan, RingTasksComputeEveryPairOnce) {
 // SPEC.md's dilated attention once; no two blocks of one launch write the same accumulator
 // row; and the dk/dv rows a block's pass writes (in the block's layout) are added, by the
 // owner's add (pack_runs with the accumulator strides), into the owner's rows of those keys.
-TEST(CudaPlan, RingBackwardTasksComputeEveryPairOnce) {
+TEST(GpuPlan, RingBackwardTasksComputeEveryPairOnce) {
   const int64_t B = 2, H = 4, Hkv = 2, D = 8, n_loc = 8, tile = 4;
   const Strides3 acc_st{n_loc * Hkv * D, Hkv * D, D};
   for_each_ring_case(n_loc, [&](int P, const DilatedConfig& cfg) {
@@ -324,24 +407,35 @@ TEST(CudaPlan, RingBackwardTasksComputeEveryPairOnce) {
       const RingPlan& plan = ring.plans[static_cast<size_t>(rank)];
       for (bool by_key : {false, true}) {
         // The launches in stream order: each branch against the local keys (span -1), then
-        // each received block.
+        // each received block (its queries before the split on a balanced span) and each
+        // answered step (the asker's second half against the local keys).
         struct Launch {
           cuda::TaskList list;
-          int sender, span;
+          int sender, span, asker;
         };
         std::vector<Launch> launches;
         for (int branch = 0; branch < static_cast<int>(p.branches.size()); ++branch) {
-          launches.push_back({cuda::backward_tasks(p, branch, tile, by_key), rank, -1});
+          launches.push_back({cuda::backward_tasks(p, branch, tile, by_key), rank, -1, -1});
         }
         for (const RingStep& st : plan.steps) {
+          const bool balanced = plan.spans[static_cast<size_t>(st.span)].balanced;
+          if (balanced && st.send_to >= 0) {
+            launches.push_back(
+                {cuda::answer_backward_tasks(p, plan, st.span, st.send_to, tile, by_key), rank, -1,
+                 st.send_to});
+          }
           if (st.recv_from < 0) continue;
           EXPECT_TRUE(!cfg.causal || st.recv_from < rank);
-          launches.push_back(
-              {cuda::block_backward_tasks(p, plan, st.span, st.recv_from, tile, by_key),
-               st.recv_from, st.span});
+          launches.push_back({cuda::block_backward_tasks(p, plan, st.span, st.recv_from, tile,
+                                                         by_key, balanced ? plan.split : INT64_MAX),
+                              st.recv_from, st.span, -1});
         }
         for (const Launch& launch : launches) {
           const bool local = launch.span < 0;
+          // The rows of the queries: this rank's, or the asker's half (its dq buffer
+          // [B][half][H][D]).
+          const int64_t q_row0 = launch.asker >= 0 ? plan.split_of(p, launch.asker) : p.shard_begin;
+          const int64_t q_rows = launch.asker >= 0 ? plan.half_rows(p) : n_loc;
           // Block element offset -> the sender's K (V) row packed there, and the sender's
           // dk (dv) accumulator row the gradient written there is added to.
           std::map<int64_t, Coord> block_k, block_v, owner_k, owner_v;
@@ -384,11 +478,11 @@ TEST(CudaPlan, RingBackwardTasksComputeEveryPairOnce) {
                   return (t.seg0 + seg) * t.s + t.o + kept * t.r;
                 };
                 for (int64_t tq = t.q_lo; tq < t.q_hi; ++tq) {
-                  const int64_t n_local = row_of(tq) - p.shard_begin;
-                  ASSERT_TRUE(n_local >= 0 && n_local < n_loc) << "query " << row_of(tq);
+                  const int64_t n_local = row_of(tq) - q_row0;
+                  ASSERT_TRUE(n_local >= 0 && n_local < q_rows) << "query " << row_of(tq);
                   const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
                   if (!by_key) {
-                    EXPECT_TRUE(written.insert({0, ((b * n_loc + n_local) * H + h) * D}).second)
+                    EXPECT_TRUE(written.insert({0, ((b * q_rows + n_local) * H + h) * D}).second)
                         << "two blocks write dq row " << row_of(tq) << " of head " << h;
                   }
                 }
