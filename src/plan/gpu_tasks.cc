@@ -82,6 +82,17 @@ Task answer_task(const Problem& p, const Problem& asker, int branch, int64_t off
   return t;
 }
 
+// The task of (offset o, head h) of span sb's branch: the local queries before row_end
+// against the block whose layout is `pieces`; false when it has nothing to do.
+bool block_task(const Problem& p, const SpanningBranch& sb, const std::vector<BlockPiece>& pieces,
+                int64_t o, int64_t h, int64_t tile_rows, int64_t row_end, Task& t) {
+  const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch)];
+  t = local_task(p, sb.branch, o, h, tile_rows, row_end);
+  if (x.t_end == x.t_begin || t.q_hi <= t.q_lo) return false;
+  use_block_keys(p, x, t);
+  return true;
+}
+
 // Appends `t`, serving query heads `heads`, with its partial rows after the list's.
 void append(const Problem& p, TaskList& list, Task t, const std::vector<int>& heads) {
   t.head_first = static_cast<int>(list.heads.size());
@@ -132,11 +143,7 @@ TaskList block_tasks(const Problem& p, const RingPlan& plan, int span, int sende
   const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
   const std::vector<BlockPiece> pieces = plan.layout(p, span, sender);
   return span_tasks(p, plan, span, [&](int64_t h, int64_t offset, Task& t) {
-    const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch)];
-    t = local_task(p, sb.branch, offset, h, tile_rows, row_end);
-    if (x.t_end == x.t_begin || t.q_hi <= t.q_lo) return false;
-    use_block_keys(p, x, t);
-    return true;
+    return block_task(p, sb, pieces, offset, h, tile_rows, row_end, t);
   });
 }
 
@@ -235,11 +242,7 @@ TaskList block_backward_tasks(const Problem& p, const RingPlan& plan, int span, 
   const SpanningBranch& sb = plan.spans[static_cast<size_t>(span)];
   const std::vector<BlockPiece> pieces = plan.layout(p, span, sender);
   return backward_list(p, sb.branch, tile_rows, by_key, [&](int64_t o, int64_t h, Task& t) {
-    const BlockPiece& x = pieces[static_cast<size_t>(sb.head_stream[h] * p.batch)];
-    t = local_task(p, sb.branch, o, h, tile_rows, row_end);
-    if (x.t_end == x.t_begin || t.q_hi <= t.q_lo) return false;
-    use_block_keys(p, x, t);
-    return true;
+    return block_task(p, sb, pieces, o, h, tile_rows, row_end, t);
   });
 }
 

@@ -74,31 +74,11 @@ int64_t lcm_of(const std::vector<int64_t>& values) {
 
 }  // namespace
 
-Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
-                     const TensorView& v, const TensorView& out,
-                     const std::optional<TensorView>& lse, int64_t max_head_dim,
-                     const char* backend, Shard shard, Device device) {
-  config.validate();
-  check_view(q, "q", 4, "[B, N, H, D]", device, backend);
-  check_view(k, "k", 4, "[B, N, Hkv, D]", device, backend);
-  check_view(v, "v", 4, "[B, N, Hkv, D]", device, backend);
-  check_view(out, "out", 4, "[B, N, H, D] (the shape of q)", device, backend);
+namespace {
 
-  Problem p;
-  p.batch = q.shape[0];
-  p.shard_rows = q.shape[1];
-  require(p.shard_rows <= std::numeric_limits<int64_t>::max() / shard.world,
-          "q.shape[1] = ", p.shard_rows, " rows on each of ", shard.world,
-          " ranks make a sequence longer than 2^63 rows; pass the rows of this rank's shard");
-  p.shard_begin = shard.rank * p.shard_rows;
-  p.seq = shard.world * p.shard_rows;
-  p.heads = q.shape[2];
-  p.head_dim = q.shape[3];
-  p.kv_heads = k.shape[2];
-  p.dtype = q.dtype;
-  p.mode = config.mode;
-  p.causal = config.causal;
-
+// The shapes and dtypes of q, k, v and out against each other.
+void check_qkvo(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                const TensorView& out) {
   for (int d = 0; d < 4; ++d) {
     require(k.shape[d] == v.shape[d], "k is ", shape_str(k), " but v is ", shape_str(v),
             "; k and v must have the same shape [B, N, Hkv, D]");
@@ -117,30 +97,11 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
   require(k.dtype == q.dtype && v.dtype == q.dtype && out.dtype == q.dtype, "dtypes differ: q is ",
           dtype_name(q.dtype), ", k is ", dtype_name(k.dtype), ", v is ", dtype_name(v.dtype),
           ", out is ", dtype_name(out.dtype), "; q, k, v and out must share one dtype");
-  if (p.head_dim > max_head_dim) {
-    fail(ErrorCode::kUnsupported, "head dim D = ", p.head_dim, " is not supported by the ", backend,
-         " backend (at most ", max_head_dim, "); split heads or use a smaller D");
-  }
-  p.q_st = bnhd_strides(q, "q");
-  p.k_st = bnhd_strides(k, "k");
-  p.v_st = bnhd_strides(v, "v");
-  p.out_st = bnhd_strides(out, "out");
+}
 
-  if (lse) {
-    const TensorView& l = *lse;
-    check_view(l, "lse", 3, "[B, H, N]", device, backend);
-    require(l.dtype == DType::kF32, "lse is ", dtype_name(l.dtype),
-            "; lse is always fp32 [B, H, N]");
-    require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
-            shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
-            p.heads, ", ", p.shard_rows, "]");
-    p.lse = static_cast<float*>(l.data);
-    p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
-  }
-
-  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
-                         {{"q", &q}, {"k", &k}, {"v", &v}});
-
+// The branches of `config` over p's sequence (each segment length divides it), and the
+// head-branch entries of p's heads.
+void assign_branches(const DilatedConfig& config, Shard shard, Problem& p) {
   const int g = config.num_branches();
   for (int i = 0; i < g; ++i) {
     const int64_t s = config.segment_lengths[i];
@@ -169,13 +130,11 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
             "groups mode needs at least one head per branch, but H = ", total_heads, " < G = ", g,
             " branches; use more heads, fewer branches, or mode = longnet");
   }
-
   if (total_heads > INT_MAX / g) {
     fail(ErrorCode::kUnsupported, "total_heads = ", total_heads, " heads x ", g,
          " branches is more head-branch entries than this version indexes (2^31 - 1); use fewer "
          "heads per call");
   }
-  p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   p.out_factor = config.mode == Mode::kGroups ? 1.0f / static_cast<float>(g) : 1.0f;
   assign_heads(config.mode, p.branches, total_heads, p.head_begin, p.head_branches);
   if (total_heads != p.heads) {  // keep the slice's heads, numbered from 0
@@ -187,6 +146,60 @@ Problem make_problem(const DilatedConfig& config, const TensorView& q, const Ten
                                     p.head_begin.begin() + config.head_offset + p.heads + 1);
     for (int& x : p.head_begin) x -= first;
   }
+}
+
+}  // namespace
+
+Problem make_problem(const DilatedConfig& config, const TensorView& q, const TensorView& k,
+                     const TensorView& v, const TensorView& out,
+                     const std::optional<TensorView>& lse, int64_t max_head_dim,
+                     const char* backend, Shard shard, Device device) {
+  config.validate();
+  check_view(q, "q", 4, "[B, N, H, D]", device, backend);
+  check_view(k, "k", 4, "[B, N, Hkv, D]", device, backend);
+  check_view(v, "v", 4, "[B, N, Hkv, D]", device, backend);
+  check_view(out, "out", 4, "[B, N, H, D] (the shape of q)", device, backend);
+
+  Problem p;
+  p.batch = q.shape[0];
+  p.shard_rows = q.shape[1];
+  require(p.shard_rows <= std::numeric_limits<int64_t>::max() / shard.world,
+          "q.shape[1] = ", p.shard_rows, " rows on each of ", shard.world,
+          " ranks make a sequence longer than 2^63 rows; pass the rows of this rank's shard");
+  p.shard_begin = shard.rank * p.shard_rows;
+  p.seq = shard.world * p.shard_rows;
+  p.heads = q.shape[2];
+  p.head_dim = q.shape[3];
+  p.kv_heads = k.shape[2];
+  p.dtype = q.dtype;
+  p.mode = config.mode;
+  p.causal = config.causal;
+  check_qkvo(p, q, k, v, out);
+  if (p.head_dim > max_head_dim) {
+    fail(ErrorCode::kUnsupported, "head dim D = ", p.head_dim, " is not supported by the ", backend,
+         " backend (at most ", max_head_dim, "); split heads or use a smaller D");
+  }
+  p.q_st = bnhd_strides(q, "q");
+  p.k_st = bnhd_strides(k, "k");
+  p.v_st = bnhd_strides(v, "v");
+  p.out_st = bnhd_strides(out, "out");
+
+  if (lse) {
+    const TensorView& l = *lse;
+    check_view(l, "lse", 3, "[B, H, N]", device, backend);
+    require(l.dtype == DType::kF32, "lse is ", dtype_name(l.dtype),
+            "; lse is always fp32 [B, H, N]");
+    require(l.shape[0] == p.batch && l.shape[1] == p.heads && l.shape[2] == p.shard_rows, "lse is ",
+            shape_str(l), " but q is ", shape_str(q), "; lse must be [B, H, N] = [", p.batch, ", ",
+            p.heads, ", ", p.shard_rows, "]");
+    p.lse = static_cast<float*>(l.data);
+    p.lse_st = {l.strides[0], l.strides[2], l.strides[1]};
+  }
+
+  check_outputs_disjoint({{"out", &out}, {"lse", lse ? &*lse : nullptr}},
+                         {{"q", &q}, {"k", &k}, {"v", &v}});
+  assign_branches(config, shard, p);
+  p.scale = config.scale ? *config.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;

@@ -19,7 +19,7 @@ class Protocol final : public RingRun {
       : p_(p), plan_(plan), tags_(tags_of(plan)), shard_(std::move(shard)), fwd_(fwd), bwd_(bwd) {}
 
   void run(Communicator& comm, RingStats& stats) override {
-    KvRing ring(comm, p_, plan_, stats, shard_->store());
+    KvRing ring(comm, kv_transfers(p_, plan_), stats, shard_->store());
     Run r{comm, stats, ring, [&comm] { comm.progress(); }, {}, {}, {}, {}};
     ask(r);
     shard_->attend_local(r.poll);

@@ -18,7 +18,9 @@
 #include "src/base/dtype.h"
 #include "src/base/fault.h"
 #include "src/base/memory.h"
-#include "src/ring/ring_timing.h"
+#include "src/ring/host_inboxes.h"
+#include "src/ring/kv_ring.h"
+#include "src/ring/ring_steps.h"
 
 namespace ringattn::cpu {
 
@@ -128,69 +130,34 @@ int64_t most_part_elements(const Problem& p, const BlockSparsePlan& plan, bool s
   return most;
 }
 
-// The K/V block traffic, shared by forward and backward: step e's message lands in one of
-// two buffers while the previous one is computed on (double buffering); steps with an empty
-// set send or receive nothing. The buffers are made (at the size of the largest message)
-// before the ring starts.
-class BlockRing {
+// The block-sparse ring's messages in host memory: each step's key blocks packed into one of
+// two send buffers when the step is posted, two receive buffers; all at the size of the
+// largest message, made before the ring starts.
+class BlockStore final : public KvStore {
  public:
-  BlockRing(const Problem& p, const BlockSparsePlan& plan) : p_(p), plan_(plan) {
-    const size_t esize = dtype_size(p.dtype);
-    for (int i = 0; i < 2; ++i) {
-      resize_buffer(inbox_[i], 2 * static_cast<size_t>(most_part_elements(p, plan, false)) * esize,
-                    "the block-sparse K/V receive buffers");
-      resize_buffer(outbox_[i], 2 * static_cast<size_t>(most_part_elements(p, plan, true)) * esize,
-                    "the block-sparse K/V send buffers");
+  BlockStore(const Problem& p, const BlockSparsePlan& plan)
+      : p_(p),
+        plan_(plan),
+        inboxes_(2 * static_cast<size_t>(most_part_elements(p, plan, false)) * dtype_size(p.dtype),
+                 "the block-sparse K/V receive buffers") {
+    for (std::vector<uint8_t>& buf : outbox_) {
+      resize_buffer(
+          buf, 2 * static_cast<size_t>(most_part_elements(p, plan, true)) * dtype_size(p.dtype),
+          "the block-sparse K/V send buffers");
     }
   }
-
-  // Posts steps 0 and 1; then receive(e) / release(e) for e = 0, 1, ...
-  void start(Communicator& comm, RingStats& stats) {
-    comm_ = &comm;
-    stats_ = &stats;
-    post(0);
-    post(1);
+  const void* outgoing(size_t step, int slot) override {
+    pack_blocks(p_, plan_, plan_.steps[step].send, outbox_[slot]);
+    return outbox_[slot].data();
   }
-  // Waits for step e's blocks (nullptr when the step receives nothing).
-  const uint8_t* receive(size_t e) {
-    if (plan_.steps[e].recv.slots() == 0) return nullptr;
-    wait(recvs_[e % 2], e);
-    return inbox_[e % 2].data();
-  }
-  // Step e is done: its buffers take step e + 2.
-  void release(size_t e) {
-    wait(sends_[e % 2], e);
-    post(e + 2);
-  }
-  void wait(CommRequest& req, size_t step) { timed_wait(*comm_, req, *stats_, step); }
-  void finish() {
-    for (CommRequest& req : sends_) wait(req, plan_.steps.size());
-  }
+  bool packs_per_step() const override { return true; }
+  void* inbox(int slot, size_t bytes) override { return inboxes_.get(slot, bytes); }
 
  private:
-  void post(size_t e) {
-    if (e >= plan_.steps.size()) return;
-    const BlockSparsePlan::Step& st = plan_.steps[e];
-    const size_t esize = dtype_size(p_.dtype);
-    if (st.recv.slots() > 0) {
-      const size_t bytes =
-          2 * static_cast<size_t>(KeyBlocks(p_, plan_, st.recv, nullptr).part_elements()) * esize;
-      recvs_[e % 2] = comm_->irecv(inbox_[e % 2].data(), bytes, st.recv_from, st.tag);
-    }
-    if (st.send.slots() > 0) {
-      pack_blocks(p_, plan_, st.send, outbox_[e % 2]);
-      sends_[e % 2] =
-          comm_->isend(outbox_[e % 2].data(), outbox_[e % 2].size(), st.send_to, st.tag);
-      ++stats_->messages_sent;
-    }
-  }
-
   const Problem& p_;
   const BlockSparsePlan& plan_;
-  Communicator* comm_ = nullptr;
-  RingStats* stats_ = nullptr;
-  std::vector<uint8_t> inbox_[2], outbox_[2];
-  CommRequest sends_[2], recvs_[2];
+  HostInboxes inboxes_;
+  std::vector<uint8_t> outbox_[2];
 };
 
 // One forward pass: every local query block of every (batch, head) against the key blocks
@@ -258,21 +225,22 @@ void backward_pass(ShardBackward& shard, const Problem& p, const BlockSparsePlan
 class CpuBlockForward final : public RingRun {
  public:
   CpuBlockForward(const Problem& p, const BlockSparsePlan& plan, const ExecOptions& options)
-      : p_(p), plan_(plan), shard_(p, options), local_(p, options.num_threads), ring_(p, plan) {}
+      : p_(p), plan_(plan), shard_(p, options), local_(p, options.num_threads), store_(p, plan) {}
 
   void run(Communicator& comm, RingStats& stats) override {
     const auto poll = [&comm] { comm.progress(); };
-    ring_.start(comm, stats);
+    KvRing ring(comm, block_transfers(p_, plan_), stats, store_);
     forward_pass(shard_, p_, plan_, plan_.rank, KeyBlocks(p_, plan_, local_), poll);
     for (size_t e = 0; e < plan_.steps.size(); ++e) {
       ringattn::detail::fault_point("ring.step");
       const BlockSparsePlan::Step& st = plan_.steps[e];
-      if (const uint8_t* msg = ring_.receive(e)) {
+      if (ring.receives(e)) {
+        const auto* msg = static_cast<const uint8_t*>(ring.receive(e));
         forward_pass(shard_, p_, plan_, st.recv_from, KeyBlocks(p_, plan_, st.recv, msg), poll);
       }
-      ring_.release(e);
+      ring.release(e);
     }
-    ring_.finish();
+    ring.finish();
     shard_.write_output();
   }
 
@@ -281,7 +249,7 @@ class CpuBlockForward final : public RingRun {
   const BlockSparsePlan& plan_;
   ShardForward shard_;
   const LocalKv local_;
-  BlockRing ring_;
+  BlockStore store_;
 };
 
 // One rank of the CPU block-sparse backward, made like CpuBlockForward.
@@ -293,7 +261,7 @@ class CpuBlockBackward final : public RingRun {
         plan_(plan),
         shard_(bp, options, std::max<int64_t>(1, kRunRows / plan.bs) * plan.bs),
         local_(bp.fwd, options.num_threads),
-        ring_(bp.fwd, plan),
+        store_(bp.fwd, plan),
         grads_in_(plan.steps.size()),
         grads_out_(plan.steps.size()) {
     for (size_t e = 0; e < plan.steps.size(); ++e) {
@@ -323,12 +291,12 @@ class CpuBlockBackward final : public RingRun {
     // together with everything posted before it) depends on a peer's gradients.
     const size_t steps = plan_.steps.size();
     std::vector<CommRequest> grad_recvs(steps), grad_sends(steps);
-    ring_.start(comm, stats);
+    KvRing ring(comm, block_transfers(p, plan_), stats, store_);
     backward_pass(shard_, p, plan_, plan_.rank, KeyBlocks(p, plan_, local_), nullptr, poll);
     for (size_t e = 0; e < steps; ++e) {
       ringattn::detail::fault_point("ring.step");
       const BlockSparsePlan::Step& st = plan_.steps[e];
-      const uint8_t* msg = ring_.receive(e);
+      const auto* msg = ring.receives(e) ? static_cast<const uint8_t*>(ring.receive(e)) : nullptr;
       if (st.send.slots() > 0) {
         grad_recvs[e] = comm.irecv(grads_in_[e].data(), grads_in_[e].size() * sizeof(float),
                                    st.send_to, world + st.tag);
@@ -341,15 +309,15 @@ class CpuBlockBackward final : public RingRun {
                                    st.recv_from, world + st.tag);
         ++stats.messages_sent;
       }
-      ring_.release(e);
+      ring.release(e);
     }
     for (size_t e = 0; e < steps; ++e) {
       if (plan_.steps[e].send.slots() == 0) continue;
-      ring_.wait(grad_recvs[e], e);
+      ring.wait(grad_recvs[e], e);
       add_returned(plan_.steps[e], grads_in_[e].data());
     }
-    for (CommRequest& req : grad_sends) ring_.wait(req, steps);
-    ring_.finish();
+    for (CommRequest& req : grad_sends) ring.wait(req, steps);
+    ring.finish();
     shard_.write_output();
   }
 
@@ -381,7 +349,7 @@ class CpuBlockBackward final : public RingRun {
   const BlockSparsePlan& plan_;
   ShardBackward shard_;
   const LocalKv local_;
-  BlockRing ring_;
+  BlockStore store_;
   std::vector<std::vector<float>> grads_in_, grads_out_;
 };
 

@@ -15,6 +15,7 @@
 #include "src/base/fault.h"
 #include "src/base/index_math.h"
 #include "src/base/memory.h"
+#include "src/ring/host_inboxes.h"
 #include "src/ring/ring_protocol.h"
 #include "src/ring/ring_steps.h"
 
@@ -57,29 +58,29 @@ void pack_block(const Problem& p, const RingPlan& plan, int s, std::vector<uint8
 // size of the largest block this rank receives, all made before the ring starts.
 class HostKvStore final : public KvStore {
  public:
-  HostKvStore(const Problem& p, const RingPlan& plan) : own_(plan.spans.size()) {
-    for (size_t s = 0; s < plan.spans.size(); ++s)
+  HostKvStore(const Problem& p, const RingPlan& plan)
+      : plan_(plan),
+        own_(plan.spans.size()),
+        inboxes_(static_cast<size_t>(most_over_steps(
+                     plan, [](const RingStep& st) { return st.recv_from >= 0; },
+                     [&](const RingStep& st) {
+                       return plan.block_elements(p, st.span, st.recv_from);
+                     })) *
+                     dtype_size(p.dtype),
+                 "the ring's K/V receive buffers") {
+    for (size_t s = 0; s < plan.spans.size(); ++s) {
       pack_block(p, plan, static_cast<int>(s), own_[s]);
-    const int64_t most = most_over_steps(
-        plan, [](const RingStep& st) { return st.recv_from >= 0; },
-        [&](const RingStep& st) { return plan.block_elements(p, st.span, st.recv_from); });
-    for (std::vector<uint8_t>& buf : inbox_) {
-      resize_buffer(buf, static_cast<size_t>(most) * dtype_size(p.dtype),
-                    "the ring's K/V receive buffers");
     }
   }
-  const void* own(int span) override { return own_[static_cast<size_t>(span)].data(); }
-  void* inbox(int slot, size_t bytes) override {
-    if (bytes > inbox_[slot].size()) {
-      fail(ErrorCode::kInternal, "the ring's receive buffer holds ", inbox_[slot].size(),
-           " bytes, but a block of ", bytes, " bytes arrives");
-    }
-    return inbox_[slot].data();
+  const void* outgoing(size_t step, int) override {
+    return own_[static_cast<size_t>(plan_.steps[step].span)].data();
   }
+  void* inbox(int slot, size_t bytes) override { return inboxes_.get(slot, bytes); }
 
  private:
-  std::vector<std::vector<uint8_t>> own_;
-  std::vector<uint8_t> inbox_[2];
+  const RingPlan& plan_;
+  std::vector<std::vector<uint8_t>> own_;  // per span
+  HostInboxes inboxes_;
 };
 
 // The key source of head h (head branch hb, batch b) in a received block of span sb whose

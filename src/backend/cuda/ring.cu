@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(kThreads)
 // Blocks in device memory: this rank's packed once at the start, two incoming buffers.
 class DeviceKvStore final : public KvStore {
  public:
-  DeviceKvStore(const Problem& p, const RingPlan& plan, cudaStream_t stream) : stream_(stream) {
+  DeviceKvStore(const Problem& p, const RingPlan& plan, cudaStream_t stream)
+      : plan_(plan), stream_(stream) {
     const size_t esize = dtype_size(p.dtype);
     for (int s = 0; s < static_cast<int>(plan.spans.size()); ++s) {
       own_.emplace_back(static_cast<size_t>(plan.block_elements(p, s, plan.rank)) * esize, stream);
@@ -87,7 +88,9 @@ class DeviceKvStore final : public KvStore {
   DeviceKvStore(const DeviceKvStore&) = delete;
   DeviceKvStore& operator=(const DeviceKvStore&) = delete;
 
-  const void* own(int span) override { return own_[static_cast<size_t>(span)].as<void>(); }
+  const void* outgoing(size_t step, int) override {
+    return own_[static_cast<size_t>(plan_.steps[step].span)].as<void>();
+  }
   void* inbox(int slot, size_t bytes) override {
     if (bytes > inbox_bytes_[slot]) {
       fail(ErrorCode::kInternal, "the GPU ring's receive buffer holds ", inbox_bytes_[slot],
@@ -104,8 +107,9 @@ class DeviceKvStore final : public KvStore {
   }
 
  private:
+  const RingPlan& plan_;
   cudaStream_t stream_;
-  std::vector<DeviceBuffer> own_;
+  std::vector<DeviceBuffer> own_;  // per span
   std::unique_ptr<DeviceBuffer> inbox_[2];
   size_t inbox_bytes_[2] = {0, 0};
   cudaEvent_t read_[2] = {nullptr, nullptr};
