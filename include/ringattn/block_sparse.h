@@ -6,6 +6,7 @@
 // over a ring a rank fetches only the key/value blocks its own query blocks list.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -15,6 +16,8 @@
 #include "ringattn/tensor.h"
 
 namespace ringattn {
+
+struct BlockSparsePlan;  // internal (src/plan/block_sparse_plan.h)
 
 enum class BlockPatternKind {
   kLocalWindow,  // key blocks kb with |kb - qb| <= w
@@ -120,6 +123,7 @@ class BlockSparseRingDilatedAttention {
   Communicator& comm_;
   ExecOptions options_;
   RingStats stats_;
+  std::shared_ptr<detail::PlanCache<BlockSparsePlan>> plans_;  // per shape
 };
 
 }  // namespace ringattn

@@ -29,6 +29,10 @@
 
 namespace ringattn {
 
+namespace detail {
+class MultiheadLayer;  // internal (src/layer/multihead_layer.h)
+}  // namespace detail
+
 struct MultiheadConfig {
   int64_t embed_dim = 0;  // E
   int64_t num_heads = 0;  // H; the head dim is D = E / H
@@ -127,6 +131,7 @@ class MultiheadDilatedAttention {
   MultiheadConfig config_;
   ExecOptions options_;
   DilatedAttention attention_;
+  std::shared_ptr<const detail::MultiheadLayer> layer_;  // made once, shared by copies
   MultiheadWeights weights_;
 };
 

@@ -3,12 +3,19 @@
 // communicator. Rank p holds the contiguous rows [p * N_loc, (p + 1) * N_loc) of q, k and v
 // and gets the same rows of the single-device result.
 
+#include <memory>
 #include <optional>
 
 #include "ringattn/comm.h"
 #include "ringattn/dilated_attention.h"
 
 namespace ringattn {
+
+struct RingPlan;  // internal (src/plan/ring_plan.h)
+namespace detail {
+template <typename Plan>
+class PlanCache;  // internal (src/plan/plan_cache.h)
+}  // namespace detail
 
 // What the last forward or backward moved and how long it waited (this rank).
 struct RingStats {
@@ -55,6 +62,7 @@ class RingDilatedAttention {
   Communicator& comm_;
   ExecOptions options_;
   RingStats stats_;
+  std::shared_ptr<detail::PlanCache<RingPlan>> plans_;  // per shape
 };
 
 }  // namespace ringattn

@@ -13,6 +13,7 @@
 #include "src/base/agreement.h"
 #include "src/base/check.h"
 #include "src/plan/block_sparse_plan.h"
+#include "src/plan/plan_cache.h"
 #include "src/plan/problem.h"
 #include "src/ring/ring_run.h"
 
@@ -66,7 +67,10 @@ const AttentionBackend& sparse_backend(const TensorView& q, Backend requested, i
 BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConfig config,
                                                                  Communicator& comm,
                                                                  ExecOptions options)
-    : config_(std::move(config)), comm_(comm), options_(options) {
+    : config_(std::move(config)),
+      comm_(comm),
+      options_(options),
+      plans_(std::make_shared<detail::PlanCache<BlockSparsePlan>>()) {
   check_on_all_ranks(comm_, [&] {
     config_.validate();
     options_.validate();
@@ -89,11 +93,12 @@ void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorV
       backend->check_forward_tensors(q, k, v, out, lse);
     });
     check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p));
-    BlockSparsePlan plan;
+    std::shared_ptr<const BlockSparsePlan> plan;
     std::unique_ptr<RingRun> run;
     check_on_all_ranks(comm_, [&] {
-      plan = plan_block_sparse(config_, p, rank, world);
-      run = backend->sparse_forward(p, plan, options_);
+      plan =
+          plans_->get(p, rank, world, [&] { return plan_block_sparse(config_, p, rank, world); });
+      run = backend->sparse_forward(p, *plan, options_);
     });
     run_ring(comm_, *run, "block-sparse attention", stats_, t_start);
   });
@@ -121,11 +126,12 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
     // for the lse in double first.
     int64_t precise = backend->needs_precise_lse(bp.fwd) ? 1 : 0;
     comm_.allreduce_max(&precise, 1);
-    BlockSparsePlan plan;
+    std::shared_ptr<const BlockSparsePlan> plan;
     std::unique_ptr<RingRun> run;
     check_on_all_ranks(comm_, [&] {
-      plan = plan_block_sparse(config_, bp.fwd, rank, world);
-      run = backend->sparse_backward(bp, plan, options_, precise != 0);
+      plan = plans_->get(bp.fwd, rank, world,
+                         [&] { return plan_block_sparse(config_, bp.fwd, rank, world); });
+      run = backend->sparse_backward(bp, *plan, options_, precise != 0);
     });
     run_ring(comm_, *run, "block-sparse attention", stats_, t_start);
   });

@@ -93,26 +93,30 @@ size_t MultiheadSaved::bytes() const {
 
 namespace {
 
-detail::MultiheadLayer make_layer(const MultiheadConfig& config, const DilatedAttention& attention,
-                                  const ExecOptions& options) {
+// The layer of one object: its core holds copies of the attention and the options, so that
+// the layer outlives nothing it uses.
+std::shared_ptr<const detail::MultiheadLayer> make_layer(const MultiheadConfig& config,
+                                                         const DilatedAttention& attention,
+                                                         const ExecOptions& options) {
   detail::AttentionCore core;
-  core.check = [&](const TensorView& q, const TensorView& k, const TensorView& v,
-                   const TensorView& out, const TensorView& lse) {
+  core.check = [attention, options](const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView& out, const TensorView& lse) {
     // DilatedAttention's rule: the tensors' device picks the backend.
     const AttentionBackend& backend = select_backend(options.backend, q);
     make_problem(attention.config(), q, k, v, out, lse, backend.max_head_dim(), backend.name());
   };
-  core.forward = [&](const TensorView& q, const TensorView& k, const TensorView& v,
-                     const TensorView& out,
-                     const TensorView& lse) { attention.forward(q, k, v, out, lse); };
-  core.backward = [&](const TensorView& dout, const TensorView& q, const TensorView& k,
-                      const TensorView& v, const TensorView& out, const TensorView& lse,
-                      const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  core.forward = [attention](const TensorView& q, const TensorView& k, const TensorView& v,
+                             const TensorView& out,
+                             const TensorView& lse) { attention.forward(q, k, v, out, lse); };
+  core.backward = [attention](const TensorView& dout, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const TensorView& out, const TensorView& lse,
+                              const TensorView& dq, const TensorView& dk, const TensorView& dv) {
     attention.backward(dout, q, k, v, out, lse, dq, dk, dv);
   };
   core.bf16_products = host_bf16_products(options);
-  return detail::MultiheadLayer(config, detail::LayerShape::of(config), std::move(core), {},
-                                options.num_threads, options.cuda_stream);
+  return std::make_shared<const detail::MultiheadLayer>(config, detail::LayerShape::of(config),
+                                                        std::move(core), detail::HeadGroup{},
+                                                        options.num_threads, options.cuda_stream);
 }
 
 }  // namespace
@@ -125,7 +129,8 @@ MultiheadDilatedAttention::MultiheadDilatedAttention(MultiheadConfig config,
                                                      MultiheadWeights weights, ExecOptions options)
     : config_((config.validate(), std::move(config))),
       options_(options),
-      attention_(config_.attention, options) {
+      attention_(config_.attention, options),
+      layer_(make_layer(config_, attention_, options_)) {
   set_weights(std::move(weights));
 }
 
@@ -146,9 +151,8 @@ void MultiheadDilatedAttention::forward(const TensorView& query, const TensorVie
     const detail::ForwardCall call = detail::forward_call(config_.embed_dim, query, key, value, y);
     MultiheadSaved local;
     MultiheadSaved& s = saved ? *saved : local;
-    const detail::MultiheadLayer layer = make_layer(config_, attention_, options_);
-    layer.prepare(call.in, s);
-    layer.forward(weights_, call.in, call.y, s);
+    layer_->prepare(call.in, s);
+    layer_->forward(weights_, call.in, call.y, s);
     call.finish();
   });
 }
@@ -167,8 +171,7 @@ void MultiheadDilatedAttention::backward(const TensorView& query, const TensorVi
   guarded("MultiheadDilatedAttention::backward", [&] {
     const detail::BackwardCall call =
         detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
-    make_layer(config_, attention_, options_)
-        .backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+    layer_->backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
     call.finish();
   });
 }

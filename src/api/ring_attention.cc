@@ -10,6 +10,7 @@
 #include "src/backend/backend.h"
 #include "src/base/agreement.h"
 #include "src/base/check.h"
+#include "src/plan/plan_cache.h"
 #include "src/plan/problem.h"
 #include "src/plan/ring_plan.h"
 #include "src/ring/ring_run.h"
@@ -38,7 +39,10 @@ constexpr const char* kWhat = "the configuration, shapes and device of RingDilat
 
 RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& comm,
                                            ExecOptions options)
-    : config_(std::move(config)), comm_(comm), options_(options) {
+    : config_(std::move(config)),
+      comm_(comm),
+      options_(options),
+      plans_(std::make_shared<detail::PlanCache<RingPlan>>()) {
   check_on_all_ranks(comm_, [&] {
     config_.validate();
     options_.validate();
@@ -61,11 +65,11 @@ void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, con
     });
     check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p, backend->device()));
     // Plans and allocates on every rank before anything moves (a failure fails every rank).
-    RingPlan plan;
+    std::shared_ptr<const RingPlan> plan;
     std::unique_ptr<RingRun> run;
     check_on_all_ranks(comm_, [&] {
-      plan = plan_ring(p, rank, world);
-      run = backend->ring_forward(p, plan, options_);
+      plan = plans_->get(p, rank, world, [&] { return plan_ring(p, rank, world); });
+      run = backend->ring_forward(p, *plan, options_);
     });
     run_ring(comm_, *run, "the ring", stats_, t_start);
   });
@@ -92,11 +96,11 @@ void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
     // again for the lse in double first.
     int64_t precise = backend->needs_precise_lse(bp.fwd) ? 1 : 0;
     comm_.allreduce_max(&precise, 1);
-    RingPlan plan;
+    std::shared_ptr<const RingPlan> plan;
     std::unique_ptr<RingRun> run;
     check_on_all_ranks(comm_, [&] {
-      plan = plan_ring(bp.fwd, rank, world);
-      run = backend->ring_backward(bp, plan, options_, precise != 0);
+      plan = plans_->get(bp.fwd, rank, world, [&] { return plan_ring(bp.fwd, rank, world); });
+      run = backend->ring_backward(bp, *plan, options_, precise != 0);
     });
     run_ring(comm_, *run, "the ring", stats_, t_start);
   });

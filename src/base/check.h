@@ -23,6 +23,12 @@ void require(bool ok, Parts&&... parts) {
   if (!ok) fail(ErrorCode::kInvalidArgument, std::forward<Parts>(parts)...);
 }
 
+// A limit of a backend, not a wrong argument: Error(kUnsupported).
+template <typename... Parts>
+void require_supported(bool ok, Parts&&... parts) {
+  if (!ok) fail(ErrorCode::kUnsupported, std::forward<Parts>(parts)...);
+}
+
 // The Error an exception becomes at the library's surface: a ringattn::Error as it is,
 // std::bad_alloc as kOutOfMemory, any other exception as kInternal. `context` names the call.
 Error as_error(const std::exception_ptr& error, const char* context);

@@ -338,17 +338,25 @@ class ParamBuffers {
 }  // namespace
 
 const LayerBackend& MultiheadLayer::backend(Device device) const {
-  if (backend_ && backend_->device() == device) return *backend_;
   if (device == Device::kCUDA && (group_.sum || group_.sum_norm_stats)) {
     fail(ErrorCode::kUnsupported,
          "head parallelism on CUDA tensors is not available (the head group's sums move host "
          "memory); pass host tensors");
   }
-  ExecOptions options;
-  options.num_threads = threads_;
-  options.cuda_stream = cuda_stream_;
-  backend_ = backend_of_device(device, "the inputs live on a CUDA device").layer_backend(options);
-  return *backend_;
+  const std::lock_guard<std::mutex> lock(backends_mutex_);
+  std::unique_ptr<LayerBackend>& made = backends_[device == Device::kCUDA ? 1 : 0];
+  if (!made) {
+    ExecOptions options;
+    options.num_threads = threads_;
+    options.cuda_stream = cuda_stream_;
+    made = backend_of_device(device, "the inputs live on a CUDA device").layer_backend(options);
+  }
+  return *made;
+}
+
+std::unique_lock<std::mutex> MultiheadLayer::device_call(Device device) const {
+  return device == Device::kCUDA ? std::unique_lock<std::mutex>(cuda_calls_)
+                                 : std::unique_lock<std::mutex>();
 }
 
 MultiheadLayer::SavedBuffers MultiheadLayer::saved_buffers(const MultiheadSaved& s) const {
@@ -408,6 +416,7 @@ void MultiheadLayer::prepare(const LayerInputs& in, MultiheadSaved& s) const {
 
 void MultiheadLayer::forward(const MultiheadWeights& weights, const LayerInputs& in, float* y,
                              MultiheadSaved& s) const {
+  const std::unique_lock<std::mutex> serial = device_call(in.device);
   const LayerBackend& ops = backend(in.device);
   const ParamBuffers w(ops, param_specs(config_, shape_), weights, true);
   const SavedBuffers b = saved_buffers(s);
@@ -473,6 +482,7 @@ void MultiheadLayer::backward(const MultiheadWeights& weights, const LayerInputs
   const int64_t rows = in.batch * in.seq, e = shape_.embed, d = shape_.head_dim;
   const int64_t fq = shape_.q_features(), fk = shape_.kv_features();
   check_saved(in, saved);
+  const std::unique_lock<std::mutex> serial = device_call(in.device);
   const LayerBackend& ops = backend(in.device);
   const std::vector<ParamSpec> specs = param_specs(config_, shape_);
   for (const ParamSpec& p : every_param(config_, shape_)) (grads.*p.member).clear();

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "ringattn/multihead.h"
@@ -114,6 +115,9 @@ BackwardCall backward_call(int64_t embed, const TensorView& query, const TensorV
                            const TensorView& value, const TensorView& dy, const TensorView& dquery,
                            const TensorView& dkey, const TensorView& dvalue);
 
+// Made once per public layer object and shared by its copies: its backends are made on first
+// use, one per device; calls on CUDA inputs run one at a time (they share the backend's
+// cuBLAS handle and stream), calls on host inputs concurrently.
 class MultiheadLayer {
  public:
   // threads: the CPU backend's OpenMP threads; cuda_stream: the CUDA backend's stream (a
@@ -160,6 +164,8 @@ class MultiheadLayer {
   // The backend of `device`, made on first use. Throws Error(kUnsupported) for CUDA inputs
   // with a head group (the group's sums move host memory) or without the CUDA backend.
   const LayerBackend& backend(Device device) const;
+  // Held for the whole of a call on `device`: a lock of the CUDA calls, none for the host.
+  std::unique_lock<std::mutex> device_call(Device device) const;
 
   MultiheadConfig config_;
   LayerShape shape_;
@@ -167,7 +173,8 @@ class MultiheadLayer {
   HeadGroup group_;
   int threads_;
   void* cuda_stream_;
-  mutable std::unique_ptr<LayerBackend> backend_;
+  mutable std::mutex backends_mutex_, cuda_calls_;
+  mutable std::unique_ptr<LayerBackend> backends_[2];  // host, CUDA
 };
 
 }  // namespace ringattn::detail

@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "src/backend/cpu/bf16_kernels.h"
 #include "src/base/dtype.h"
@@ -477,6 +479,39 @@ TEST(Multihead, XavierInitialisation) {
   EXPECT_NEAR(std_of(a.wo), 0.5 * std::sqrt(2.0 / 128), 0.01);
   for (float b : a.bq) EXPECT_EQ(b, 0.0f);
   for (float g : a.out_norm_weight) EXPECT_EQ(g, 1.0f);
+}
+
+}  // namespace
+}  // namespace ringattn::test
+
+namespace ringattn::test {
+namespace {
+
+// The layer an object builds once is shared by its copies and owns what it uses: a copy
+// whose original is gone computes what the original did, on shapes that change call by call.
+TEST(Multihead, ACopyOutlivesItsOriginalAcrossShapes) {
+  const LayerCase c{2, 16, 32, 4, 2, {8, 16}, {1, 2}, Mode::kGroups, true};
+  const MultiheadWeights w = random_weights(c.config(), 3);
+  auto original = std::make_unique<MultiheadDilatedAttention>(c.config(), w);
+  const MultiheadDilatedAttention copy = *original;
+  const MultiheadDilatedAttention fresh(c.config(), w);
+  for (const int64_t n : {int64_t{16}, int64_t{32}, int64_t{16}}) {
+    const size_t size = static_cast<size_t>(c.B * n * c.E);
+    const std::vector<float> x = normal_vector(size, static_cast<uint32_t>(n));
+    std::vector<float> want(size), got(size);
+    const auto view = [&](const std::vector<float>& t) {
+      return TensorView::contiguous(const_cast<float*>(t.data()), DType::kF32, {c.B, n, c.E});
+    };
+    if (original) {
+      original->forward(view(x), view(want));
+      original.reset();  // the copy goes on alone
+    } else {
+      fresh.forward(view(x), view(want));
+    }
+    copy.forward(view(x), view(got));
+    EXPECT_EQ(got, want) << "N = " << n;
+    EXPECT_GT(std::count_if(got.begin(), got.end(), [](float v) { return v != 0.0f; }), 0);
+  }
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <random>
 
 #include "ringattn/ringattn.h"
@@ -120,6 +121,54 @@ TEST(ThreadWorld, NcclMatchingCompletesWholeGroupsInPostingOrder) {
     EXPECT_EQ(r.code, ErrorCode::kCommunication);
     EXPECT_NE(r.message.find("did not complete within the deadline"), std::string::npos)
         << r.message;
+  }
+}
+
+// One ring object per rank serves calls of several shapes, one after another (its plans
+// are kept per shape): every call matches one process on its whole sequence, the third
+// (the first's shape again) as well as the first.
+TEST(ThreadRing, OneObjectServesCallsOfSeveralShapes) {
+  const int P = 2;
+  const int64_t H = 2, D = 8;
+  const DilatedConfig cfg{{8, 32}, {1, 1}, Mode::kGroups, true, std::nullopt};
+  struct Shape {
+    int64_t B, n_loc;
+    Tensor q, k, v, out, lse, ring_out;
+    Shape(const DilatedConfig& c, int64_t b, int64_t n, std::mt19937& rng)
+        : B(b),
+          n_loc(n),
+          q(DType::kF32, {b, P * n, H, D}),
+          k(DType::kF32, {b, P * n, H, D}),
+          v(DType::kF32, {b, P * n, H, D}),
+          out(DType::kF32, {b, P * n, H, D}),
+          lse(DType::kF32, {b, H, P * n}),
+          ring_out(DType::kF32, {b, P * n, H, D}) {
+      for (Tensor* t : {&q, &k, &v}) t->fill_normal(rng);
+      DilatedAttention(c).forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    }
+  };
+  std::mt19937 rng(11);
+  std::vector<std::unique_ptr<Shape>> shapes;
+  shapes.push_back(std::make_unique<Shape>(cfg, 1, 16, rng));
+  shapes.push_back(std::make_unique<Shape>(cfg, 2, 32, rng));
+  shapes.push_back(std::make_unique<Shape>(cfg, 1, 16, rng));
+  const auto comms = make_thread_world(P, Matching::kMpi);
+  const std::vector<RankResult> results = run_ranks(comms, [&](Communicator& comm, int rank) {
+    ExecOptions opt;
+    opt.num_threads = 1;
+    RingDilatedAttention ring(cfg, comm, opt);
+    for (const std::unique_ptr<Shape>& s : shapes) {
+      const int64_t r0 = rank * s->n_loc, n = s->n_loc;
+      ring.forward(rows_of(s->q, r0, n), rows_of(s->k, r0, n), rows_of(s->v, r0, n),
+                   rows_of(s->ring_out, r0, n), std::nullopt);
+    }
+  });
+  for (int r = 0; r < P; ++r) ASSERT_TRUE(results[static_cast<size_t>(r)].ok) << results[r].message;
+  for (const std::unique_ptr<Shape>& s : shapes) {
+    const Stats st = compare_bnhd(s->ring_out, to_double(s->out));
+    EXPECT_EQ(st.missing, 0) << "B = " << s->B;
+    EXPECT_GT(st.nonzero, 0);
+    EXPECT_LE(st.max_abs_err, 2e-5 * std::max(1.0, st.max_ref)) << "B = " << s->B;
   }
 }
 

@@ -214,8 +214,9 @@ __global__ void __launch_bounds__(kThreads)
 void launch_add(const std::vector<CopyRun>& runs, const float* src, float* dst,
                 int64_t row_elements, cudaStream_t stream) {
   if (runs.empty()) return;
-  require(runs.size() <= 65535, "the GPU ring adds at most 65535 (batch, head) runs at once, ",
-          "but this call has ", runs.size(), "; split the batch");
+  require_supported(runs.size() <= 65535,
+                    "the GPU ring adds at most 65535 (batch, head) runs at once, ",
+                    "but this call has ", runs.size(), "; split the batch");
   const DeviceBuffer dev_runs = upload(runs, stream);
   add_copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
       dev_runs.as<CopyRun>(), src, dst, row_elements);
@@ -415,8 +416,9 @@ void BackwardShard::add_returned(const RingPlan& plan, int span, const float* gr
                         p.head_dim};
   const std::vector<PackRun> runs = pack_runs(p, plan, span, acc_st, acc_st);
   if (runs.empty()) return;
-  require(runs.size() <= 65535, "the GPU ring adds at most 65535 (stream, batch) runs per ",
-          "block, but this call has ", runs.size(), "; split the batch");
+  require_supported(runs.size() <= 65535,
+                    "the GPU ring adds at most 65535 (stream, batch) runs per ",
+                    "block, but this call has ", runs.size(), "; split the batch");
   const DeviceBuffer dev_runs = upload(runs, stream_);
   add_runs_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream_>>>(
       dev_runs.as<PackRun>(), grads, acc_k_.as<float>(), acc_v_.as<float>(), p.head_dim);

@@ -274,10 +274,11 @@ SparseArgs base_args(const Problem& p, int64_t bs) {
 // The grid of (row tiles of every block, heads, batch).
 dim3 sparse_grid(int64_t blocks, int64_t bs, int64_t tile_rows, int64_t heads, int64_t batch) {
   const int64_t x = blocks * ceil_div(bs, tile_rows);
-  require(x < (int64_t{1} << 31) && heads <= 65535 && batch <= 65535,
-          "the CUDA block-sparse kernels run at most 65535 heads and batch entries and 2^31 "
-          "tiles per call, but this call has H = ",
-          heads, ", B = ", batch, " and ", x, " tiles; split the batch or the heads");
+  require_supported(
+      x < (int64_t{1} << 31) && heads <= 65535 && batch <= 65535,
+      "the CUDA block-sparse kernels run at most 65535 heads and batch entries and 2^31 "
+      "tiles per call, but this call has H = ",
+      heads, ", B = ", batch, " and ", x, " tiles; split the batch or the heads");
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
 }
 

@@ -34,7 +34,7 @@ BlockCsr build_csr(const std::vector<BlockLayout>& layouts, const std::vector<si
     }
     for (size_t r = 0; r < lists.size(); ++r) {
       csr.ptr[l * rows + r] = static_cast<int>(csr.idx.size());
-      require(
+      require_supported(
           csr.idx.size() + lists[r].size() < static_cast<size_t>(std::numeric_limits<int>::max()),
           "the block patterns list more than 2^31 - 1 block pairs in all; use a larger "
           "block_size or fewer per-head patterns");

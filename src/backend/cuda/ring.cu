@@ -54,8 +54,9 @@ class DeviceKvStore final : public KvStore {
       own_.emplace_back(static_cast<size_t>(plan.block_elements(p, s, plan.rank)) * esize, stream);
       const std::vector<PackRun> runs = pack_runs(p, plan, s, p.k_st, p.v_st);
       if (runs.empty()) continue;
-      require(runs.size() <= 65535, "the GPU ring packs at most 65535 (stream, batch) runs per ",
-              "block, but this call has ", runs.size(), "; split the batch");
+      require_supported(runs.size() <= 65535,
+                        "the GPU ring packs at most 65535 (stream, batch) runs per ",
+                        "block, but this call has ", runs.size(), "; split the batch");
       const DeviceBuffer dev_runs = upload(runs, stream);
       pack_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
           dev_runs.as<PackRun>(), static_cast<const uint16_t*>(p.k),
@@ -415,8 +416,9 @@ class GpuBackwardShard final : public BackwardRingShard {
 void launch_copy(const std::vector<CopyRun>& runs, const void* src, void* dst, int64_t row_elements,
                  size_t element_bytes, cudaStream_t stream) {
   if (runs.empty()) return;
-  require(runs.size() <= 65535, "the GPU ring copies at most 65535 (batch, head) runs at once, ",
-          "but this call has ", runs.size(), "; split the batch");
+  require_supported(runs.size() <= 65535,
+                    "the GPU ring copies at most 65535 (batch, head) runs at once, ",
+                    "but this call has ", runs.size(), "; split the batch");
   const int64_t units = static_cast<int64_t>(element_bytes / 2);
   const DeviceBuffer dev_runs = upload(runs, stream);
   copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(

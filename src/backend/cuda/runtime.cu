@@ -46,9 +46,10 @@ void allow_shared_memory(const void* kernel, int64_t bytes, const char* what) {
 }
 
 dim3 task_grid(const TaskList& list, int64_t batch) {
-  require(list.tasks.size() <= 65535 && batch <= 65535, "the CUDA backend runs at most 65535 ",
-          "head-branch tasks and batch entries per call, but this call has ", list.tasks.size(),
-          " tasks and B = ", batch, "; split the batch or the heads");
+  require_supported(list.tasks.size() <= 65535 && batch <= 65535,
+                    "the CUDA backend runs at most 65535 ",
+                    "head-branch tasks and batch entries per call, but this call has ",
+                    list.tasks.size(), " tasks and B = ", batch, "; split the batch or the heads");
   return dim3(static_cast<unsigned>(list.max_tiles), static_cast<unsigned>(list.tasks.size()),
               static_cast<unsigned>(batch));
 }
