@@ -56,6 +56,15 @@ void Communicator::check_usable(const char* call) const {
   }
 }
 
+bool Communicator::wait_needed(const CommRequest& req) const {
+  if (req.complete()) return false;
+  check_usable("wait");
+  require(req.owner() == this,
+          "wait: the request belongs to another communicator; wait on it with the "
+          "communicator that made it");
+  return true;
+}
+
 void Communicator::mark_broken(const std::string& reason) noexcept {
   if (!broken()) {
     try {

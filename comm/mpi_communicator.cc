@@ -233,11 +233,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void wait(CommRequest& req) override {
-    if (req.complete()) return;
-    check_usable("wait");
-    require(req.owner() == this,
-            "wait: the request belongs to another communicator; wait on it with the "
-            "communicator that made it");
+    if (!wait_needed(req)) return;
     auto* t = static_cast<MpiTransfer*>(req.state());
     while (t->next < t->reqs.size()) {
       const size_t i = t->next;

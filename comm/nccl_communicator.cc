@@ -118,11 +118,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void wait(CommRequest& req) override {
-    if (req.complete()) return;
-    check_usable("wait");
-    require(req.owner() == this,
-            "wait: the request belongs to another communicator; wait on it with the "
-            "communicator that made it");
+    if (!wait_needed(req)) return;
     const std::shared_ptr<Batch> batch = static_cast<NcclTransfer*>(req.state())->batch;
     if (!batch->launched) flush();
     RA_CUDA_CHECK(cudaStreamWaitEvent(compute_, batch->done, 0));

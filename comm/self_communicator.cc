@@ -93,11 +93,7 @@ class SelfCommunicator final : public Communicator {
   }
 
   void wait(CommRequest& req) override {
-    if (req.complete()) return;
-    check_usable("wait");
-    require(req.owner() == this,
-            "wait: the request belongs to another communicator; wait on it with the "
-            "communicator that made it");
+    if (!wait_needed(req)) return;
     auto* recv = static_cast<PendingRecv*>(req.state());
     if (!recv->matched) {
       mark_broken("a receive had no matching send");

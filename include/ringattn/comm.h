@@ -159,6 +159,9 @@ class Communicator {
   void count_sent(size_t bytes) { bytes_sent_ += static_cast<int64_t>(bytes); }
   // Throws Error(kCommunication) if the communicator is broken (first thing of every call).
   void check_usable(const char* call) const;
+  // The start of wait(): false for a completed request (nothing to do); else checks that the
+  // communicator is usable and made `req` (Error otherwise) and returns true.
+  bool wait_needed(const CommRequest& req) const;
   // Breaks the communicator (keeps the first reason). Never throws.
   void mark_broken(const std::string& reason) noexcept;
   // Breaks it and throws Error(kCommunication): `what` (e.g. "wait: the irecv of 64 bytes

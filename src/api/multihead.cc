@@ -1,14 +1,15 @@
+// MultiheadDilatedAttention: the multihead layer with DilatedAttention as its core, built
+// once per object.
+
 #include "ringattn/multihead.h"
 
 #include <cmath>
-#include <iterator>
-#include <numbers>
+#include <memory>
 #include <utility>
 
-#include "src/backend/backend.h"
 #include "src/base/check.h"
+#include "src/layer/cores.h"
 #include "src/layer/multihead_layer.h"
-#include "src/plan/problem.h"
 
 namespace ringattn {
 
@@ -33,55 +34,6 @@ void MultiheadConfig::validate() const {
   attention.validate();
 }
 
-namespace {
-
-uint64_t mix(uint64_t z) {  // splitmix64's finaliser
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// A N(0, 1) sample that depends only on (seed, tensor, index): Box-Muller on a hash.
-float normal_sample(uint64_t seed, uint64_t tensor, uint64_t index) {
-  const uint64_t h = mix(mix(seed ^ mix(tensor)) + index);
-  const double u1 = static_cast<double>((h >> 40) + 1) * 0x1p-24;  // (0, 1]
-  const double u2 = static_cast<double>(h & 0xffffffu) * 0x1p-24;
-  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2));
-}
-
-}  // namespace
-
-MultiheadWeights MultiheadWeights::zeros(const MultiheadConfig& config) {
-  config.validate();
-  return detail::zero_weights(config, detail::LayerShape::of(config));
-}
-
-MultiheadWeights MultiheadWeights::xavier(const MultiheadConfig& config, uint64_t seed) {
-  MultiheadWeights w = zeros(config);
-  const int64_t e = config.embed_dim, fq = e, fk = config.kv_heads_or_all() * config.head_dim();
-  // torch.nn.init.xavier_normal_ on a [out, in] weight: std = gain sqrt(2 / (in + out)).
-  const struct {
-    std::vector<float>& weight;
-    int64_t out, in;
-    float gain;
-  } init[] = {{w.wq, fq, e, 1.0f},
-              {w.wk, fk, e, 1.0f},
-              {w.wv, fk, e, config.gamma_init},
-              {w.wo, e, fq, config.gamma_init}};
-  for (uint64_t t = 0; t < std::size(init); ++t) {
-    const auto& x = init[t];
-    const double std = x.gain * std::sqrt(2.0 / static_cast<double>(x.in + x.out));
-    for (size_t i = 0; i < x.weight.size(); ++i) {
-      x.weight[i] = static_cast<float>(std * normal_sample(seed, t, i));
-    }
-  }
-  for (std::vector<float>* ones : {&w.q_norm_weight, &w.k_norm_weight, &w.out_norm_weight}) {
-    ones->assign(ones->size(), 1.0f);
-  }
-  return w;
-}
-
 size_t MultiheadSaved::bytes() const {
   size_t n = 0;
   for (const std::vector<float>* buf :
@@ -93,30 +45,12 @@ size_t MultiheadSaved::bytes() const {
 
 namespace {
 
-// The layer of one object: its core holds copies of the attention and the options, so that
-// the layer outlives nothing it uses.
 std::shared_ptr<const detail::MultiheadLayer> make_layer(const MultiheadConfig& config,
                                                          const DilatedAttention& attention,
                                                          const ExecOptions& options) {
-  detail::AttentionCore core;
-  core.check = [attention, options](const TensorView& q, const TensorView& k, const TensorView& v,
-                                    const TensorView& out, const TensorView& lse) {
-    // DilatedAttention's rule: the tensors' device picks the backend.
-    const AttentionBackend& backend = select_backend(options.backend, q);
-    make_problem(attention.config(), q, k, v, out, lse, backend.max_head_dim(), backend.name());
-  };
-  core.forward = [attention](const TensorView& q, const TensorView& k, const TensorView& v,
-                             const TensorView& out,
-                             const TensorView& lse) { attention.forward(q, k, v, out, lse); };
-  core.backward = [attention](const TensorView& dout, const TensorView& q, const TensorView& k,
-                              const TensorView& v, const TensorView& out, const TensorView& lse,
-                              const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-    attention.backward(dout, q, k, v, out, lse, dq, dk, dv);
-  };
-  core.bf16_products = host_bf16_products(options);
-  return std::make_shared<const detail::MultiheadLayer>(config, detail::LayerShape::of(config),
-                                                        std::move(core), detail::HeadGroup{},
-                                                        options.num_threads, options.cuda_stream);
+  return std::make_shared<const detail::MultiheadLayer>(
+      config, detail::LayerShape::of(config), detail::dilated_core(attention, options),
+      detail::HeadGroup{}, options.num_threads, options.cuda_stream);
 }
 
 }  // namespace

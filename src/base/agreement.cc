@@ -221,4 +221,14 @@ void check_same_on_all_ranks(Communicator& comm, const std::string& what,
   check_same_on_all_ranks(comm, what, std::vector<AgreedField>{{std::string(), values}});
 }
 
+void check_on_grid(Communicator& seq, Communicator& head, const std::function<void()>& check) {
+  check_on_all_ranks(head, [&] { check_on_all_ranks(seq, check); });
+}
+
+void agree_on_grid(Communicator& seq, Communicator& head, const std::string& what,
+                   const std::vector<AgreedField>& fields) {
+  check_on_all_ranks(head, [&] { check_same_on_all_ranks(seq, what, fields); });
+  check_on_all_ranks(seq, [&] { check_same_on_all_ranks(head, what, fields); });
+}
+
 }  // namespace ringattn

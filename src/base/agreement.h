@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "ringattn/comm.h"
@@ -30,6 +32,18 @@ void run_or_abort(Communicator& comm, const char* context, Fn&& fn) {
     comm.abort(e.message());
     throw e;
   }
+}
+
+// The same over a grid of ranks (a rank is in one `seq` and one `head` communicator):
+// check_on_all_ranks failing on every rank of the grid (the seq agreement spreads an error
+// along the sequence, the head one across the heads); check_same_on_all_ranks over both;
+// run_or_abort breaking both communicators.
+void check_on_grid(Communicator& seq, Communicator& head, const std::function<void()>& check);
+void agree_on_grid(Communicator& seq, Communicator& head, const std::string& what,
+                   const std::vector<AgreedField>& fields);
+template <typename Fn>
+void run_on_grid(Communicator& seq, Communicator& head, const char* context, Fn&& fn) {
+  run_or_abort(head, context, [&] { run_or_abort(seq, context, std::forward<Fn>(fn)); });
 }
 
 namespace detail {

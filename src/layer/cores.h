@@ -1,0 +1,28 @@
+#pragma once
+// What the public layer classes put into a MultiheadLayer: the attention cores (one process,
+// or the ring over the sequence ranks) and the head group's sums; and the distributed
+// layer's configuration agreement and weight-gradient sum.
+
+#include "ringattn/distributed.h"
+#include "ringattn/multihead.h"
+#include "ringattn/ring_attention.h"
+#include "src/layer/multihead_layer.h"
+
+namespace ringattn::detail {
+
+// DilatedAttention on one process: the core holds copies of `attention` and `options`.
+AttentionCore dilated_core(const DilatedAttention& attention, const ExecOptions& options);
+// RingDilatedAttention over the sequence ranks `seq` (both must outlive the core).
+AttentionCore ring_core(RingDilatedAttention& ring, Communicator& seq, const ExecOptions& options);
+// The sums over the ranks of `head` (which must outlive the group); none for one rank.
+HeadGroup head_group(Communicator& head);
+
+// DistributedDilatedAttention's configuration, validated on every rank of the grid and
+// agreed by all of them (an Error on every rank otherwise).
+MultiheadConfig agreed_config(MultiheadConfig config, Communicator& seq, Communicator& head,
+                              const DistributedOptions& distributed, const ExecOptions& options);
+// Sums every weight gradient over `seq` (one allreduce, in param_specs order).
+void sum_weight_grads(const MultiheadConfig& config, const LayerShape& shape,
+                      MultiheadWeights& grads, Communicator& seq);
+
+}  // namespace ringattn::detail
