@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "src/base/check.h"
 #include "src/base/index_math.h"
 
 namespace ringattn::cuda {
@@ -157,19 +158,19 @@ TaskList answer_tasks(const Problem& p, const RingPlan& plan, int span, int aske
   });
 }
 
-std::vector<Task> merge_order(const Problem& p, const std::vector<TaskList>& lists,
-                              std::vector<int>& head_begin) {
-  std::vector<Task> order;
-  head_begin.assign(1, 0);
-  for (int64_t h = 0; h < p.heads; ++h) {
-    for (const TaskList& list : lists) {
-      for (const Task& t : list.tasks) {
-        if (list.heads[static_cast<size_t>(t.head_first)] == h) order.push_back(t);
-      }
+std::vector<int> head_begin(const Problem& p, const TaskList& list) {
+  std::vector<int> begin(static_cast<size_t>(p.heads) + 1, 0);
+  int64_t last = 0;
+  for (const Task& t : list.tasks) {
+    const int64_t h = list.heads[static_cast<size_t>(t.head_first)];
+    if (t.head_count != 1 || h < last) {
+      fail(ErrorCode::kInternal, "a forward task list is not in query-head order");
     }
-    head_begin.push_back(static_cast<int>(order.size()));
+    last = h;
+    ++begin[static_cast<size_t>(h) + 1];
   }
-  return order;
+  for (size_t h = 1; h < begin.size(); ++h) begin[h] += begin[h - 1];
+  return begin;
 }
 
 std::vector<PackRun> pack_runs(const Problem& p, const RingPlan& plan, int span,
@@ -256,6 +257,18 @@ TaskList answer_backward_tasks(const Problem& p, const RingPlan& plan, int span,
   });
 }
 
+std::vector<CopyRun> block_copies(const std::vector<PackRun>& runs, bool values, int64_t head_dim,
+                                  bool into_block) {
+  std::vector<CopyRun> copies;
+  for (const PackRun& r : runs) {
+    const int64_t local = values ? r.src_v : r.src_k, local_t = values ? r.src_v_t : r.src_k_t;
+    const int64_t block = values ? r.dst_v : r.dst_k;
+    copies.push_back(into_block ? CopyRun{local, local_t, block, head_dim, r.rows}
+                                : CopyRun{block, head_dim, local, local_t, r.rows});
+  }
+  return copies;
+}
+
 std::vector<CopyRun> half_runs(const Problem& p, const RingPlan& plan, const Strides3& st,
                                int64_t h0, int64_t h1, int64_t row_elements) {
   const int64_t rows = plan.half_rows(p), heads = h1 - h0;
@@ -297,14 +310,11 @@ namespace {
 // The K/V blocks of a ring (both directions): this rank's own and two inboxes at the size of
 // the largest it receives.
 int64_t block_bytes(const Problem& p, const RingPlan& plan) {
-  int64_t own = 0, most = 0;
+  int64_t own = 0;
   for (int s = 0; s < static_cast<int>(plan.spans.size()); ++s) {
     own += plan.block_elements(p, s, plan.rank);
   }
-  for (const RingStep& st : plan.steps) {
-    if (st.recv_from >= 0) most = std::max(most, plan.block_elements(p, st.span, st.recv_from));
-  }
-  return (own + 2 * most) * static_cast<int64_t>(dtype_size(p.dtype));
+  return (own + 2 * plan.most_received_elements(p)) * static_cast<int64_t>(dtype_size(p.dtype));
 }
 
 }  // namespace
@@ -370,12 +380,7 @@ GpuRingMemory gpu_ring_backward_memory(const Problem& p, const RingPlan& plan) {
   // dq, dk, dv and the row statistics (lse in log2 units, rowsum(dout * out)).
   m.accumulators =
       p.batch * p.shard_rows * ((p.heads + 2 * p.kv_heads) * p.head_dim + 2 * p.heads) * fp32;
-  int64_t sent = 0, returned = 0;
-  for (const RingStep& st : plan.steps) {
-    if (st.recv_from >= 0) sent = std::max(sent, plan.block_elements(p, st.span, st.recv_from));
-    if (st.send_to >= 0) returned = std::max(returned, plan.block_elements(p, st.span, plan.rank));
-  }
-  m.gradients = 2 * (sent + returned) * fp32;
+  m.gradients = 2 * (plan.most_received_elements(p) + plan.most_sent_elements(p)) * fp32;
   // The answered queries' row statistics; then q, dout, out and the fp32 lse of the halves,
   // and their dq (two slots out, one in).
   if (plan.answers()) m.partials = 2 * p.batch * plan.half_rows(p) * p.heads * fp32;

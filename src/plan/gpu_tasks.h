@@ -69,11 +69,10 @@ TaskList block_tasks(const Problem& p, const RingPlan& plan, int span, int sende
 TaskList answer_tasks(const Problem& p, const RingPlan& plan, int span, int asker,
                       int64_t tile_rows);
 
-// The merge order of the forward partials of several launches: every task of `lists`,
-// ordered by query head and, within a head, in list order (then task order). head_begin
-// gets [H + 1] entries: head h's tasks are head_begin[h] .. head_begin[h + 1].
-std::vector<Task> merge_order(const Problem& p, const std::vector<TaskList>& lists,
-                              std::vector<int>& head_begin);
+// Where each query head's tasks start in a forward list (one head per task, in head order,
+// as forward_tasks, block_tasks and answer_tasks make them): [H + 1] entries, head h's
+// tasks are [begin[h], begin[h + 1]), the order its partials are merged in.
+std::vector<int> head_begin(const Problem& p, const TaskList& list);
 
 // One run of rows copied into a packed block: K and V rows t = 0 .. rows of batch b from
 // the local views (element offsets src_k + t * src_k_t, src_v + t * src_v_t) to the block
@@ -114,6 +113,11 @@ TaskList answer_backward_tasks(const Problem& p, const RingPlan& plan, int span,
 struct CopyRun {
   int64_t src, src_t, dst, dst_t, rows;
 };
+// The K (values = false) or V half of pack runs as copies of `head_dim`-element rows: from
+// the local rows into the block (into_block), or from the block's rows back onto the local
+// rows (adding a block's returned gradients).
+std::vector<CopyRun> block_copies(const std::vector<PackRun>& runs, bool values, int64_t head_dim,
+                                  bool into_block);
 // The runs that pack the rows [split, end) of this rank's shard, heads [h0, h1), of a
 // [B, N_loc, heads, row] view with strides `st` into [B][rows][h1 - h0][row] (asker_problem's
 // layout, which the receiver places after h0 * row_elements of slack).

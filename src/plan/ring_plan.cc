@@ -137,6 +137,22 @@ int64_t RingPlan::most_answered_rows(const Problem& p) const {
   return most;
 }
 
+int64_t RingPlan::most_received_elements(const Problem& p) const {
+  int64_t most = 0;
+  for (const RingStep& st : steps) {
+    if (st.recv_from >= 0) most = std::max(most, block_elements(p, st.span, st.recv_from));
+  }
+  return most;
+}
+
+int64_t RingPlan::most_sent_elements(const Problem& p) const {
+  int64_t most = 0;
+  for (const RingStep& st : steps) {
+    if (st.send_to >= 0) most = std::max(most, block_elements(p, st.span, rank));
+  }
+  return most;
+}
+
 int64_t RingPlan::query_elements(const Problem& p, int s) const {
   const SpanningBranch& sb = spans[static_cast<size_t>(s)];
   return p.batch * half_rows(p) * (sb.head_end - sb.head_begin) * p.head_dim;

@@ -72,6 +72,10 @@ struct RingPlan {
   // The most (row, head) pairs of the balanced queries this rank answers in one step, plus
   // the head_begin slack of asker_problem's layout (times D: the elements of its inbox).
   int64_t most_answered_rows(const Problem& p) const;
+  // The most elements of a block this rank receives, and of one of its own that it sends
+  // (K and V together; 0 when it has none): the sizes of the rings' double buffers.
+  int64_t most_received_elements(const Problem& p) const;
+  int64_t most_sent_elements(const Problem& p) const;
 };
 
 // The problem of rank `asker`'s balanced queries of span sb, as its key owner computes them:

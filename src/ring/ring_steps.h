@@ -1,6 +1,6 @@
 #pragma once
-// What the rings read off their plans' steps: the K/V transfers (KvRing), the message tags
-// of a step, and the largest buffer a set of steps needs.
+// What the rings read off their plans' steps: the K/V transfers (KvRing) and the message
+// tags of a step.
 
 #include <algorithm>
 #include <cstdint>
@@ -53,16 +53,6 @@ inline std::vector<Transfer> block_transfers(const Problem& p, const BlockSparse
 
 inline Tags tags_of(const RingPlan& plan) {
   return {static_cast<int>(plan.spans.size() + 1) * plan.world};
-}
-
-// The largest `elements(step)` over the steps that `use(step)`.
-template <typename Use, typename Elements>
-int64_t most_over_steps(const RingPlan& plan, Use&& use, Elements&& elements) {
-  int64_t most = 0;
-  for (const RingStep& st : plan.steps) {
-    if (use(st)) most = std::max(most, elements(st));
-  }
-  return most;
 }
 
 }  // namespace ringattn

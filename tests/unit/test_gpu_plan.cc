@@ -146,6 +146,20 @@ Coord decode(int64_t off, int64_t n_loc, int64_t heads, int64_t D, int rank) {
   return {row / heads / n_loc, rank * n_loc + row / heads % n_loc, row % heads};
 }
 
+// The rows `runs` copy (the kernels' copy runs): block element offset -> the coordinates of
+// the local row on rank `rank` it comes from (into_block) or is added onto.
+std::map<int64_t, Coord> copied(const std::vector<cuda::CopyRun>& runs, bool into_block,
+                                int64_t n_loc, int64_t heads, int64_t D, int rank) {
+  std::map<int64_t, Coord> at;
+  for (const cuda::CopyRun& run : runs) {
+    for (int64_t t = 0; t < run.rows; ++t) {
+      const int64_t src = run.src + t * run.src_t, dst = run.dst + t * run.dst_t;
+      at[into_block ? dst : src] = decode(into_block ? src : dst, n_loc, heads, D, rank);
+    }
+  }
+  return at;
+}
+
 // (b, h, query row, key row, s, r, o): a pair of a head-branch entry.
 using Pairs =
     std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, int>;
@@ -268,20 +282,17 @@ TEST(GpuPlan, RingTasksComputeEveryPairOnce) {
         const cuda::TaskList& list = *launch.list;
         EXPECT_LE(list.part_rows, fp.partial_rows);
         std::vector<int> seen(static_cast<size_t>(list.part_rows), 0);
-        // Block element offset -> the sender's K (or V) coordinates, from its pack runs.
+        // Block element offset -> the sender's K (or V) coordinates, from its copy runs.
         std::map<int64_t, Coord> block_k, block_v, queries;
         if (launch.sender >= 0) {
           const Problem& sp = ring.ps[static_cast<size_t>(launch.sender)];
           const RingPlan& splan = ring.plans[static_cast<size_t>(launch.sender)];
-          for (const cuda::PackRun& run :
-               cuda::pack_runs(sp, splan, launch.span, sp.k_st, sp.v_st)) {
-            for (int64_t t = 0; t < run.rows; ++t) {
-              block_k[run.dst_k + t * D] =
-                  decode(run.src_k + t * run.src_k_t, n_loc, Hkv, D, launch.sender);
-              block_v[run.dst_v + t * D] =
-                  decode(run.src_v + t * run.src_v_t, n_loc, Hkv, D, launch.sender);
-            }
-          }
+          const std::vector<cuda::PackRun> packs =
+              cuda::pack_runs(sp, splan, launch.span, sp.k_st, sp.v_st);
+          block_k =
+              copied(cuda::block_copies(packs, false, D, true), true, n_loc, Hkv, D, launch.sender);
+          block_v =
+              copied(cuda::block_copies(packs, true, D, true), true, n_loc, Hkv, D, launch.sender);
         }
         if (launch.asker >= 0)
           queries = answered_queries(ring, launch.asker, launch.span, n_loc, H, D);
@@ -330,6 +341,16 @@ TEST(GpuPlan, RingTasksComputeEveryPairOnce) {
         }
         // Partial rows of one launch are distinct: its queries never overlap.
         EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](int x) { return x > 1; }), 0);
+        // The merge finds head h's tasks at [begin[h], begin[h + 1]).
+        const std::vector<int> begin = cuda::head_begin(p, list);
+        ASSERT_EQ(begin.size(), static_cast<size_t>(H + 1));
+        EXPECT_EQ(begin.back(), static_cast<int>(list.tasks.size()));
+        for (int64_t h = 0; h < H; ++h) {
+          for (int i = begin[h]; i < begin[h + 1]; ++i) {
+            const cuda::Task& t = list.tasks[static_cast<size_t>(i)];
+            EXPECT_EQ(list.heads[static_cast<size_t>(t.head_first)], h);
+          }
+        }
       }
     }
     expect_every_pair_once(ring.ps[0], causal, pairs);
@@ -447,19 +468,14 @@ TEST(GpuPlan, RingBackwardTasksComputeEveryPairOnce) {
             const std::vector<cuda::PackRun> adds =
                 cuda::pack_runs(sp, splan, launch.span, acc_st, acc_st);
             ASSERT_EQ(packs.size(), adds.size());
-            for (size_t i = 0; i < packs.size(); ++i) {
-              const cuda::PackRun &x = packs[i], &y = adds[i];
-              for (int64_t t = 0; t < x.rows; ++t) {
-                block_k[x.dst_k + t * D] =
-                    decode(x.src_k + t * x.src_k_t, n_loc, Hkv, D, launch.sender);
-                block_v[x.dst_v + t * D] =
-                    decode(x.src_v + t * x.src_v_t, n_loc, Hkv, D, launch.sender);
-                owner_k[y.dst_k + t * D] =
-                    decode(y.src_k + t * y.src_k_t, n_loc, Hkv, D, launch.sender);
-                owner_v[y.dst_v + t * D] =
-                    decode(y.src_v + t * y.src_v_t, n_loc, Hkv, D, launch.sender);
-              }
-            }
+            block_k = copied(cuda::block_copies(packs, false, D, true), true, n_loc, Hkv, D,
+                             launch.sender);
+            block_v = copied(cuda::block_copies(packs, true, D, true), true, n_loc, Hkv, D,
+                             launch.sender);
+            owner_k = copied(cuda::block_copies(adds, false, D, false), false, n_loc, Hkv, D,
+                             launch.sender);
+            owner_v = copied(cuda::block_copies(adds, true, D, false), false, n_loc, Hkv, D,
+                             launch.sender);
           }
           const cuda::TaskList& list = launch.list;
           std::set<std::tuple<int, int64_t>> written;  // (accumulator, element offset)

@@ -61,12 +61,7 @@ class HostKvStore final : public KvStore {
   HostKvStore(const Problem& p, const RingPlan& plan)
       : plan_(plan),
         own_(plan.spans.size()),
-        inboxes_(static_cast<size_t>(most_over_steps(
-                     plan, [](const RingStep& st) { return st.recv_from >= 0; },
-                     [&](const RingStep& st) {
-                       return plan.block_elements(p, st.span, st.recv_from);
-                     })) *
-                     dtype_size(p.dtype),
+        inboxes_(static_cast<size_t>(plan.most_received_elements(p)) * dtype_size(p.dtype),
                  "the ring's K/V receive buffers") {
     for (size_t s = 0; s < plan.spans.size(); ++s) {
       pack_block(p, plan, static_cast<int>(s), own_[s]);
@@ -254,12 +249,8 @@ class CpuBackwardShard final : public BackwardRingShard {
                     "the ring's balanced lse");
     }
     // Gradients of received blocks (sent back) and of this rank's (returned), fp32.
-    const int64_t most_sent = most_over_steps(
-        plan, [](const RingStep& st) { return st.recv_from >= 0; },
-        [&](const RingStep& st) { return plan.block_elements(p, st.span, st.recv_from); });
-    const int64_t most_returned = most_over_steps(
-        plan, [](const RingStep& st) { return st.send_to >= 0; },
-        [&](const RingStep& st) { return plan.block_elements(p, st.span, plan.rank); });
+    const int64_t most_sent = plan.most_received_elements(p);
+    const int64_t most_returned = plan.most_sent_elements(p);
     for (int i = 0; i < 2; ++i) {
       resize_buffer(grads_out_[i], static_cast<size_t>(most_sent), "the ring's fp32 K/V gradients");
       resize_buffer(grads_in_[i], static_cast<size_t>(most_returned),

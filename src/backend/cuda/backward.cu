@@ -186,20 +186,6 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs a) {
            nq, a.head_dim, dqs, L.lda, a.scale);
 }
 
-// Adds the returned gradients of run blockIdx.y of this rank's block (block layout) into
-// the dk and dv accumulators (the runs' sources; disjoint rows).
-__global__ void __launch_bounds__(kThreads)
-    add_runs_kernel(const PackRun* runs, const float* grads, float* acc_k, float* acc_v,
-                    int64_t head_dim) {
-  const PackRun run = runs[blockIdx.y];
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       idx < run.rows * head_dim; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t t = idx / head_dim, d = idx % head_dim;
-    acc_k[run.src_k + t * run.src_k_t + d] += grads[run.dst_k + t * head_dim + d];
-    acc_v[run.src_v + t * run.src_v_t + d] += grads[run.dst_v + t * head_dim + d];
-  }
-}
-
 // dst rows += src rows of run blockIdx.y (fp32; disjoint destination rows).
 __global__ void __launch_bounds__(kThreads)
     add_copy_kernel(const CopyRun* runs, const float* src, float* dst, int64_t row_elements) {
@@ -209,18 +195,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t t = idx / row_elements, d = idx % row_elements;
     dst[run.dst + t * run.dst_t + d] += src[run.src + t * run.src_t + d];
   }
-}
-
-void launch_add(const std::vector<CopyRun>& runs, const float* src, float* dst,
-                int64_t row_elements, cudaStream_t stream) {
-  if (runs.empty()) return;
-  require_supported(runs.size() <= 65535,
-                    "the GPU ring adds at most 65535 (batch, head) runs at once, ",
-                    "but this call has ", runs.size(), "; split the batch");
-  const DeviceBuffer dev_runs = upload(runs, stream);
-  add_copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
-      dev_runs.as<CopyRun>(), src, dst, row_elements);
-  RA_CUDA_CHECK_LAUNCH("add_copy_kernel");
 }
 
 // dst (strided [B, N, heads, D] view) = the contiguous fp32 accumulator src.
@@ -415,14 +389,19 @@ void BackwardShard::add_returned(const RingPlan& plan, int span, const float* gr
   const Strides3 acc_st{p.shard_rows * p.kv_heads * p.head_dim, p.kv_heads * p.head_dim,
                         p.head_dim};
   const std::vector<PackRun> runs = pack_runs(p, plan, span, acc_st, acc_st);
+  launch_add(block_copies(runs, false, p.head_dim, false), grads, acc_k_.as<float>(), p.head_dim,
+             stream_);
+  launch_add(block_copies(runs, true, p.head_dim, false), grads, acc_v_.as<float>(), p.head_dim,
+             stream_);
+}
+
+void launch_add(const std::vector<CopyRun>& runs, const float* src, float* dst,
+                int64_t row_elements, cudaStream_t stream) {
   if (runs.empty()) return;
-  require_supported(runs.size() <= 65535,
-                    "the GPU ring adds at most 65535 (stream, batch) runs per ",
-                    "block, but this call has ", runs.size(), "; split the batch");
-  const DeviceBuffer dev_runs = upload(runs, stream_);
-  add_runs_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream_>>>(
-      dev_runs.as<PackRun>(), grads, acc_k_.as<float>(), acc_v_.as<float>(), p.head_dim);
-  RA_CUDA_CHECK_LAUNCH("add_runs_kernel");
+  const dim3 grid = run_grid(runs.size(), "adds");
+  const DeviceBuffer dev_runs = upload(runs, stream);
+  add_copy_kernel<<<grid, kThreads, 0, stream>>>(dev_runs.as<CopyRun>(), src, dst, row_elements);
+  RA_CUDA_CHECK_LAUNCH("add_copy_kernel");
 }
 
 void BackwardShard::write_output(bool wait) {

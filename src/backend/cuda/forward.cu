@@ -189,13 +189,12 @@ struct LaunchMerge {
     require(m.in.size() <= 2, "a merge reads at most two row sets before its tasks");
     const int64_t rows = m.rows < 0 ? p.shard_rows : m.rows;
     const int64_t head_hi = m.head_hi < 0 ? p.heads : m.head_hi;
-    std::vector<int> head_begin;
-    std::vector<Task> order;
-    if (m.list != nullptr) order = merge_order(p, {*m.list}, head_begin);
-    const DeviceBuffer tasks = upload(order, stream);
-    const DeviceBuffer begin = upload(head_begin, stream);
+    const std::vector<Task> none;
+    const DeviceBuffer tasks = upload(m.list != nullptr ? m.list->tasks : none, stream);
+    const DeviceBuffer begin =
+        upload(m.list != nullptr ? head_begin(p, *m.list) : std::vector<int>{}, stream);
     MergeArgs ma{};
-    ma.tasks = m.list != nullptr ? tasks.as<Task>() : nullptr;
+    ma.tasks = tasks.as<Task>();  // null without tasks
     ma.head_begin = begin.as<int>();
     ma.part_o = m.part_o;
     ma.part_lse = m.part_lse;

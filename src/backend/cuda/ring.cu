@@ -15,23 +15,6 @@ namespace ringattn::cuda {
 
 namespace {
 
-// Copies the rows of run blockIdx.y into the packed block, in 2-byte units (every dtype's
-// row is a whole number of them).
-__global__ void __launch_bounds__(kThreads)
-    pack_kernel(const PackRun* runs, const uint16_t* k, const uint16_t* v, uint16_t* block,
-                int64_t units_per_elem, int64_t head_dim) {
-  const PackRun run = runs[blockIdx.y];
-  const int64_t row_units = head_dim * units_per_elem;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       idx < run.rows * row_units; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t t = idx / row_units, u = idx % row_units;
-    block[(run.dst_k + t * head_dim) * units_per_elem + u] =
-        k[(run.src_k + t * run.src_k_t) * units_per_elem + u];
-    block[(run.dst_v + t * head_dim) * units_per_elem + u] =
-        v[(run.src_v + t * run.src_v_t) * units_per_elem + u];
-  }
-}
-
 // Copies the rows of run blockIdx.y (CopyRun, in `units` 2-byte units per element).
 __global__ void __launch_bounds__(kThreads)
     copy_kernel(const CopyRun* runs, const uint16_t* src, uint16_t* dst, int64_t row_units,
@@ -53,25 +36,13 @@ class DeviceKvStore final : public KvStore {
     for (int s = 0; s < static_cast<int>(plan.spans.size()); ++s) {
       own_.emplace_back(static_cast<size_t>(plan.block_elements(p, s, plan.rank)) * esize, stream);
       const std::vector<PackRun> runs = pack_runs(p, plan, s, p.k_st, p.v_st);
-      if (runs.empty()) continue;
-      require_supported(runs.size() <= 65535,
-                        "the GPU ring packs at most 65535 (stream, batch) runs per ",
-                        "block, but this call has ", runs.size(), "; split the batch");
-      const DeviceBuffer dev_runs = upload(runs, stream);
-      pack_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
-          dev_runs.as<PackRun>(), static_cast<const uint16_t*>(p.k),
-          static_cast<const uint16_t*>(p.v), own_.back().as<uint16_t>(),
-          static_cast<int64_t>(esize / 2), p.head_dim);
-      RA_CUDA_CHECK_LAUNCH("pack_kernel");
+      launch_copy(block_copies(runs, false, p.head_dim, true), p.k, own_.back().as<void>(),
+                  p.head_dim, esize, stream);
+      launch_copy(block_copies(runs, true, p.head_dim, true), p.v, own_.back().as<void>(),
+                  p.head_dim, esize, stream);
     }
     // Both inboxes at the size of the largest block this rank receives.
-    size_t most = 0;
-    for (const RingStep& st : plan.steps) {
-      if (st.recv_from >= 0) {
-        most = std::max(most,
-                        static_cast<size_t>(plan.block_elements(p, st.span, st.recv_from)) * esize);
-      }
-    }
+    const size_t most = static_cast<size_t>(plan.most_received_elements(p)) * esize;
     for (int slot = 0; slot < 2; ++slot) {
       inbox_[slot] = std::make_unique<DeviceBuffer>(most, stream);
       RA_CUDA_CHECK(cudaEventCreateWithFlags(&read_[slot], cudaEventDisableTiming));
@@ -287,8 +258,12 @@ class GpuBackwardShard final : public BackwardRingShard {
         store_(bp.fwd, plan, stream),
         shard_(bp, stream),
         bal_(gpu_balance_bytes(bp.fwd, plan, sizeof(float), gpu_dq_bytes(bp.fwd, plan))),
-        sent_(buffers({grad_bytes(true), grad_bytes(true)}, stream)),
-        returned_(buffers({grad_bytes(false), grad_bytes(false)}, stream)),
+        sent_(buffers({fp32_bytes(plan.most_received_elements(p_)),
+                       fp32_bytes(plan.most_received_elements(p_))},
+                      stream)),
+        returned_(buffers(
+            {fp32_bytes(plan.most_sent_elements(p_)), fp32_bytes(plan.most_sent_elements(p_))},
+            stream)),
         stats_(plan.answers() ? 2 * static_cast<size_t>(p_.batch * plan.half_rows(p_) * p_.heads) *
                                     sizeof(float)
                               : 0,
@@ -384,16 +359,8 @@ class GpuBackwardShard final : public BackwardRingShard {
   size_t block_grad_bytes(const RingStep& st, int owner) const {
     return static_cast<size_t>(plan_.block_elements(p_, st.span, owner)) * sizeof(float);
   }
-  // The largest gradients of a received block (sent back) or of this rank's (returned).
-  int64_t grad_bytes(bool sent) const {
-    int64_t most = 0;
-    for (const RingStep& st : plan_.steps) {
-      const int owner = sent ? st.recv_from : plan_.rank;
-      if ((sent ? st.recv_from : st.send_to) >= 0) {
-        most = std::max(most, plan_.block_elements(p_, st.span, owner));
-      }
-    }
-    return most * static_cast<int64_t>(sizeof(float));
+  static int64_t fp32_bytes(int64_t elements) {
+    return elements * static_cast<int64_t>(sizeof(float));
   }
 
   const BackwardProblem& bp_;
@@ -416,12 +383,10 @@ class GpuBackwardShard final : public BackwardRingShard {
 void launch_copy(const std::vector<CopyRun>& runs, const void* src, void* dst, int64_t row_elements,
                  size_t element_bytes, cudaStream_t stream) {
   if (runs.empty()) return;
-  require_supported(runs.size() <= 65535,
-                    "the GPU ring copies at most 65535 (batch, head) runs at once, ",
-                    "but this call has ", runs.size(), "; split the batch");
+  const dim3 grid = run_grid(runs.size(), "copies");
   const int64_t units = static_cast<int64_t>(element_bytes / 2);
   const DeviceBuffer dev_runs = upload(runs, stream);
-  copy_kernel<<<dim3(64, static_cast<unsigned>(runs.size())), kThreads, 0, stream>>>(
+  copy_kernel<<<grid, kThreads, 0, stream>>>(
       dev_runs.as<CopyRun>(), static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst),
       row_elements * units, units);
   RA_CUDA_CHECK_LAUNCH("copy_kernel");

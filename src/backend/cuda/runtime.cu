@@ -45,6 +45,12 @@ void allow_shared_memory(const void* kernel, int64_t bytes, const char* what) {
                                      static_cast<int>(bytes)));
 }
 
+dim3 run_grid(size_t runs, const char* what) {
+  require_supported(runs <= 65535, "the GPU ring ", what, " at most 65535 runs at once, but this ",
+                    "call has ", runs, "; split the batch");
+  return dim3(64, static_cast<unsigned>(runs));
+}
+
 dim3 task_grid(const TaskList& list, int64_t batch) {
   require_supported(list.tasks.size() <= 65535 && batch <= 65535,
                     "the CUDA backend runs at most 65535 ",

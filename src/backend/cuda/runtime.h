@@ -122,10 +122,16 @@ void launch_forward(const Problem& p, const TaskList& list, const void* k, const
                     float* part_o, float* part_lse, cudaStream_t stream);
 // Launches a merge (MergeSpec).
 void launch_merge(const Problem& p, const MergeSpec& merge, cudaStream_t stream);
+// The grid of a kernel over runs (blockIdx.y: the run), or Error(kUnsupported) for more
+// runs than a grid holds; `what` names the work ("copies") in the message.
+dim3 run_grid(size_t runs, const char* what);
 // Launches the copy of `runs` (CopyRun, in elements of `element_bytes`, an even number;
 // rows of `row_elements` contiguous elements) from src to dst.
 void launch_copy(const std::vector<CopyRun>& runs, const void* src, void* dst, int64_t row_elements,
                  size_t element_bytes, cudaStream_t stream);
+// Launches dst rows += src rows of `runs` (fp32; the destination rows disjoint).
+void launch_add(const std::vector<CopyRun>& runs, const float* src, float* dst,
+                int64_t row_elements, cudaStream_t stream);
 
 // The backward of one shard (backward.cu), shared by the single-GPU backward and the GPU
 // ring: fp32 accumulators of dq, dk, dv over the local rows, filled by passes launched in
