@@ -1,5 +1,7 @@
 #include "bench/dilated_bench.h"
 
+#include <utility>
+
 #include "bench/tensors.h"
 #ifdef RINGATTN_HAVE_CUDA
 #include "bench/cuda_bench.h"
@@ -22,47 +24,49 @@ DilatedConfig DilatedShape::config() const {
   return c;
 }
 
+namespace {
+
+// The presets: DilatedShape's defaults (8 heads of 64, groups) with these fields.
+const std::vector<DilatedShape>& presets() {
+  const auto shape = [](const char* name, int64_t batch, int64_t seq, std::vector<int64_t> segments,
+                        std::vector<int64_t> dilations, bool causal) {
+    DilatedShape s;
+    s.name = name;
+    s.batch = batch;
+    s.seq = seq;
+    s.segments = std::move(segments);
+    s.dilations = std::move(dilations);
+    s.causal = causal;
+    return s;
+  };
+  static const std::vector<DilatedShape> table = {
+      shape("small", 1, 2048, {1024, 2048}, {1, 2}, true),
+      shape("medium", 2, 4096, {1024, 2048, 4096}, {1, 2, 4}, true),
+      shape("large", 4, 8192, {2048, 4096, 8192}, {1, 2, 4}, true),
+      shape("dense", 1, 8192, {2048}, {1}, false),
+      shape("dense-ring", 1, 16384, {16384}, {1}, true),
+      shape("1m", 1, 1048576, {2048, 8192, 32768, 131072}, {1, 2, 4, 8}, true),
+      shape("sparse", 1, 16384, {16384}, {1}, false)};
+  return table;
+}
+
+}  // namespace
+
 const std::vector<std::string>& preset_names() {
-  static const std::vector<std::string> names = {"small",      "medium", "large", "dense",
-                                                 "dense-ring", "1m",     "sparse"};
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const DilatedShape& p : presets()) v.push_back(p.name);
+    return v;
+  }();
   return names;
 }
 
 DilatedShape preset(const std::string& name) {
-  DilatedShape s;
-  s.name = name;
-  if (name == "medium") {
-    s.batch = 2;
-    s.seq = 4096;
-    s.segments = {1024, 2048, 4096};
-    s.dilations = {1, 2, 4};
-  } else if (name == "large") {
-    s.batch = 4;
-    s.seq = 8192;
-    s.segments = {2048, 4096, 8192};
-    s.dilations = {1, 2, 4};
-  } else if (name == "dense") {
-    s.seq = 8192;
-    s.segments = {2048};
-    s.dilations = {1};
-    s.causal = false;
-  } else if (name == "dense-ring") {
-    s.seq = 16384;
-    s.segments = {16384};
-    s.dilations = {1};
-  } else if (name == "sparse") {
-    s.seq = 16384;
-    s.segments = {16384};
-    s.dilations = {1};
-    s.causal = false;
-  } else if (name == "1m") {
-    s.seq = 1048576;
-    s.segments = {2048, 8192, 32768, 131072};
-    s.dilations = {1, 2, 4, 8};
-  } else if (name != "small" && name != "custom") {
-    throw Error(ErrorCode::kInvalidArgument, "unknown configuration \"" + name + "\"");
+  if (name == "custom") return DilatedShape{};
+  for (const DilatedShape& p : presets()) {
+    if (name == p.name) return p;
   }
-  return s;
+  throw Error(ErrorCode::kInvalidArgument, "unknown configuration \"" + name + "\"");
 }
 
 double forward_flops(const DilatedShape& s) {

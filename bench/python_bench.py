@@ -113,9 +113,10 @@ def measure_pairs(row, pairs, threads):
     def package():
         ringattn.dilated_attn_func(q, k, v, segments, rates, causal=True)
 
+    spec = ringattn._C.DilatedSpec(segments, rates, "groups", True, None)
+
     def direct():
-        ringattn._C.dilated_forward(q, k, v, out, lse, segments, rates, "groups", True, None,
-                                    None, "cpu", threads, 0)
+        ringattn._C.forward(q, k, v, out, lse, spec, None, "cpu", threads, 0)
 
     sides = {"python": package, "c_direct": direct}
     record = {name: {"ms": [], "faults": []} for name in sides}

@@ -119,4 +119,18 @@ void Communicator::check_transfer_args(const char* call, const void* buf, size_t
           "; pass a buffer of at least that many bytes");
 }
 
+void Communicator::check_allgather_args(const void* send, const void* recv,
+                                        size_t bytes_per_rank) const {
+  require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
+          "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
+          "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
+}
+
+void Communicator::check_broadcast_args(const void* buf, size_t bytes, int root) const {
+  require(root >= 0 && root < size(), "broadcast: root = ", root, " is outside [0, ", size(),
+          "); pass a rank of this communicator");
+  require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
+          "; pass a buffer of at least that many bytes");
+}
+
 }  // namespace ringattn

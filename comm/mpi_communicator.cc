@@ -284,9 +284,7 @@ class MpiCommunicator final : public Communicator {
     require(bytes_per_rank <= static_cast<size_t>(INT_MAX),
             "allgather: bytes_per_rank = ", bytes_per_rank,
             " is above INT_MAX; gather small arrays only");
-    require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
-            "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
-            "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
+    check_allgather_args(send, recv, bytes_per_rank);
     const size_t total = bytes_per_rank * static_cast<size_t>(size_);
     // MPI writes staged buffers, never the caller's: a collective that times out stays in
     // flight, and its buffers are left to MPI.
@@ -305,10 +303,7 @@ class MpiCommunicator final : public Communicator {
 
   void broadcast(void* buf, size_t bytes, int root) override {
     check_usable("broadcast");
-    require(root >= 0 && root < size_, "broadcast: root = ", root, " is outside [0, ", size_,
-            "); pass a rank of this communicator");
-    require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
-            "; pass a buffer of at least that many bytes");
+    check_broadcast_args(buf, bytes, root);
     auto* p = static_cast<char*>(buf);
     for (size_t off = 0; off < bytes; off += max_piece_) {
       const size_t n = std::min(max_piece_, bytes - off);

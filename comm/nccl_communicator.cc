@@ -137,9 +137,7 @@ class NcclCommunicator final : public Communicator {
   // event says the collective is done (within the deadline).
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
     check_usable("allgather");
-    require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
-            "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
-            "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
+    check_allgather_args(send, recv, bytes_per_rank);
     flush();
     const size_t total = bytes_per_rank * static_cast<size_t>(size_);
     const Scratch dsend(bytes_per_rank), drecv(total);
@@ -152,10 +150,7 @@ class NcclCommunicator final : public Communicator {
 
   void broadcast(void* buf, size_t bytes, int root) override {
     check_usable("broadcast");
-    require(root >= 0 && root < size_, "broadcast: root = ", root, " is outside [0, ", size_,
-            "); pass a rank of this communicator");
-    require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
-            "; pass a buffer of at least that many bytes");
+    check_broadcast_args(buf, bytes, root);
     flush();
     const Scratch d(bytes);
     if (rank_ == root) copy_in(d.get(), buf, bytes);

@@ -113,18 +113,13 @@ class SelfCommunicator final : public Communicator {
 
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
     check_usable("allgather");
-    require((send != nullptr && recv != nullptr) || bytes_per_rank == 0,
-            "allgather: send or recv is null with bytes_per_rank = ", bytes_per_rank,
-            "; pass buffers of bytes_per_rank and size() * bytes_per_rank bytes");
+    check_allgather_args(send, recv, bytes_per_rank);
     if (bytes_per_rank > 0 && send != recv) std::memmove(recv, send, bytes_per_rank);
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
     check_usable("broadcast");
-    require(root == 0, "broadcast: root = ", root,
-            " is outside [0, 1); pass a rank of this communicator");
-    require(buf != nullptr || bytes == 0, "broadcast: buf is null but bytes = ", bytes,
-            "; pass a buffer of at least that many bytes");
+    check_broadcast_args(buf, bytes, root);
   }
 
   void barrier() override { check_usable("barrier"); }

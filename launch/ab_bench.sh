@@ -12,30 +12,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-}
+source launch/options.sh
 
-[ $# -ge 2 ] || { usage >&2; exit 2; }
+[ $# -ge 2 ] || usage_error "give two ringattn_bench executables"
 a=$1 b=$2
 shift 2
 repeat=3 threads=2
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --repeat) repeat=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    --threads) threads=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    -h | --help) usage; exit 0 ;;
-    *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
-  esac
-done
+parse_options "--repeat:repeat --threads:threads" "the options are --repeat and --threads" "$@"
 for bin in "$a" "$b"; do
-  [ -x "$bin" ] || { echo "error: $bin is not an executable ringattn_bench" >&2; exit 2; }
+  [ -x "$bin" ] || usage_error "$bin is not an executable ringattn_bench"
 done
-if ! [[ "$threads" =~ ^[1-9][0-9]*$ && "$repeat" =~ ^[1-9][0-9]*$ ]]; then
-  echo "error: --threads and --repeat take positive integers" >&2
-  exit 2
-fi
-command -v jq >/dev/null || { echo "error: ab_bench.sh needs jq (apt-get install jq)" >&2; exit 2; }
+require_positive --threads "$threads" --repeat "$repeat"
+require_jq
 
 rows=(
   "dilated-small|--impl dilated --config small"

@@ -17,42 +17,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-}
+source launch/options.sh
 
 np="" threads=1 bind=core
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -np | -n) np=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    -t | --threads) threads=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    --bind) bind=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) echo "error: unknown option $1 (the command goes after --)" >&2; usage >&2; exit 2 ;;
-  esac
-done
-if ! [[ "$np" =~ ^[1-9][0-9]*$ && "$threads" =~ ^[1-9][0-9]*$ ]]; then
-  echo "error: -np and -t take positive integers (got -np '$np', -t '$threads')" >&2
-  exit 2
-fi
+parse_options "-np:np -n:np -t:threads --threads:threads --bind:bind" \
+  "the command goes after --" "$@"
+require_positive -np "$np" -t "$threads"
 if [ "$bind" != core ] && [ "$bind" != none ]; then
-  echo "error: --bind takes core or none, not '$bind'" >&2
-  exit 2
+  usage_error "--bind takes core or none, not '$bind'"
 fi
-if [ $# -eq 0 ]; then
-  echo "error: no command after --" >&2
-  usage >&2
-  exit 2
-fi
+[ ${#rest[@]} -gt 0 ] || usage_error "no command after --"
 
-command=("$@")
+command=("${rest[@]}")
 if [ "${command[0]}" = ringattn_bench ]; then
-  build_dir=${BUILD_DIR:-build}
-  if [ "${RINGATTN_NO_BUILD:-0}" != 1 ]; then
-    BUILD_DIR=$build_dir bash launch/build.sh >/dev/null
-  fi
-  command[0]=$build_dir/bench/ringattn_bench
+  build_unless_told
+  command[0]=${BUILD_DIR:-build}/bench/ringattn_bench
 fi
 
 cores=$(nproc)

@@ -17,30 +17,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-}
+source launch/options.sh
 
 config=large ranks=2 repeat=1
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --config) config=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    -P) ranks=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    --repeat) repeat=${2:-}; shift 2 || { usage >&2; exit 2; } ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) echo "error: unknown option $1 (ringattn_bench flags go after --)" >&2; usage >&2; exit 2 ;;
-  esac
-done
-if ! [[ "$ranks" =~ ^[1-9][0-9]*$ && "$repeat" =~ ^[1-9][0-9]*$ ]]; then
-  echo "error: -P and --repeat take positive integers (got -P '$ranks', --repeat '$repeat')" >&2
-  exit 2
-fi
-command -v jq >/dev/null || { echo "error: ring_efficiency.sh needs jq (apt-get install jq)" >&2; exit 2; }
+parse_options "--config:config -P:ranks --repeat:repeat" "ringattn_bench flags go after --" "$@"
+set -- "${rest[@]}"
+require_positive -P "$ranks" --repeat "$repeat"
+require_jq
 
-if [ "${RINGATTN_NO_BUILD:-0}" != 1 ]; then
-  BUILD_DIR=${BUILD_DIR:-build} bash launch/build.sh >/dev/null
-fi
+build_unless_told
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 

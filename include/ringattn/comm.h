@@ -156,6 +156,9 @@ class Communicator {
   // message) and throws Error(kInvalidArgument) naming the bad one.
   void check_transfer_args(const char* call, const void* buf, size_t bytes, int peer,
                            int tag) const;
+  // The same for the collectives: allgather's buffers, broadcast's buffer and root.
+  void check_allgather_args(const void* send, const void* recv, size_t bytes_per_rank) const;
+  void check_broadcast_args(const void* buf, size_t bytes, int root) const;
   void count_sent(size_t bytes) { bytes_sent_ += static_cast<int64_t>(bytes); }
   // Throws Error(kCommunication) if the communicator is broken (first thing of every call).
   void check_usable(const char* call) const;

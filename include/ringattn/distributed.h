@@ -20,6 +20,7 @@
 // rank of seq_comm then holds the gradient of the whole sequence).
 
 #include <cstdint>
+#include <memory>
 
 #include "ringattn/comm.h"
 #include "ringattn/multihead.h"
@@ -77,9 +78,14 @@ class DistributedDilatedAttention {
   void set_weights(MultiheadWeights weights);
   const MultiheadConfig& config() const { return config_; }
   // Statistics of the attention ring in the last forward or backward.
-  const RingStats& ring_stats() const { return ring_.last_stats(); }
+  const RingStats& ring_stats() const { return ring_->last_stats(); }
 
  private:
+  // Everything but the weights (the public constructors add them).
+  struct Unweighted {};
+  DistributedDilatedAttention(Unweighted, MultiheadConfig config, Communicator& seq_comm,
+                              Communicator& head_comm, DistributedOptions distributed,
+                              ExecOptions options);
   void run_forward(const TensorView& query, const TensorView& key, const TensorView& value,
                    const TensorView& y, MultiheadSaved* saved);
   void run_backward(const TensorView& query, const TensorView& key, const TensorView& value,
@@ -93,7 +99,9 @@ class DistributedDilatedAttention {
   Communicator& head_comm_;
   DistributedOptions distributed_;
   ExecOptions options_;
-  RingDilatedAttention ring_;
+  // The ring over seq_comm and the layer around it: made once, shared by copies.
+  std::shared_ptr<RingDilatedAttention> ring_;
+  std::shared_ptr<const detail::MultiheadLayer> layer_;
   MultiheadWeights weights_;
 };
 

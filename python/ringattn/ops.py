@@ -46,93 +46,59 @@ def _views(*tensors):
     return [t.detach() for t in tensors]
 
 
-@torch.library.custom_op("ringattn::dilated_attn_fwd", mutates_args=())
-def _dilated_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    segment_lengths: List[int],
-    dilation_rates: List[int],
-    mode: str,
-    causal: bool,
-    softmax_scale: Optional[float],
-    group: int,
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
+def _forward(q, k, v, spec, group, backend):
     out, lse = _forward_outputs(q)
     threads, stream, device = _run_args(q)
     with device:
-        _C.dilated_forward(*_views(q, k, v), out, lse, segment_lengths, dilation_rates, mode,
-                           causal, softmax_scale, _dist.handle(group, q.device), backend,
-                           threads, stream)
+        _C.forward(*_views(q, k, v), out, lse, spec, _dist.handle(group, q.device), backend,
+                   threads, stream)
     return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, spec, group, backend):
+    dq, dk, dv = _backward_outputs(q, k, v)
+    threads, stream, device = _run_args(q)
+    with device:
+        _C.backward(*_views(dout, q, k, v, out, lse), dq, dk, dv, spec,
+                    _dist.handle(group, q.device), backend, threads, stream)
+    return dq, dk, dv
+
+
+# The operators: their arguments are torch's schema types, the call's spec is made inside.
+@torch.library.custom_op("ringattn::dilated_attn_fwd", mutates_args=())
+def _dilated_fwd(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int],
+    mode: str, causal: bool, softmax_scale: Optional[float], group: int, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    spec = _C.DilatedSpec(segment_lengths, dilation_rates, mode, causal, softmax_scale)
+    return _forward(q, k, v, spec, group, backend)
 
 
 @torch.library.custom_op("ringattn::dilated_attn_bwd", mutates_args=())
 def _dilated_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    segment_lengths: List[int],
-    dilation_rates: List[int],
-    mode: str,
-    causal: bool,
-    softmax_scale: Optional[float],
-    group: int,
-    backend: str,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    segment_lengths: List[int], dilation_rates: List[int], mode: str, causal: bool,
+    softmax_scale: Optional[float], group: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _backward_outputs(q, k, v)
-    threads, stream, device = _run_args(q)
-    with device:
-        _C.dilated_backward(*_views(dout, q, k, v, out, lse), dq, dk, dv, segment_lengths,
-                            dilation_rates, mode, causal, softmax_scale,
-                            _dist.handle(group, q.device), backend, threads, stream)
-    return dq, dk, dv
+    spec = _C.DilatedSpec(segment_lengths, dilation_rates, mode, causal, softmax_scale)
+    return _backward(dout, q, k, v, out, lse, spec, group, backend)
 
 
 @torch.library.custom_op("ringattn::block_sparse_attn_fwd", mutates_args=())
 def _sparse_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    patterns: List[int],
-    causal: bool,
-    softmax_scale: Optional[float],
-    group: int,
-    backend: str,
+    q: Tensor, k: Tensor, v: Tensor, patterns: List[int], causal: bool,
+    softmax_scale: Optional[float], group: int, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    out, lse = _forward_outputs(q)
-    threads, stream, device = _run_args(q)
-    with device:
-        _C.block_sparse_forward(*_views(q, k, v), out, lse, patterns, causal, softmax_scale,
-                                _dist.handle(group, q.device), backend, threads, stream)
-    return out, lse
+    return _forward(q, k, v, _C.SparseSpec(patterns, causal, softmax_scale), group, backend)
 
 
 @torch.library.custom_op("ringattn::block_sparse_attn_bwd", mutates_args=())
 def _sparse_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    patterns: List[int],
-    causal: bool,
-    softmax_scale: Optional[float],
-    group: int,
-    backend: str,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, patterns: List[int],
+    causal: bool, softmax_scale: Optional[float], group: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _backward_outputs(q, k, v)
-    threads, stream, device = _run_args(q)
-    with device:
-        _C.block_sparse_backward(*_views(dout, q, k, v, out, lse), dq, dk, dv, patterns, causal,
-                                 softmax_scale, _dist.handle(group, q.device), backend, threads,
-                                 stream)
-    return dq, dk, dv
+    spec = _C.SparseSpec(patterns, causal, softmax_scale)
+    return _backward(dout, q, k, v, out, lse, spec, group, backend)
 
 
 def _fake_forward(q, k, v, *args):
@@ -194,10 +160,8 @@ def dilated_attn_func(
     rank of the group calls it. numpy arrays run the forward (no autograd)."""
     segments, rates = [int(s) for s in segment_lengths], [int(r) for r in dilation_rates]
     if isinstance(q, np.ndarray):
-        return _numpy_forward(
-            _C.dilated_forward, q, k, v, return_lse,
-            (segments, rates, mode, bool(causal), _scale(softmax_scale)), group,
-        )
+        spec = _C.DilatedSpec(segments, rates, mode, bool(causal), _scale(softmax_scale))
+        return _numpy_forward(q, k, v, return_lse, spec, group)
     out, lse = _dilated_fwd(
         q, k, v, segments, rates, mode, bool(causal), _scale(softmax_scale),
         _dist.register(group), "cpu",
@@ -220,10 +184,8 @@ def block_sparse_attn_func(
     a rank fetches only the blocks its queries list."""
     code = encode_pattern(pattern)
     if isinstance(q, np.ndarray):
-        return _numpy_forward(
-            _C.block_sparse_forward, q, k, v, return_lse,
-            (code, bool(causal), _scale(softmax_scale)), group,
-        )
+        spec = _C.SparseSpec(code, bool(causal), _scale(softmax_scale))
+        return _numpy_forward(q, k, v, return_lse, spec, group)
     out, lse = _sparse_fwd(
         q, k, v, code, bool(causal), _scale(softmax_scale), _dist.register(group), "cpu"
     )
@@ -235,9 +197,9 @@ def block_sparse_density(pattern, seq, heads, causal=False):
     return _C.block_sparse_density(encode_pattern(pattern), causal, seq, heads)
 
 
-def _numpy_forward(c_forward, q, k, v, return_lse, args, group):
+def _numpy_forward(q, k, v, return_lse, spec, group):
     out = np.empty(q.shape, q.dtype)
     lse = np.empty(_lse_shape(q), np.float32)
     comm = _dist.handle(_dist.register(group), torch.device("cpu"))
-    c_forward(q, k, v, out, lse, *args, comm, "cpu", torch.get_num_threads(), 0)
+    _C.forward(q, k, v, out, lse, spec, comm, "cpu", torch.get_num_threads(), 0)
     return (out, lse) if return_lse else out

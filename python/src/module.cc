@@ -9,6 +9,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "python/src/python_communicator.h"
@@ -115,69 +117,6 @@ DilatedConfig dilated_config(std::vector<int64_t> segments, std::vector<int64_t>
   return c;
 }
 
-struct DilatedArgs {
-  std::vector<int64_t> segments, rates;
-  std::string mode;
-  bool causal;
-  std::optional<float> scale;
-  CommHandle* group;
-  std::string backend;
-  int threads;
-  uintptr_t stream;
-};
-
-void dilated_forward(const InArray& q, const InArray& k, const InArray& v, const OutArray& out,
-                     const std::optional<OutArray>& lse, const DilatedArgs& a) {
-  nb::gil_scoped_release nogil;
-  Communicator* comm = comm_of(a.group);
-  DilatedConfig config;
-  ExecOptions options;
-  TensorView vq, vk, vv, vo;
-  std::optional<TensorView> vl;
-  prepare_on_all_ranks(comm, [&] {
-    config = dilated_config(a.segments, a.rates, a.mode, a.causal, a.scale);
-    options = exec_options(a.backend, a.threads, a.stream);
-    vq = view_of("q", q);
-    vk = view_of("k", k);
-    vv = view_of("v", v);
-    vo = view_of("out", out);
-    if (lse) vl = view_of("lse", *lse);
-  });
-  if (comm == nullptr) {
-    DilatedAttention(config, options).forward(vq, vk, vv, vo, vl);
-  } else {
-    RingDilatedAttention(config, *comm, options).forward(vq, vk, vv, vo, vl);
-  }
-}
-
-void dilated_backward(const InArray& dout, const InArray& q, const InArray& k, const InArray& v,
-                      const InArray& out, const InArray& lse, const OutArray& dq,
-                      const OutArray& dk, const OutArray& dv, const DilatedArgs& a) {
-  nb::gil_scoped_release nogil;
-  Communicator* comm = comm_of(a.group);
-  DilatedConfig config;
-  ExecOptions options;
-  TensorView vdout, vq, vk, vv, vo, vl, vdq, vdk, vdv;
-  prepare_on_all_ranks(comm, [&] {
-    config = dilated_config(a.segments, a.rates, a.mode, a.causal, a.scale);
-    options = exec_options(a.backend, a.threads, a.stream);
-    vdout = view_of("dout", dout);
-    vq = view_of("q", q);
-    vk = view_of("k", k);
-    vv = view_of("v", v);
-    vo = view_of("out", out);
-    vl = view_of("lse", lse);
-    vdq = view_of("dq", dq);
-    vdk = view_of("dk", dk);
-    vdv = view_of("dv", dv);
-  });
-  if (comm == nullptr) {
-    DilatedAttention(config, options).backward(vdout, vq, vk, vv, vo, vl, vdq, vdk, vdv);
-  } else {
-    RingDilatedAttention(config, *comm, options).backward(vdout, vq, vk, vv, vo, vl, vdq, vdk, vdv);
-  }
-}
-
 // Block patterns cross the torch operator boundary as one list of integers (an operator's
 // arguments are tensors and scalars): per pattern kind, block size, window, global blocks,
 // then rates, row_ptr and cols, each as a length and its values.
@@ -228,76 +167,97 @@ std::vector<BlockPattern> decode_patterns(const std::vector<int64_t>& code) {
   return patterns;
 }
 
-struct SparseArgs {
+// What an attention call computes, as Python passes it (converted on every rank of the group,
+// so that a bad value is an error on all of them).
+struct DilatedSpec {
+  std::vector<int64_t> segments, rates;
+  std::string mode;
+  bool causal;
+  std::optional<float> scale;
+};
+struct SparseSpec {
   std::vector<int64_t> patterns;  // encode_patterns
   bool causal;
   std::optional<float> scale;
+};
+using Spec = std::variant<DilatedSpec, SparseSpec>;
+
+// Where it runs: over a Communicator or in one process (group None), and the ExecOptions.
+struct Where {
   CommHandle* group;
   std::string backend;
   int threads;
   uintptr_t stream;
 };
 
-// The block-sparse class always runs over a communicator; one process uses a self one.
-struct SparseCall {
-  std::unique_ptr<Communicator> self;
-  Communicator* comm;
-  BlockSparseConfig config;
-  ExecOptions options;
-
-  explicit SparseCall(const SparseArgs& a) : comm(comm_of(a.group)) {
-    if (comm == nullptr) {
-      self = make_self_communicator();
-      comm = self.get();
-    }
-  }
-  void prepare(const SparseArgs& a) {
-    config.patterns = decode_patterns(a.patterns);
-    config.causal = a.causal;
-    config.scale = a.scale;
-    options = exec_options(a.backend, a.threads, a.stream);
+struct ForwardViews {
+  TensorView q, k, v, out;
+  std::optional<TensorView> lse;
+  template <typename Attention>
+  void run(Attention&& a) const {
+    a.forward(q, k, v, out, lse);
   }
 };
 
-void block_sparse_forward(const InArray& q, const InArray& k, const InArray& v, const OutArray& out,
-                          const std::optional<OutArray>& lse, const SparseArgs& a) {
+struct BackwardViews {
+  TensorView dout, q, k, v, out, lse, dq, dk, dv;
+  template <typename Attention>
+  void run(Attention&& a) const {
+    a.backward(dout, q, k, v, out, lse, dq, dk, dv);
+  }
+};
+
+// Converts the spec, the options and the arrays (make_views) on every rank, then runs the
+// views through the spec's class: DilatedAttention in one process, else the ring; the
+// block-sparse class always over a communicator (a self one for one process).
+template <typename MakeViews>
+void run_call(const Spec& spec, const Where& where, MakeViews&& make_views) {
   nb::gil_scoped_release nogil;
-  SparseCall call(a);
-  TensorView vq, vk, vv, vo;
-  std::optional<TensorView> vl;
-  prepare_on_all_ranks(call.comm, [&] {
-    call.prepare(a);
-    vq = view_of("q", q);
-    vk = view_of("k", k);
-    vv = view_of("v", v);
-    vo = view_of("out", out);
-    if (lse) vl = view_of("lse", *lse);
+  Communicator* comm = comm_of(where.group);
+  std::variant<DilatedConfig, BlockSparseConfig> config;
+  ExecOptions options;
+  decltype(make_views()) views;
+  prepare_on_all_ranks(comm, [&] {
+    if (const auto* d = std::get_if<DilatedSpec>(&spec)) {
+      config = dilated_config(d->segments, d->rates, d->mode, d->causal, d->scale);
+    } else {
+      const auto& sp = std::get<SparseSpec>(spec);
+      BlockSparseConfig c;
+      c.patterns = decode_patterns(sp.patterns);
+      c.causal = sp.causal;
+      c.scale = sp.scale;
+      config = std::move(c);
+    }
+    options = exec_options(where.backend, where.threads, where.stream);
+    views = make_views();
   });
-  BlockSparseRingDilatedAttention(call.config, *call.comm, call.options)
-      .forward(vq, vk, vv, vo, vl);
+  if (const auto* c = std::get_if<BlockSparseConfig>(&config)) {
+    const std::unique_ptr<Communicator> self = comm ? nullptr : make_self_communicator();
+    views.run(BlockSparseRingDilatedAttention(*c, comm ? *comm : *self, options));
+  } else if (comm == nullptr) {
+    views.run(DilatedAttention(std::get<DilatedConfig>(config), options));
+  } else {
+    views.run(RingDilatedAttention(std::get<DilatedConfig>(config), *comm, options));
+  }
 }
 
-void block_sparse_backward(const InArray& dout, const InArray& q, const InArray& k,
-                           const InArray& v, const InArray& out, const InArray& lse,
-                           const OutArray& dq, const OutArray& dk, const OutArray& dv,
-                           const SparseArgs& a) {
-  nb::gil_scoped_release nogil;
-  SparseCall call(a);
-  TensorView vdout, vq, vk, vv, vo, vl, vdq, vdk, vdv;
-  prepare_on_all_ranks(call.comm, [&] {
-    call.prepare(a);
-    vdout = view_of("dout", dout);
-    vq = view_of("q", q);
-    vk = view_of("k", k);
-    vv = view_of("v", v);
-    vo = view_of("out", out);
-    vl = view_of("lse", lse);
-    vdq = view_of("dq", dq);
-    vdk = view_of("dk", dk);
-    vdv = view_of("dv", dv);
+void forward(const InArray& q, const InArray& k, const InArray& v, const OutArray& out,
+             const std::optional<OutArray>& lse, const Spec& spec, const Where& where) {
+  run_call(spec, where, [&] {
+    ForwardViews f{view_of("q", q), view_of("k", k), view_of("v", v), view_of("out", out), {}};
+    if (lse) f.lse = view_of("lse", *lse);
+    return f;
   });
-  BlockSparseRingDilatedAttention(call.config, *call.comm, call.options)
-      .backward(vdout, vq, vk, vv, vo, vl, vdq, vdk, vdv);
+}
+
+void backward(const InArray& dout, const InArray& q, const InArray& k, const InArray& v,
+              const InArray& out, const InArray& lse, const OutArray& dq, const OutArray& dk,
+              const OutArray& dv, const Spec& spec, const Where& where) {
+  run_call(spec, where, [&] {
+    return BackwardViews{view_of("dout", dout), view_of("q", q),     view_of("k", k),
+                         view_of("v", v),       view_of("out", out), view_of("lse", lse),
+                         view_of("dq", dq),     view_of("dk", dk),   view_of("dv", dv)};
+  });
 }
 
 // The fused C++ multihead layer (inference and the benchmark): weights by their torch names.
@@ -500,35 +460,35 @@ NB_MODULE(_C, m) {
       },
       "unique_id"_a, "rank"_a, "size"_a, "stream"_a);
 
+  nb::class_<DilatedSpec>(m, "DilatedSpec", "What a dilated attention call computes.")
+      .def(nb::init<std::vector<int64_t>, std::vector<int64_t>, std::string, bool,
+                    std::optional<float>>(),
+           "segment_lengths"_a, "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none());
+  nb::class_<SparseSpec>(m, "SparseSpec", "What a block-sparse attention call computes.")
+      .def(nb::init<std::vector<int64_t>, bool, std::optional<float>>(), "patterns"_a, "causal"_a,
+           "scale"_a.none());
   m.def(
-      "dilated_forward",
+      "forward",
       [](const InArray& q, const InArray& k, const InArray& v, const OutArray& out,
-         const std::optional<OutArray>& lse, std::vector<int64_t> segments,
-         std::vector<int64_t> rates, std::string mode, bool causal, std::optional<float> scale,
-         CommHandle* group, std::string backend, int threads, uintptr_t stream) {
-        dilated_forward(q, k, v, out, lse,
-                        {std::move(segments), std::move(rates), std::move(mode), causal, scale,
-                         group, std::move(backend), threads, stream});
+         const std::optional<OutArray>& lse, const Spec& spec, CommHandle* group,
+         std::string backend, int threads, uintptr_t stream) {
+        forward(q, k, v, out, lse, spec, {group, std::move(backend), threads, stream});
       },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "segment_lengths"_a, "dilation_rates"_a,
-      "mode"_a, "causal"_a, "scale"_a.none(), "group"_a.none(), "backend"_a = "cpu",
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "spec"_a, "group"_a.none(), "backend"_a = "cpu",
       "threads"_a = 0, "stream"_a = 0,
-      "Writes out (and lse) of dilated attention; group: a Communicator or None.");
+      "Writes out (and lse) of the spec's attention; group: a Communicator or None.");
   m.def(
-      "dilated_backward",
+      "backward",
       [](const InArray& dout, const InArray& q, const InArray& k, const InArray& v,
          const InArray& out, const InArray& lse, const OutArray& dq, const OutArray& dk,
-         const OutArray& dv, std::vector<int64_t> segments, std::vector<int64_t> rates,
-         std::string mode, bool causal, std::optional<float> scale, CommHandle* group,
-         std::string backend, int threads, uintptr_t stream) {
-        dilated_backward(dout, q, k, v, out, lse, dq, dk, dv,
-                         {std::move(segments), std::move(rates), std::move(mode), causal, scale,
-                          group, std::move(backend), threads, stream});
+         const OutArray& dv, const Spec& spec, CommHandle* group, std::string backend, int threads,
+         uintptr_t stream) {
+        backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
+                 {group, std::move(backend), threads, stream});
       },
-      "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a, "segment_lengths"_a,
-      "dilation_rates"_a, "mode"_a, "causal"_a, "scale"_a.none(), "group"_a.none(),
-      "backend"_a = "cpu", "threads"_a = 0, "stream"_a = 0,
-      "Writes dq, dk, dv of dilated_forward.");
+      "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a, "spec"_a,
+      "group"_a.none(), "backend"_a = "cpu", "threads"_a = 0, "stream"_a = 0,
+      "Writes dq, dk, dv of forward.");
 
   nb::enum_<BlockPatternKind>(m, "BlockPatternKind")
       .value("local_window", BlockPatternKind::kLocalWindow)
@@ -571,32 +531,6 @@ NB_MODULE(_C, m) {
         return block_sparse_density(c, seq, heads);
       },
       "patterns"_a, "causal"_a, "seq"_a, "heads"_a);
-  m.def(
-      "block_sparse_forward",
-      [](const InArray& q, const InArray& k, const InArray& v, const OutArray& out,
-         const std::optional<OutArray>& lse, std::vector<int64_t> patterns, bool causal,
-         std::optional<float> scale, CommHandle* group, std::string backend, int threads,
-         uintptr_t stream) {
-        block_sparse_forward(
-            q, k, v, out, lse,
-            {std::move(patterns), causal, scale, group, std::move(backend), threads, stream});
-      },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "patterns"_a, "causal"_a, "scale"_a.none(),
-      "group"_a.none(), "backend"_a = "cpu", "threads"_a = 0, "stream"_a = 0);
-  m.def(
-      "block_sparse_backward",
-      [](const InArray& dout, const InArray& q, const InArray& k, const InArray& v,
-         const InArray& out, const InArray& lse, const OutArray& dq, const OutArray& dk,
-         const OutArray& dv, std::vector<int64_t> patterns, bool causal, std::optional<float> scale,
-         CommHandle* group, std::string backend, int threads, uintptr_t stream) {
-        block_sparse_backward(
-            dout, q, k, v, out, lse, dq, dk, dv,
-            {std::move(patterns), causal, scale, group, std::move(backend), threads, stream});
-      },
-      "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a, "patterns"_a,
-      "causal"_a, "scale"_a.none(), "group"_a.none(), "backend"_a = "cpu", "threads"_a = 0,
-      "stream"_a = 0);
-
   nb::class_<FusedMultihead>(m, "FusedMultihead",
                              "The C++ MultiheadDilatedAttention (fp32 CPU tensors, forward).")
       .def(

@@ -81,6 +81,7 @@ class PythonCommunicator final : public Communicator {
 
   void allgather(const void* send, void* recv, size_t bytes_per_rank) override {
     check_usable("allgather");
+    check_allgather_args(send, recv, bytes_per_rank);
     call("allgather", [&] {
       transport_.attr("allgather")(torch_view<uint8_t>(send, bytes_per_rank),
                                    torch_view<uint8_t>(recv, bytes_per_rank * size_t(size_)),
@@ -89,7 +90,7 @@ class PythonCommunicator final : public Communicator {
   }
   void broadcast(void* buf, size_t bytes, int root) override {
     check_usable("broadcast");
-    require(root >= 0 && root < size_, "broadcast: root = ", root, " is not a rank of ", size_);
+    check_broadcast_args(buf, bytes, root);
     call("broadcast", [&] {
       transport_.attr("broadcast")(torch_view<uint8_t>(buf, bytes), root, timeout_seconds());
     });

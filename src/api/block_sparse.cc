@@ -81,27 +81,25 @@ BlockSparseRingDilatedAttention::BlockSparseRingDilatedAttention(BlockSparseConf
 void BlockSparseRingDilatedAttention::forward(const TensorView& q, const TensorView& k,
                                               const TensorView& v, const TensorView& out,
                                               const std::optional<TensorView>& lse) {
-  guarded("BlockSparseRingDilatedAttention::forward", [&] {
-    const Clock::time_point t_start = Clock::now();
-    const int rank = comm_.rank(), world = comm_.size();
-    const AttentionBackend* backend = nullptr;
-    Problem p;
-    check_on_all_ranks(comm_, [&] {
-      backend = &sparse_backend(q, options_.backend, world);
-      p = make_problem(dense_config(config_, q, world), q, k, v, out, lse, backend->max_head_dim(),
-                       backend->name(), Shard{rank, world}, backend->device());
-      backend->check_forward_tensors(q, k, v, out, lse);
-    });
-    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p));
-    std::shared_ptr<const BlockSparsePlan> plan;
-    std::unique_ptr<RingRun> run;
-    check_on_all_ranks(comm_, [&] {
-      plan =
-          plans_->get(p, rank, world, [&] { return plan_block_sparse(config_, p, rank, world); });
-      run = backend->sparse_forward(p, *plan, options_);
-    });
-    run_ring(comm_, *run, "block-sparse attention", stats_, t_start);
-  });
+  const int rank = comm_.rank(), world = comm_.size();
+  const AttentionBackend* backend = nullptr;
+  Problem p;
+  std::shared_ptr<const BlockSparsePlan> plan;
+  ring_call(
+      comm_, {"BlockSparseRingDilatedAttention::forward", kWhat, "block-sparse attention"}, stats_,
+      [&] {
+        backend = &sparse_backend(q, options_.backend, world);
+        p = make_problem(dense_config(config_, q, world), q, k, v, out, lse,
+                         backend->max_head_dim(), backend->name(), Shard{rank, world},
+                         backend->device());
+        backend->check_forward_tensors(q, k, v, out, lse);
+        return PreparedCall{agreement_fields(config_, p), std::nullopt};
+      },
+      [&](bool) {
+        plan =
+            plans_->get(p, rank, world, [&] { return plan_block_sparse(config_, p, rank, world); });
+        return backend->sparse_forward(p, *plan, options_);
+      });
 }
 
 void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
@@ -109,32 +107,25 @@ void BlockSparseRingDilatedAttention::backward(const TensorView& dout, const Ten
                                                const TensorView& out, const TensorView& lse,
                                                const TensorView& dq, const TensorView& dk,
                                                const TensorView& dv) {
-  guarded("BlockSparseRingDilatedAttention::backward", [&] {
-    const Clock::time_point t_start = Clock::now();
-    const int rank = comm_.rank(), world = comm_.size();
-    const AttentionBackend* backend = nullptr;
-    BackwardProblem bp;
-    check_on_all_ranks(comm_, [&] {
-      backend = &sparse_backend(q, options_.backend, world);
-      bp = make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk,
-                                 dv, backend->max_head_dim(), backend->name(), Shard{rank, world},
-                                 backend->device());
-      backend->check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-    });
-    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, bp.fwd));
-    // An lse too large for its fp32 rounding on any rank: every rank runs the forward again
-    // for the lse in double first.
-    int64_t precise = backend->needs_precise_lse(bp.fwd) ? 1 : 0;
-    comm_.allreduce_max(&precise, 1);
-    std::shared_ptr<const BlockSparsePlan> plan;
-    std::unique_ptr<RingRun> run;
-    check_on_all_ranks(comm_, [&] {
-      plan = plans_->get(bp.fwd, rank, world,
-                         [&] { return plan_block_sparse(config_, bp.fwd, rank, world); });
-      run = backend->sparse_backward(bp, *plan, options_, precise != 0);
-    });
-    run_ring(comm_, *run, "block-sparse attention", stats_, t_start);
-  });
+  const int rank = comm_.rank(), world = comm_.size();
+  const AttentionBackend* backend = nullptr;
+  BackwardProblem bp;
+  std::shared_ptr<const BlockSparsePlan> plan;
+  ring_call(
+      comm_, {"BlockSparseRingDilatedAttention::backward", kWhat, "block-sparse attention"}, stats_,
+      [&] {
+        backend = &sparse_backend(q, options_.backend, world);
+        bp = make_backward_problem(dense_config(config_, q, world), dout, q, k, v, out, lse, dq, dk,
+                                   dv, backend->max_head_dim(), backend->name(), Shard{rank, world},
+                                   backend->device());
+        backend->check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
+        return PreparedCall{agreement_fields(config_, bp.fwd), backend->needs_precise_lse(bp.fwd)};
+      },
+      [&](bool precise) {
+        plan = plans_->get(bp.fwd, rank, world,
+                           [&] { return plan_block_sparse(config_, bp.fwd, rank, world); });
+        return backend->sparse_backward(bp, *plan, options_, precise);
+      });
 }
 
 }  // namespace ringattn

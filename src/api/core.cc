@@ -9,6 +9,7 @@
 #include "ringattn/version.h"
 #include "src/backend/backend.h"
 #include "src/base/check.h"
+#include "src/base/enum_names.h"
 
 namespace ringattn {
 
@@ -17,21 +18,9 @@ const char* version() {
 }
 
 const char* error_code_name(ErrorCode code) {
-  switch (code) {
-    case ErrorCode::kInvalidArgument:
-      return "invalid argument";
-    case ErrorCode::kUnsupported:
-      return "unsupported";
-    case ErrorCode::kCommunication:
-      return "communication";
-    case ErrorCode::kDevice:
-      return "device";
-    case ErrorCode::kInternal:
-      return "internal";
-    case ErrorCode::kOutOfMemory:
-      return "out of memory";
-  }
-  return "unknown";
+  static const char* const names[] = {"invalid argument", "unsupported", "communication",
+                                      "device",           "internal",    "out of memory"};
+  return enum_name(code, names);
 }
 
 Error::Error(ErrorCode code, const std::string& message)
@@ -40,15 +29,8 @@ Error::Error(ErrorCode code, const std::string& message)
       message_(message) {}
 
 const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return "fp32";
-    case DType::kF16:
-      return "fp16";
-    case DType::kBF16:
-      return "bf16";
-  }
-  return "unknown";
+  static const char* const names[] = {"fp32", "fp16", "bf16"};
+  return enum_name(dtype, names);
 }
 
 size_t dtype_size(DType dtype) {
@@ -99,39 +81,21 @@ int64_t TensorView::numel() const {
 }
 
 const char* mode_name(Mode mode) {
-  switch (mode) {
-    case Mode::kGroups:
-      return "groups";
-    case Mode::kLongNet:
-      return "longnet";
-  }
-  return "unknown";
+  static const char* const names[] = {"groups", "longnet"};
+  return enum_name(mode, names);
 }
 
 Mode parse_mode(const std::string& text) {
-  if (text == "groups") return Mode::kGroups;
-  if (text == "longnet") return Mode::kLongNet;
-  fail(ErrorCode::kInvalidArgument, "mode = '", text, "' is not a mode; use 'groups' or 'longnet'");
+  return parse_enum("mode", "a mode", text, mode_name, Mode::kLongNet);
 }
 
 const char* backend_name(Backend backend) {
-  switch (backend) {
-    case Backend::kCpu:
-      return "cpu";
-    case Backend::kReference:
-      return "reference";
-    case Backend::kCuda:
-      return "cuda";
-  }
-  return "unknown";
+  static const char* const names[] = {"cpu", "reference", "cuda"};
+  return enum_name(backend, names);
 }
 
 Backend parse_backend(const std::string& text) {
-  if (text == "cpu") return Backend::kCpu;
-  if (text == "reference") return Backend::kReference;
-  if (text == "cuda") return Backend::kCuda;
-  fail(ErrorCode::kInvalidArgument, "backend = '", text,
-       "' is not a backend; use 'cpu', 'reference' or 'cuda'");
+  return parse_enum("backend", "a backend", text, backend_name, Backend::kCuda);
 }
 
 void ExecOptions::validate() const {
@@ -147,25 +111,12 @@ void ExecOptions::validate() const {
 }
 
 const char* cpu_bf16_name(CpuBf16 kernel) {
-  switch (kernel) {
-    case CpuBf16::kAuto:
-      return "auto";
-    case CpuBf16::kWiden:
-      return "widen";
-    case CpuBf16::kDot:
-      return "dot";
-    case CpuBf16::kAmx:
-      return "amx";
-  }
-  return "unknown";
+  static const char* const names[] = {"auto", "widen", "dot", "amx"};
+  return enum_name(kernel, names);
 }
 
 CpuBf16 parse_cpu_bf16(const std::string& text) {
-  for (CpuBf16 k : {CpuBf16::kAuto, CpuBf16::kWiden, CpuBf16::kDot, CpuBf16::kAmx}) {
-    if (text == cpu_bf16_name(k)) return k;
-  }
-  fail(ErrorCode::kInvalidArgument, "cpu_bf16 = '", text,
-       "' is not a CPU bf16 kernel; use 'auto', 'widen', 'dot' or 'amx'");
+  return parse_enum("cpu_bf16", "a CPU bf16 kernel", text, cpu_bf16_name, CpuBf16::kAmx);
 }
 
 void DilatedConfig::validate() const {

@@ -4,6 +4,7 @@
 #include "ringattn/distributed.h"
 
 #include <initializer_list>
+#include <memory>
 #include <utility>
 
 #include "src/base/agreement.h"
@@ -23,11 +24,19 @@ DilatedConfig head_slice(const MultiheadConfig& config, const Communicator& head
   return c;
 }
 
+std::shared_ptr<const detail::MultiheadLayer> make_layer(
+    const MultiheadConfig& config, const std::shared_ptr<RingDilatedAttention>& ring,
+    Communicator& seq, Communicator& head, const ExecOptions& options) {
+  return std::make_shared<const detail::MultiheadLayer>(
+      config, detail::LayerShape::of(config, head.size()), detail::ring_core(ring, seq, options),
+      detail::head_group(head), options.num_threads);
+}
+
 }  // namespace
 
-DistributedDilatedAttention::DistributedDilatedAttention(MultiheadConfig config,
+DistributedDilatedAttention::DistributedDilatedAttention(Unweighted, MultiheadConfig config,
                                                          Communicator& seq_comm,
-                                                         Communicator& head_comm, uint64_t seed,
+                                                         Communicator& head_comm,
                                                          DistributedOptions distributed,
                                                          ExecOptions options)
     : config_(detail::agreed_config(std::move(config), seq_comm, head_comm, distributed, options)),
@@ -35,19 +44,26 @@ DistributedDilatedAttention::DistributedDilatedAttention(MultiheadConfig config,
       head_comm_(head_comm),
       distributed_(distributed),
       options_(options),
-      ring_(head_slice(config_, head_comm), seq_comm, options),
-      weights_(shard_weights(config_, MultiheadWeights::xavier(config_, seed), head_comm.rank(),
-                             head_comm.size())) {}
+      ring_(std::make_shared<RingDilatedAttention>(head_slice(config_, head_comm), seq_comm,
+                                                   options)),
+      layer_(make_layer(config_, ring_, seq_comm, head_comm, options)) {}
+
+DistributedDilatedAttention::DistributedDilatedAttention(MultiheadConfig config,
+                                                         Communicator& seq_comm,
+                                                         Communicator& head_comm, uint64_t seed,
+                                                         DistributedOptions distributed,
+                                                         ExecOptions options)
+    : DistributedDilatedAttention(Unweighted{}, std::move(config), seq_comm, head_comm, distributed,
+                                  options) {
+  weights_ = shard_weights(config_, MultiheadWeights::xavier(config_, seed), head_comm.rank(),
+                           head_comm.size());
+}
 
 DistributedDilatedAttention::DistributedDilatedAttention(
     MultiheadConfig config, Communicator& seq_comm, Communicator& head_comm,
     MultiheadWeights weights, DistributedOptions distributed, ExecOptions options)
-    : config_(detail::agreed_config(std::move(config), seq_comm, head_comm, distributed, options)),
-      seq_comm_(seq_comm),
-      head_comm_(head_comm),
-      distributed_(distributed),
-      options_(options),
-      ring_(head_slice(config_, head_comm), seq_comm, options) {
+    : DistributedDilatedAttention(Unweighted{}, std::move(config), seq_comm, head_comm, distributed,
+                                  options) {
   check_on_grid(seq_comm_, head_comm_, [&] { set_weights(std::move(weights)); });
 }
 
@@ -74,14 +90,6 @@ void reject_cuda(std::initializer_list<const TensorView*> views) {
   }
 }
 
-detail::MultiheadLayer make_layer(const MultiheadConfig& config, RingDilatedAttention& ring,
-                                  Communicator& seq, Communicator& head,
-                                  const ExecOptions& options) {
-  return detail::MultiheadLayer(config, detail::LayerShape::of(config, head.size()),
-                                detail::ring_core(ring, seq, options), detail::head_group(head),
-                                options.num_threads);
-}
-
 }  // namespace
 
 void DistributedDilatedAttention::forward(const TensorView& x, const TensorView& y,
@@ -101,17 +109,16 @@ void DistributedDilatedAttention::run_forward(const TensorView& query, const Ten
                                               MultiheadSaved* saved) {
   MultiheadSaved local;
   MultiheadSaved& s = saved ? *saved : local;
-  const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
   detail::ForwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
     reject_cuda({&query, &key, &value, &y});
     call = detail::forward_call(config_.embed_dim, query, key, value, y);
-    layer.prepare(call.in, s);
+    layer_->prepare(call.in, s);
   });
   agree_on_grid(seq_comm_, head_comm_, "the shapes of DistributedDilatedAttention::forward",
                 {{"B", {call.in.batch}}, {"N_loc", {call.in.seq}}});
   run_on_grid(seq_comm_, head_comm_, "the distributed layer", [&] {
-    layer.forward(weights_, call.in, call.y, s);
+    layer_->forward(weights_, call.in, call.y, s);
     call.finish();
   });
 }
@@ -136,17 +143,16 @@ void DistributedDilatedAttention::run_backward(const TensorView& query, const Te
                                                const MultiheadSaved& saved,
                                                const TensorView& dquery, const TensorView& dkey,
                                                const TensorView& dvalue, MultiheadWeights& grads) {
-  const detail::MultiheadLayer layer = make_layer(config_, ring_, seq_comm_, head_comm_, options_);
   detail::BackwardCall call;
   check_on_grid(seq_comm_, head_comm_, [&] {
     reject_cuda({&query, &key, &value, &dy, &dquery, &dkey, &dvalue});
     call = detail::backward_call(config_.embed_dim, query, key, value, dy, dquery, dkey, dvalue);
-    layer.check_saved(call.in, saved);
+    layer_->check_saved(call.in, saved);
   });
   agree_on_grid(seq_comm_, head_comm_, "the shapes of DistributedDilatedAttention::backward",
                 {{"B", {call.in.batch}}, {"N_loc", {call.in.seq}}});
   run_on_grid(seq_comm_, head_comm_, "the distributed layer", [&] {
-    layer.backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
+    layer_->backward(weights_, call.in, call.dy, saved, call.dquery, call.dkey, call.dvalue, grads);
     call.finish();
     if (distributed_.reduce_weight_grads && seq_comm_.size() > 1) reduce_weight_grads(grads);
   });

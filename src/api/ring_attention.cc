@@ -52,58 +52,48 @@ RingDilatedAttention::RingDilatedAttention(DilatedConfig config, Communicator& c
 
 void RingDilatedAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                    const TensorView& out, const std::optional<TensorView>& lse) {
-  guarded("RingDilatedAttention::forward", [&] {
-    const Clock::time_point t_start = Clock::now();
-    const int rank = comm_.rank(), world = comm_.size();
-    const AttentionBackend* backend = nullptr;
-    Problem p;
-    check_on_all_ranks(comm_, [&] {
-      backend = &select_backend(options_.backend, q);
-      p = make_problem(config_, q, k, v, out, lse, backend->max_head_dim(), backend->name(),
-                       Shard{rank, world}, backend->device());
-      backend->check_forward_tensors(q, k, v, out, lse);
-    });
-    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, p, backend->device()));
-    // Plans and allocates on every rank before anything moves (a failure fails every rank).
-    std::shared_ptr<const RingPlan> plan;
-    std::unique_ptr<RingRun> run;
-    check_on_all_ranks(comm_, [&] {
-      plan = plans_->get(p, rank, world, [&] { return plan_ring(p, rank, world); });
-      run = backend->ring_forward(p, *plan, options_);
-    });
-    run_ring(comm_, *run, "the ring", stats_, t_start);
-  });
+  const int rank = comm_.rank(), world = comm_.size();
+  const AttentionBackend* backend = nullptr;
+  Problem p;
+  std::shared_ptr<const RingPlan> plan;
+  ring_call(
+      comm_, {"RingDilatedAttention::forward", kWhat, "the ring"}, stats_,
+      [&] {
+        backend = &select_backend(options_.backend, q);
+        p = make_problem(config_, q, k, v, out, lse, backend->max_head_dim(), backend->name(),
+                         Shard{rank, world}, backend->device());
+        backend->check_forward_tensors(q, k, v, out, lse);
+        return PreparedCall{agreement_fields(config_, p, backend->device()), std::nullopt};
+      },
+      [&](bool) {
+        plan = plans_->get(p, rank, world, [&] { return plan_ring(p, rank, world); });
+        return backend->ring_forward(p, *plan, options_);
+      });
 }
 
 void RingDilatedAttention::backward(const TensorView& dout, const TensorView& q,
                                     const TensorView& k, const TensorView& v, const TensorView& out,
                                     const TensorView& lse, const TensorView& dq,
                                     const TensorView& dk, const TensorView& dv) {
-  guarded("RingDilatedAttention::backward", [&] {
-    const Clock::time_point t_start = Clock::now();
-    const int rank = comm_.rank(), world = comm_.size();
-    const AttentionBackend* backend = nullptr;
-    BackwardProblem bp;
-    check_on_all_ranks(comm_, [&] {
-      backend = &select_backend(options_.backend, q);
-      bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv,
-                                 backend->max_head_dim(), backend->name(), Shard{rank, world},
-                                 backend->device());
-      backend->check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
-    });
-    check_same_on_all_ranks(comm_, kWhat, agreement_fields(config_, bp.fwd, backend->device()));
-    // An lse too large for its fp32 rounding on any rank: every rank runs the ring forward
-    // again for the lse in double first.
-    int64_t precise = backend->needs_precise_lse(bp.fwd) ? 1 : 0;
-    comm_.allreduce_max(&precise, 1);
-    std::shared_ptr<const RingPlan> plan;
-    std::unique_ptr<RingRun> run;
-    check_on_all_ranks(comm_, [&] {
-      plan = plans_->get(bp.fwd, rank, world, [&] { return plan_ring(bp.fwd, rank, world); });
-      run = backend->ring_backward(bp, *plan, options_, precise != 0);
-    });
-    run_ring(comm_, *run, "the ring", stats_, t_start);
-  });
+  const int rank = comm_.rank(), world = comm_.size();
+  const AttentionBackend* backend = nullptr;
+  BackwardProblem bp;
+  std::shared_ptr<const RingPlan> plan;
+  ring_call(
+      comm_, {"RingDilatedAttention::backward", kWhat, "the ring"}, stats_,
+      [&] {
+        backend = &select_backend(options_.backend, q);
+        bp = make_backward_problem(config_, dout, q, k, v, out, lse, dq, dk, dv,
+                                   backend->max_head_dim(), backend->name(), Shard{rank, world},
+                                   backend->device());
+        backend->check_backward_tensors(dout, q, k, v, out, lse, dq, dk, dv);
+        return PreparedCall{agreement_fields(config_, bp.fwd, backend->device()),
+                            backend->needs_precise_lse(bp.fwd)};
+      },
+      [&](bool precise) {
+        plan = plans_->get(bp.fwd, rank, world, [&] { return plan_ring(bp.fwd, rank, world); });
+        return backend->ring_backward(bp, *plan, options_, precise);
+      });
 }
 
 }  // namespace ringattn

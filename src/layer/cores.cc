@@ -34,22 +34,23 @@ AttentionCore dilated_core(const DilatedAttention& attention, const ExecOptions&
   return core;
 }
 
-AttentionCore ring_core(RingDilatedAttention& ring, Communicator& seq, const ExecOptions& options) {
+AttentionCore ring_core(std::shared_ptr<RingDilatedAttention> ring, Communicator& seq,
+                        const ExecOptions& options) {
   AttentionCore core;
-  core.check = [&ring, &seq, options](const TensorView& q, const TensorView& k, const TensorView& v,
-                                      const TensorView& out, const TensorView& lse) {
+  core.check = [ring, &seq, options](const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const TensorView& out, const TensorView& lse) {
     const AttentionBackend& backend = select_backend(options.backend, q);
-    const Problem p = make_problem(ring.config(), q, k, v, out, lse, backend.max_head_dim(),
+    const Problem p = make_problem(ring->config(), q, k, v, out, lse, backend.max_head_dim(),
                                    backend.name(), Shard{seq.rank(), seq.size()});
     plan_ring(p, seq.rank(), seq.size());  // every branch fits the shards
   };
-  core.forward = [&ring](const TensorView& q, const TensorView& k, const TensorView& v,
-                         const TensorView& out,
-                         const TensorView& lse) { ring.forward(q, k, v, out, lse); };
-  core.backward = [&ring](const TensorView& dout, const TensorView& q, const TensorView& k,
-                          const TensorView& v, const TensorView& out, const TensorView& lse,
-                          const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-    ring.backward(dout, q, k, v, out, lse, dq, dk, dv);
+  core.forward = [ring](const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& out,
+                        const TensorView& lse) { ring->forward(q, k, v, out, lse); };
+  core.backward = [ring](const TensorView& dout, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& out, const TensorView& lse,
+                         const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+    ring->backward(dout, q, k, v, out, lse, dq, dk, dv);
   };
   core.bf16_products = host_bf16_products(options);
   return core;

@@ -12,8 +12,10 @@ namespace ringattn::detail {
 
 // DilatedAttention on one process: the core holds copies of `attention` and `options`.
 AttentionCore dilated_core(const DilatedAttention& attention, const ExecOptions& options);
-// RingDilatedAttention over the sequence ranks `seq` (both must outlive the core).
-AttentionCore ring_core(RingDilatedAttention& ring, Communicator& seq, const ExecOptions& options);
+// RingDilatedAttention over the sequence ranks `seq` (which must outlive the core); the core
+// shares the ring.
+AttentionCore ring_core(std::shared_ptr<RingDilatedAttention> ring, Communicator& seq,
+                        const ExecOptions& options);
 // The sums over the ranks of `head` (which must outlive the group); none for one rank.
 HeadGroup head_group(Communicator& head);
 

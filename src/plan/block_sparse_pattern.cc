@@ -7,22 +7,14 @@
 
 #include "ringattn/block_sparse.h"
 #include "src/base/check.h"
+#include "src/base/enum_names.h"
 #include "src/base/index_math.h"
 
 namespace ringattn {
 
 const char* block_pattern_kind_name(BlockPatternKind kind) {
-  switch (kind) {
-    case BlockPatternKind::kLocalWindow:
-      return "local_window";
-    case BlockPatternKind::kDilated:
-      return "dilated";
-    case BlockPatternKind::kGlobalLocal:
-      return "global_local";
-    case BlockPatternKind::kBlockList:
-      return "block_list";
-  }
-  return "unknown";
+  static const char* const names[] = {"local_window", "dilated", "global_local", "block_list"};
+  return enum_name(kind, names);
 }
 
 int64_t BlockLayout::pairs(bool causal) const {

@@ -48,17 +48,8 @@ enum class Api { kDilated, kRing, kBlockSparse, kMultihead };
 enum class Judge { kError, kMatch, kUnspec };
 
 const char* api_name(Api a) {
-  switch (a) {
-    case Api::kDilated:
-      return "dilated";
-    case Api::kRing:
-      return "ring";
-    case Api::kBlockSparse:
-      return "blocksparse";
-    case Api::kMultihead:
-      return "multihead";
-  }
-  return "?";
+  static const char* const kNames[] = {"dilated", "ring", "blocksparse", "multihead"};  // by Api
+  return kNames[static_cast<size_t>(a)];
 }
 const char* judge_name(Judge j) {
   return j == Judge::kError ? "error" : j == Judge::kMatch ? "match" : "unspec";

@@ -11,6 +11,7 @@
 #include "ringattn/ringattn.h"
 #include "src/backend/cpu/bf16_kernels.h"
 #include "src/backend/ref/reference.h"
+#include "tests/support/expect.h"
 #include "tests/support/mpi_main.h"
 #include "tests/support/test_util.h"
 
@@ -186,37 +187,17 @@ void check_ring_case(const RingCase& c, uint32_t seed) {
   ring.forward(rows_of(q, row0, c.n_loc, 1), rows_of(k, row0, c.n_loc, 1),
                rows_of(v, row0, c.n_loc, 1), out.view(), lse.view());
 
-  double err = 0.0, single_err = 0.0, lse_err = 0.0;
-  int64_t missing = 0, ref_nonzero = 0, bad = 0;
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t n = 0; n < c.n_loc; ++n)
-      for (int64_t h = 0; h < c.H; ++h) {
-        for (int64_t d = 0; d < c.D; ++d) {
-          const double x = out.get(b, n, h, d), y = full_out.get(b, row0 + n, h, d);
-          const double r = ref.out[static_cast<size_t>(((b * N + row0 + n) * c.H + h) * c.D + d)];
-          if (!std::isfinite(x)) ++bad;
-          err = std::max(err, std::abs(x - r));
-          single_err = std::max(single_err, std::abs(y - r));
-          missing += x == 0.0 && std::abs(r) > kClearlyNonZero;
-          ref_nonzero += r != 0.0;
-        }
-        const double lr = ref.lse[static_cast<size_t>((b * c.H + h) * N + row0 + n)];
-        const double lx = lse.get(b, h, n);
-        if (std::isinf(lr)) {
-          if (lx != lr) ++bad;
-        } else {
-          lse_err = std::max(lse_err, std::abs(lx - lr));
-        }
-      }
-  EXPECT_EQ(bad, 0);
+  const ShardStats st = compare_shard(out, lse, row0, full_out, ref);
+  EXPECT_EQ(st.bad, 0);
   EXPECT_GT(std::count_if(ref.out.begin(), ref.out.end(), [](double x) { return x != 0.0; }), 0);
-  EXPECT_EQ(missing, 0) << "zeros where the reference is not (" << ref_nonzero << " non-zero)";
+  EXPECT_EQ(st.missing, 0) << "zeros where the reference is not (" << st.ref_nonzero
+                           << " non-zero)";
   if (c.dtype == DType::kF32) {
-    EXPECT_LE(err, 1e-5);
+    EXPECT_LE(st.err, 1e-5);
   } else {
-    EXPECT_LE(err, 1.5 * single_err + 1e-6) << "single-device error " << single_err;
+    EXPECT_LE(st.err, 1.5 * st.single_err + 1e-6) << "single-device error " << st.single_err;
   }
-  EXPECT_LE(lse_err, 2e-5);
+  EXPECT_LE(st.lse_err, 2e-5);
   EXPECT_EQ(ring.last_stats().bytes_sent, expected_bytes(c, rank, P, false));
   check_ring_backward(c, q, k, v, full_out, full_lse, out, lse, ring, seed);
 }
@@ -328,34 +309,44 @@ void expect_error_everywhere(const std::function<void()>& fn, ErrorCode code, co
   EXPECT_TRUE(thrown);
 }
 
+// An fp32 q [1, rows, 2, 8] drawn from `seed` (the same on every rank), and an out of its shape.
+struct QAndOut {
+  Tensor q, out;
+  QAndOut(int64_t rows, uint32_t seed)
+      : q(DType::kF32, {1, rows, 2, 8}), out(DType::kF32, {1, rows, 2, 8}) {
+    std::mt19937 rng(seed);
+    q.fill_normal(rng);
+  }
+};
+
 TEST(Ring, RanksThatDisagreeFailTogether) {
   Communicator& comm = world();
   const int rank = comm.rank();
-  Tensor q(DType::kF32, {1, 32, 2, 8}), out(DType::kF32, {1, 32, 2, 8});
-  std::mt19937 rng(5);
-  q.fill_normal(rng);
+  const QAndOut in(32, 5);
   if (comm.size() > 1) {
     // The last rank uses another dilation rate: every rank throws a communication error.
     DilatedConfig cfg{{32}, {rank == comm.size() - 1 ? 2 : 1}, Mode::kGroups, false, std::nullopt};
     RingDilatedAttention ring(cfg, comm);
-    expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
-                            ErrorCode::kCommunication, "disagree");
+    expect_error_everywhere(
+        [&] { ring.forward(in.q.view(), in.q.view(), in.q.view(), in.out.view()); },
+        ErrorCode::kCommunication, "disagree");
   }
   // One rank passes a bad shape (out has the wrong head count): every rank throws.
   Tensor bad_out(DType::kF32, {1, 32, rank == 0 ? 3 : 2, 8});
   RingDilatedAttention ring(DilatedConfig{{32}, {1}, Mode::kGroups, false, std::nullopt}, comm);
-  expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), bad_out.view()); },
-                          ErrorCode::kInvalidArgument, "out");
+  expect_error_everywhere(
+      [&] { ring.forward(in.q.view(), in.q.view(), in.q.view(), bad_out.view()); },
+      ErrorCode::kInvalidArgument, "out");
   // Rank 0 marks its tensors as CUDA tensors (host memory, never read): its device check
   // fails (no CUDA backend in this build, no device, or not device memory; the code depends
   // on which), so every rank throws, before any transfer.
-  TensorView q_gpu = q.view(), out_gpu = out.view();
+  TensorView q_gpu = in.q.view(), out_gpu = in.out.view();
   q_gpu.device = out_gpu.device = Device::kCUDA;
   const bool gpu_here = rank == 0;
   bool thrown = false;
   try {
-    ring.forward(gpu_here ? q_gpu : q.view(), gpu_here ? q_gpu : q.view(),
-                 gpu_here ? q_gpu : q.view(), gpu_here ? out_gpu : out.view());
+    ring.forward(gpu_here ? q_gpu : in.q.view(), gpu_here ? q_gpu : in.q.view(),
+                 gpu_here ? q_gpu : in.q.view(), gpu_here ? out_gpu : in.out.view());
   } catch (const Error& e) {
     thrown = true;
     EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
@@ -373,9 +364,7 @@ TEST(Ring, RanksThatDisagreeFailTogether) {
 TEST(Ring, SegmentsThatDoNotFitTheShardsAreErrors) {
   Communicator& comm = world();
   const int P = comm.size();
-  Tensor q(DType::kF32, {1, 48, 2, 8}), out(DType::kF32, {1, 48, 2, 8});
-  std::mt19937 rng(6);
-  q.fill_normal(rng);
+  const QAndOut in(48, 6);
   if (P > 1) {
     // A segment length that divides N = 48 P but neither divides the 48-row shards nor is
     // a multiple of them, so its segments straddle ranks.
@@ -383,14 +372,16 @@ TEST(Ring, SegmentsThatDoNotFitTheShardsAreErrors) {
     while (48 * P % straddling != 0 || 48 % straddling == 0 || straddling % 48 == 0) ++straddling;
     RingDilatedAttention ring(DilatedConfig{{straddling}, {1}, Mode::kGroups, false, std::nullopt},
                               comm);
-    expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
-                            ErrorCode::kInvalidArgument, "rows each of the");
+    expect_error_everywhere(
+        [&] { ring.forward(in.q.view(), in.q.view(), in.q.view(), in.out.view()); },
+        ErrorCode::kInvalidArgument, "rows each of the");
   }
   // A segment that does not divide N = 48 P: names the ranks and rows.
   RingDilatedAttention ring(DilatedConfig{{96 * P + 32}, {1}, Mode::kGroups, false, std::nullopt},
                             comm);
-  expect_error_everywhere([&] { ring.forward(q.view(), q.view(), q.view(), out.view()); },
-                          ErrorCode::kInvalidArgument, "does not divide the sequence length");
+  expect_error_everywhere(
+      [&] { ring.forward(in.q.view(), in.q.view(), in.q.view(), in.out.view()); },
+      ErrorCode::kInvalidArgument, "does not divide the sequence length");
 }
 
 }  // namespace

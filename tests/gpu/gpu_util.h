@@ -46,4 +46,36 @@ class DeviceCopy {
   TensorView view_;
 };
 
+// Device copies of the nine tensors of a forward + backward case (a host struct with members
+// q, k, v, dout, out, lse, dq, dk, dv: CaseTensors, SparseInputs).
+struct DeviceTensors {
+  DeviceCopy q, k, v, dout, out, lse, dq, dk, dv;
+  template <typename Host>
+  explicit DeviceTensors(const Host& h)
+      : q(h.q),
+        k(h.k),
+        v(h.v),
+        dout(h.dout),
+        out(h.out),
+        lse(h.lse),
+        dq(h.dq),
+        dk(h.dk),
+        dv(h.dv) {}
+
+  // Runs attn's forward on the device and downloads out and lse into `h`; with `backward`
+  // then its backward, downloading dq, dk and dv.
+  template <typename Attention, typename Host>
+  void run(Attention& attn, Host& h, bool backward = true) {
+    attn.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    out.download(h.out);
+    lse.download(h.lse);
+    if (!backward) return;
+    attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+                  dk.view(), dv.view());
+    dq.download(h.dq);
+    dk.download(h.dk);
+    dv.download(h.dv);
+  }
+};
+
 }  // namespace ringattn::test

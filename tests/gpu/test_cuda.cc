@@ -14,34 +14,13 @@
 namespace ringattn::test {
 namespace {
 
-// The same tensors on the device; run() computes forward (and backward) there and copies
-// the results back into the host tensors.
-struct DeviceCase {
-  DeviceCopy q, k, v, dout, out, lse, dq, dk, dv;
-  explicit DeviceCase(const CaseTensors& h)
-      : q(h.q),
-        k(h.k),
-        v(h.v),
-        dout(h.dout),
-        out(h.out),
-        lse(h.lse),
-        dq(h.dq),
-        dk(h.dk),
-        dv(h.dv) {}
-
-  void run(CaseTensors& h, bool backward) {
-    const DilatedAttention attn(h.c.config(), ExecOptions{Backend::kCuda, 0});
-    attn.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
-    out.download(h.out);
-    lse.download(h.lse);
-    if (!backward) return;
-    attn.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
-                  dk.view(), dv.view());
-    dq.download(h.dq);
-    dk.download(h.dk);
-    dv.download(h.dv);
-  }
-};
+// Runs the case's forward (and backward) on the GPU, on device copies of `h`, and downloads
+// the results into `h`.
+void run_on_gpu(CaseTensors& h, bool backward) {
+  DeviceTensors d(h);
+  const DilatedAttention attn(h.c.config(), ExecOptions{Backend::kCuda, 0});
+  d.run(attn, h, backward);
+}
 
 // Forward: fp32 within 1e-5 of the fp64 reference; fp16/bf16 within twice the error of the
 // naive computation in the same precision (SPEC.md); lse close; non-zero and finite.
@@ -58,28 +37,57 @@ void check_backward(const CaseTensors& h) {
 void check_case(const Case& c, uint32_t seed, bool backward) {
   SCOPED_TRACE(describe(c));
   CaseTensors h(c, seed);
-  DeviceCase d(h);
-  d.run(h, backward);
+  run_on_gpu(h, backward);
   check_forward(h);
   if (backward) check_backward(h);
 }
 
 const DType kDtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
 
-// Both modes, causal on and off, every dtype, D = 64 and 128 (own kernels) and 80 (generic).
-TEST(CudaForward, ModesCausalDtypesHeadDims) {
-  RA_SKIP_WITHOUT_GPU();
-  uint32_t seed = 1;
+// Both modes, causal on and off, every dtype, D = 64 and 128 (own kernels) and 80 (generic):
+// each of `cases` (a groups and a LongNet one, whose D, causal, dtype and strided the sweep
+// sets) with every D, causal flag and dtype, seeds from `seed`; strided layouts for groups at
+// D = 80 and for LongNet at the others.
+void sweep_modes_causal_dtypes_head_dims(const std::vector<Case>& cases, uint32_t seed,
+                                         bool backward) {
   for (DType dt : kDtypes) {
     for (int64_t d : {64, 128, 80}) {
       for (bool causal : {false, true}) {
-        check_case({1, 256, 4, 2, d, {64, 256}, {1, 2}, Mode::kGroups, causal, dt, d == 80}, seed++,
-                   false);
-        check_case({2, 256, 4, 1, d, {64, 256}, {1, 4}, Mode::kLongNet, causal, dt, d != 80},
-                   seed++, false);
+        for (Case c : cases) {
+          c.D = d;
+          c.causal = causal;
+          c.dtype = dt;
+          c.strided = (c.mode == Mode::kGroups) == (d == 80);
+          check_case(c, seed++, backward);
+        }
       }
     }
   }
+}
+
+// `trials` random configurations (D 16, 64, 80 or 128) drawn from `rng_seed`, cycling through
+// the dtypes, the inputs of trial t from seed0 + t.
+void sweep_random(uint32_t rng_seed, int trials, uint32_t seed0, bool backward) {
+  std::mt19937 rng(rng_seed);
+  for (int trial = 0; trial < trials; ++trial) {
+    Case c = random_case(rng, {16, 64, 80, 128});
+    c.dtype = kDtypes[trial % 3];
+    check_case(c, seed0 + static_cast<uint32_t>(trial), backward);
+  }
+}
+
+TEST(CudaForward, ModesCausalDtypesHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  sweep_modes_causal_dtypes_head_dims({{1, 256, 4, 2, 0, {64, 256}, {1, 2}, Mode::kGroups, false},
+                                       {2, 256, 4, 1, 0, {64, 256}, {1, 4}, Mode::kLongNet, false}},
+                                      1, false);
+}
+
+TEST(CudaBackward, ModesCausalDtypesHeadDims) {
+  RA_SKIP_WITHOUT_GPU();
+  sweep_modes_causal_dtypes_head_dims({{1, 128, 4, 2, 0, {32, 128}, {1, 2}, Mode::kGroups, false},
+                                       {1, 192, 2, 1, 0, {96, 192}, {1, 3}, Mode::kLongNet, false}},
+                                      40, true);
 }
 
 // Many tiles per segment, partial tiles, the smallest and largest generic head dims.
@@ -95,31 +103,6 @@ TEST(CudaForward, TilesAndEdgeHeadDims) {
   }
 }
 
-TEST(CudaForward, RandomisedConfigurations) {
-  RA_SKIP_WITHOUT_GPU();
-  std::mt19937 rng(30);
-  for (int trial = 0; trial < 12; ++trial) {
-    Case c = random_case(rng, {16, 64, 80, 128});
-    c.dtype = kDtypes[trial % 3];
-    check_case(c, 100 + static_cast<uint32_t>(trial), false);
-  }
-}
-
-TEST(CudaBackward, ModesCausalDtypesHeadDims) {
-  RA_SKIP_WITHOUT_GPU();
-  uint32_t seed = 40;
-  for (DType dt : kDtypes) {
-    for (int64_t d : {64, 128, 80}) {
-      for (bool causal : {false, true}) {
-        check_case({1, 128, 4, 2, d, {32, 128}, {1, 2}, Mode::kGroups, causal, dt, d == 80}, seed++,
-                   true);
-        check_case({1, 192, 2, 1, d, {96, 192}, {1, 3}, Mode::kLongNet, causal, dt, d != 80},
-                   seed++, true);
-      }
-    }
-  }
-}
-
 TEST(CudaBackward, TilesAndEdgeHeadDims) {
   RA_SKIP_WITHOUT_GPU();
   check_case({1, 512, 1, 1, 64, {512}, {1}, Mode::kGroups, true, DType::kF16}, 60, true);
@@ -128,23 +111,22 @@ TEST(CudaBackward, TilesAndEdgeHeadDims) {
   check_case({1, 96, 2, 1, 1, {48, 96}, {1, 5}, Mode::kLongNet, false, DType::kF32}, 63, true);
 }
 
+TEST(CudaForward, RandomisedConfigurations) {
+  RA_SKIP_WITHOUT_GPU();
+  sweep_random(30, 12, 100, false);
+}
+
 TEST(CudaBackward, RandomisedConfigurations) {
   RA_SKIP_WITHOUT_GPU();
-  std::mt19937 rng(70);
-  for (int trial = 0; trial < 8; ++trial) {
-    Case c = random_case(rng, {16, 64, 80, 128});
-    c.dtype = kDtypes[trial % 3];
-    check_case(c, 200 + static_cast<uint32_t>(trial), true);
-  }
+  sweep_random(70, 8, 200, true);
 }
 
 TEST(CudaBackward, BitwiseDeterministic) {
   RA_SKIP_WITHOUT_GPU();
   const Case c{2, 256, 4, 2, 64, {64, 256}, {1, 2}, Mode::kLongNet, true, DType::kBF16};
   CaseTensors a(c, 80), b(c, 80);
-  DeviceCase da(a), db(b);
-  da.run(a, true);
-  db.run(b, true);
+  run_on_gpu(a, true);
+  run_on_gpu(b, true);
   EXPECT_EQ(a.out.bytes(), b.out.bytes());
   EXPECT_EQ(a.lse.bytes(), b.lse.bytes());
   EXPECT_EQ(a.dq.bytes(), b.dq.bytes());
@@ -158,7 +140,7 @@ TEST(CudaForward, RunsOnTheGivenStream) {
   RA_SKIP_WITHOUT_GPU();
   const Case c{1, 128, 2, 2, 64, {128}, {1}, Mode::kGroups, true, DType::kF16};
   CaseTensors h(c, 90);
-  DeviceCase d(h);
+  DeviceTensors d(h);
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
   const DilatedAttention attn(c.config(), ExecOptions{Backend::kCuda, 0, stream});
@@ -177,8 +159,8 @@ TEST(CudaForward, AsyncModeQueuesOnTheStream) {
   RA_SKIP_WITHOUT_GPU();
   const Case c{2, 512, 4, 2, 64, {128, 512}, {1, 2}, Mode::kGroups, true, DType::kBF16};
   CaseTensors blocking(c, 95), queued(c, 95);
-  DeviceCase d_blocking(blocking), d_queued(queued);
-  d_blocking.run(blocking, true);
+  run_on_gpu(blocking, true);
+  DeviceTensors d(queued);
 
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
@@ -193,7 +175,6 @@ TEST(CudaForward, AsyncModeQueuesOnTheStream) {
   ExecOptions options{Backend::kCuda, 0, stream};
   options.cuda_async = true;
   const DilatedAttention attn(c.config(), options);
-  DeviceCase& d = d_queued;
   attn.forward(d.q.view(), d.k.view(), d.v.view(), d.out.view(), d.lse.view());
   attn.backward(d.dout.view(), d.q.view(), d.k.view(), d.v.view(), d.out.view(), d.lse.view(),
                 d.dq.view(), d.dk.view(), d.dv.view());
@@ -226,14 +207,11 @@ TEST(CudaApi, DeviceErrors) {
   TensorView q_gpu = h.q.view();
   q_gpu.device = Device::kCUDA;
   const DilatedAttention cpu(c.config());
-  Error e = error_of([&] { cpu.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
-  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-  EXPECT_NE(std::string(e.what()).find("k lives on the CPU (host memory) but this call runs on "
-                                       "a CUDA device"),
-            std::string::npos)
-      << e.what();
+  expect_error([&] { cpu.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); },
+               ErrorCode::kInvalidArgument,
+               {"k lives on the CPU (host memory) but this call runs on a CUDA device"});
   const DilatedAttention ref(c.config(), ExecOptions{Backend::kReference, 0});
-  e = error_of([&] { ref.forward(q_gpu, on_gpu, on_gpu, q_gpu); });
+  Error e = error_of([&] { ref.forward(q_gpu, on_gpu, on_gpu, q_gpu); });
   EXPECT_NE(std::string(e.what()).find("reference runs on the CPU"), std::string::npos) << e.what();
   const DilatedAttention cuda(c.config(), ExecOptions{Backend::kCuda, 0});
   e = error_of([&] { cuda.forward(h.q.view(), h.k.view(), h.v.view(), h.out.view()); });
@@ -242,21 +220,16 @@ TEST(CudaApi, DeviceErrors) {
       << e.what();
   const std::unique_ptr<Communicator> self = make_self_communicator();
   RingDilatedAttention ring(c.config(), *self);
-  e = error_of([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); });
-  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-  EXPECT_NE(std::string(e.what()).find("k lives on the CPU (host memory) but this call runs on "
-                                       "a CUDA device"),
-            std::string::npos)
-      << e.what();
-  e = error_of([&] {
-    ring.backward(h.dout.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
-                  h.dq.view(), h.dk.view(), h.dv.view());
-  });
-  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-  EXPECT_NE(std::string(e.what()).find("lives on the CPU (host memory) but this call runs on a "
-                                       "CUDA device"),
-            std::string::npos)
-      << e.what();
+  expect_error([&] { ring.forward(q_gpu, h.k.view(), h.v.view(), h.out.view()); },
+               ErrorCode::kInvalidArgument,
+               {"k lives on the CPU (host memory) but this call runs on a CUDA device"});
+  expect_error(
+      [&] {
+        ring.backward(h.dout.view(), q_gpu, h.k.view(), h.v.view(), h.out.view(), h.lse.view(),
+                      h.dq.view(), h.dk.view(), h.dv.view());
+      },
+      ErrorCode::kInvalidArgument,
+      {"lives on the CPU (host memory) but this call runs on a CUDA device"});
   e = error_of([&] {
     RingDilatedAttention(c.config(), *self, ExecOptions{Backend::kReference, 0});
   });

@@ -174,35 +174,13 @@ void check_gpu_ring(Communicator& comm, const GpuRingCase& c, uint32_t seed) {
   dout.download(out);
   dlse.download(lse);
 
-  double err = 0.0, single_err = 0.0, lse_err = 0.0, max_ref = 0.0, max_lse = 0.0;
-  int64_t bad = 0, missing = 0;
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t n = 0; n < c.n_loc; ++n)
-      for (int64_t h = 0; h < c.H; ++h) {
-        for (int64_t d = 0; d < c.D; ++d) {
-          const double x = out.get(b, n, h, d), y = full_out.get(b, row0 + n, h, d);
-          const double r = ref.out[static_cast<size_t>(((b * N + row0 + n) * c.H + h) * c.D + d)];
-          bad += !std::isfinite(x);
-          missing += x == 0.0 && std::abs(r) > kClearlyNonZero;
-          err = std::max(err, std::abs(x - r));
-          single_err = std::max(single_err, std::abs(x - y));
-          max_ref = std::max(max_ref, std::abs(r));
-        }
-        const double lr = ref.lse[static_cast<size_t>((b * c.H + h) * N + row0 + n)];
-        const double lx = lse.get(b, h, n);
-        if (std::isinf(lr)) {
-          bad += lx != lr;
-        } else {
-          lse_err = std::max(lse_err, std::abs(lx - lr));
-          max_lse = std::max(max_lse, std::abs(lr));
-        }
-      }
-  EXPECT_EQ(bad, 0);
-  EXPECT_EQ(missing, 0) << "zeros where the reference is not";
-  EXPECT_GT(max_ref, 0.05);
-  EXPECT_LE(err, bound) << "against the fp64 reference";
-  EXPECT_LE(single_err, 2.0 * bound) << "against the CPU single-device result";
-  EXPECT_LE(lse_err, 2e-5 * std::max(1.0, max_lse));
+  const ShardStats st = compare_shard(out, lse, row0, full_out, ref);
+  EXPECT_EQ(st.bad, 0);
+  EXPECT_EQ(st.missing, 0) << "zeros where the reference is not";
+  EXPECT_GT(st.max_ref, 0.05);
+  EXPECT_LE(st.err, bound) << "against the fp64 reference";
+  EXPECT_LE(st.vs_single, 2.0 * bound) << "against the CPU single-device result";
+  EXPECT_LE(st.lse_err, 2e-5 * std::max(1.0, st.max_lse));
   if (P > 1) {
     EXPECT_GT(ring.last_stats().bytes_sent, 0);  // the spanning branch's blocks moved
   }

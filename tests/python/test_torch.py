@@ -249,8 +249,8 @@ def test_cuda_tensors_in_this_build_or_without_a_gpu():
     q, k, v = qkv(b=1, n=64, h=2, hkv=2, d=16)
     fake = [_FakeCudaArray(t) for t in (q, k, v)]
     out = _FakeCudaArray(torch.empty_like(q))
-    e = error_of(lambda: ringattn._C.dilated_forward(*fake, out, None, [64], [1], "groups", False,
-                                                      None, None))
+    spec = ringattn._C.DilatedSpec([64], [1], "groups", False, None)
+    e = error_of(lambda: ringattn._C.forward(*fake, out, None, spec, None))
     if ringattn.has_cuda:
         assert isinstance(e, ringattn.DeviceError) and "no CUDA device is usable" in str(e)
     else:

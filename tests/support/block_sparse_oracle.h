@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ringattn/ringattn.h"
+#include "tests/support/expect.h"
 #include "tests/support/test_util.h"
 
 namespace ringattn::test {
@@ -162,6 +163,30 @@ inline double out_tol(DType dtype) {
 }
 inline double grad_tol(DType dtype) {
   return dtype == DType::kF32 ? 2e-5 : dtype == DType::kF16 ? 4e-3 : 3e-2;
+}
+
+// Rows that see no key: block size 16 over N = 64, causal; query block 1 lists nothing and
+// query block 0 only a later block, so rows 0-31 see none.
+inline BlockSparseConfig rows_that_see_nothing() {
+  return {{BlockPattern::block_list(16, {0, 1, 1, 3, 4}, {2, 0, 2, 3})}, true, {}};
+}
+
+// The forward and backward results in `in` (fp32, B = 1, N = 64) of rows_that_see_nothing():
+// out and dq 0 and lse -inf in rows 0-31; out and dk against the fp64 oracle.
+inline void expect_rows_that_see_nothing(const SparseInputs& in) {
+  const int64_t H = in.out.view().shape[2], D = in.out.view().shape[3];
+  for (int64_t n = 0; n < 32; ++n) {
+    for (int64_t h = 0; h < H; ++h) {
+      EXPECT_EQ(in.lse.get(0, h, n), -std::numeric_limits<float>::infinity()) << n;
+      for (int64_t d = 0; d < D; ++d) {
+        EXPECT_EQ(in.out.get(0, n, h, d), 0.0f);
+        EXPECT_EQ(in.dq.get(0, n, h, d), 0.0f);
+      }
+    }
+  }
+  const SparseOracle ref = sparse_oracle(rows_that_see_nothing(), in.q, in.k, in.v, &in.dout);
+  expect_close(compare_bnhd(in.out, ref.out), 1e-5, "out");
+  expect_close(compare_bnhd(in.dk, ref.dk), 2e-5, "dk");
 }
 
 // One block-sparse test configuration.

@@ -73,4 +73,35 @@ void expect_close(const Stats& s, double tol, const char* name) {
   EXPECT_LE(s.max_abs_err, tol * std::max(1.0, s.max_ref)) << name << " max |ref| " << s.max_ref;
 }
 
+ShardStats compare_shard(const Tensor& out, const Tensor& lse, int64_t row0, const Tensor& single,
+                         const ReferenceResult& ref) {
+  const auto& sh = out.view().shape;
+  const int64_t B = sh[0], rows = sh[1], H = sh[2], D = sh[3], N = single.view().shape[1];
+  ShardStats s;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t d = 0; d < D; ++d) {
+          const double x = out.get(b, n, h, d), y = single.get(b, row0 + n, h, d);
+          const double r = ref.out[static_cast<size_t>(((b * N + row0 + n) * H + h) * D + d)];
+          s.bad += !std::isfinite(x);
+          s.missing += x == 0.0 && std::abs(r) > kClearlyNonZero;
+          s.ref_nonzero += r != 0.0;
+          s.err = std::max(s.err, std::abs(x - r));
+          s.single_err = std::max(s.single_err, std::abs(y - r));
+          s.vs_single = std::max(s.vs_single, std::abs(x - y));
+          s.max_ref = std::max(s.max_ref, std::abs(r));
+        }
+        const double lr = ref.lse[static_cast<size_t>((b * H + h) * N + row0 + n)];
+        const double lx = lse.get(b, h, n);
+        if (std::isinf(lr)) {
+          s.bad += lx != lr;
+        } else {
+          s.lse_err = std::max(s.lse_err, std::abs(lx - lr));
+          s.max_lse = std::max(s.max_lse, std::abs(lr));
+        }
+      }
+  return s;
+}
+
 }  // namespace ringattn::test

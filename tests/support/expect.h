@@ -30,4 +30,21 @@ void expect_close(const Stats& s, double tol, const char* name);
 void expect_grads_close(DType dtype, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                         const ReferenceGrads& ref);
 
+// A rank's shard of a ring's forward, out [B, rows, H, D] and lse [B, H, rows] (fp32; global
+// rows row0, row0 + 1, ...), against the same rows of the single-device result `single`
+// [B, N, H, D] and of the fp64 reference `ref` of the whole sequence.
+struct ShardStats {
+  double err = 0.0;         // max |out - ref.out|
+  double single_err = 0.0;  // max |single - ref.out|: the single-device result's own error
+  double vs_single = 0.0;   // max |out - single|
+  double max_ref = 0.0;     // max |ref.out|
+  double lse_err = 0.0;     // max |lse - ref.lse| where ref.lse is finite
+  double max_lse = 0.0;     // max |ref.lse| where it is finite
+  int64_t bad = 0;          // outputs not finite, or lse not -inf where ref.lse is
+  int64_t missing = 0;      // outputs exactly 0 where |ref.out| > kClearlyNonZero
+  int64_t ref_nonzero = 0;  // entries of ref.out in the shard that are not zero
+};
+ShardStats compare_shard(const Tensor& out, const Tensor& lse, int64_t row0, const Tensor& single,
+                         const ReferenceResult& ref);
+
 }  // namespace ringattn::test

@@ -21,6 +21,21 @@ namespace {
 
 std::unique_ptr<Communicator> g_world;
 
+// The ranks from `first` on that report `failed` ("1,3"; empty if none), gathered over
+// MPI_COMM_WORLD: a collective, every rank calls it.
+std::string failed_ranks(bool failed, int size, int first) {
+  const int mine = failed ? 1 : 0;
+  std::vector<int> all(static_cast<size_t>(size), 0);
+  MPI_Allgather(&mine, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  std::string ranks;
+  for (int r = first; r < size; ++r) {
+    if (!all[static_cast<size_t>(r)]) continue;
+    if (!ranks.empty()) ranks += ',';
+    ranks += std::to_string(r);
+  }
+  return ranks;
+}
+
 // Replaces the default printer on ranks other than 0: failures only, tagged with the rank.
 class RankFailurePrinter : public ::testing::EmptyTestEventListener {
  public:
@@ -48,15 +63,7 @@ class RankAgreement : public ::testing::EmptyTestEventListener {
  public:
   RankAgreement(int rank, int size) : rank_(rank), size_(size) {}
   void OnTestEnd(const ::testing::TestInfo& info) override {
-    int failed = info.result()->Failed() ? 1 : 0;
-    std::vector<int> all(static_cast<size_t>(size_), 0);
-    MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
-    std::string ranks;
-    for (int r = 1; r < size_; ++r) {
-      if (!all[static_cast<size_t>(r)]) continue;
-      if (!ranks.empty()) ranks += ',';
-      ranks += std::to_string(r);
-    }
+    const std::string ranks = failed_ranks(info.result()->Failed(), size_, 1);
     if (rank_ == 0 && !ranks.empty()) {
       std::printf("[  FAILED  ] %s.%s on rank(s) %s (messages on stderr, tagged [rank r])\n",
                   info.test_suite_name(), info.name(), ranks.c_str());
@@ -115,22 +122,15 @@ int main(int argc, char** argv) {
   }
 
   // Agree on the result: which ranks failed.
-  std::vector<int> all(static_cast<size_t>(size), 0);
-  MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
-  std::string failed_ranks;
-  for (int r = 0; r < size; ++r) {
-    if (!all[static_cast<size_t>(r)]) continue;
-    if (!failed_ranks.empty()) failed_ranks += ',';
-    failed_ranks += std::to_string(r);
-  }
+  const std::string ranks = ringattn::test::failed_ranks(failed != 0, size, 0);
   if (rank == 0) {
-    if (failed_ranks.empty()) {
+    if (ranks.empty()) {
       std::printf("# all %d rank(s) passed\n", size);
     } else {
-      std::printf("# FAILED on rank(s) %s of %d\n", failed_ranks.c_str(), size);
+      std::printf("# FAILED on rank(s) %s of %d\n", ranks.c_str(), size);
     }
     std::fflush(stdout);
   }
   MPI_Finalize();
-  return failed_ranks.empty() ? 0 : 1;
+  return ranks.empty() ? 0 : 1;
 }

@@ -128,28 +128,15 @@ class ThreadComm final : public Communicator {
   int max_tag() const override { return 1 << 30; }
 
   CommRequest isend(const void* buf, size_t bytes, int peer, int tag) override {
-    check_usable("isend");
-    check_transfer_args("isend", buf, bytes, peer, tag);
-    auto op = std::make_shared<Op>();
-    op->src = rank_;
-    op->dst = peer;
-    op->tag = tag;
-    op->bytes = bytes;
+    std::shared_ptr<Op> op = transfer(false, buf, bytes, peer, tag);
     op->data.assign(static_cast<const char*>(buf), static_cast<const char*>(buf) + bytes);
     count_sent(bytes);
     return post(std::move(op));
   }
 
   CommRequest irecv(void* buf, size_t bytes, int peer, int tag) override {
-    check_usable("irecv");
-    check_transfer_args("irecv", buf, bytes, peer, tag);
-    auto op = std::make_shared<Op>();
-    op->recv = true;
-    op->src = peer;
-    op->dst = rank_;
-    op->tag = tag;
+    std::shared_ptr<Op> op = transfer(true, buf, bytes, peer, tag);
     op->buf = buf;
-    op->bytes = bytes;
     return post(std::move(op));
   }
 
@@ -219,6 +206,21 @@ class ThreadComm final : public Communicator {
       return std::min(a, b);
     }
   };
+
+  // The operation of an irecv (`recv`) or isend of `bytes` with `peer`, its arguments checked
+  // (its buffer not yet set).
+  std::shared_ptr<Op> transfer(bool recv, const void* buf, size_t bytes, int peer, int tag) {
+    const char* call = recv ? "irecv" : "isend";
+    check_usable(call);
+    check_transfer_args(call, buf, bytes, peer, tag);
+    auto op = std::make_shared<Op>();
+    op->recv = recv;
+    op->src = recv ? peer : rank_;
+    op->dst = recv ? rank_ : peer;
+    op->tag = tag;
+    op->bytes = bytes;
+    return op;
+  }
 
   CommRequest post(std::shared_ptr<Op> op) {
     const std::lock_guard<std::mutex> lock(world_->mutex);

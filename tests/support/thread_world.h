@@ -21,6 +21,7 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "tests/support/test_util.h"
 
 namespace ringattn::test {
 
@@ -42,5 +43,30 @@ struct RankResult {
 // ringattn::Error is reported as an Error of code kInternal.
 std::vector<RankResult> run_ranks(const std::vector<std::unique_ptr<Communicator>>& comms,
                                   const std::function<void(Communicator&, int)>& fn);
+
+// The whole-sequence tensors of a forward and backward: [B, N, heads, D]; lse [B, H, N].
+struct AttentionTensors {
+  const Tensor &q, &k, &v, &dout, &out, &lse, &dq, &dk, &dv;
+};
+
+// Forward then backward of a `Ring` (RingDilatedAttention or BlockSparseRingDilatedAttention)
+// under `cfg` on P thread ranks of one world (one kernel thread each): rank r reads and writes
+// rows [r n_loc, (r + 1) n_loc) of every tensor of `t`. Returns what each rank did.
+template <typename Ring, typename Config>
+std::vector<RankResult> run_ring_on_threads(int P, Matching matching, const Config& cfg,
+                                            int64_t n_loc, const AttentionTensors& t) {
+  const auto comms = make_thread_world(P, matching);
+  return run_ranks(comms, [&](Communicator& comm, int rank) {
+    const int64_t r0 = rank * n_loc;
+    const auto rows = [&](const Tensor& x) { return rows_of(x, r0, n_loc, 1); };
+    const TensorView lse = rows_of(t.lse, r0, n_loc, 2);
+    ExecOptions opt;
+    opt.num_threads = 1;
+    Ring ring(cfg, comm, opt);
+    ring.forward(rows(t.q), rows(t.k), rows(t.v), rows(t.out), lse);
+    ring.backward(rows(t.dout), rows(t.q), rows(t.k), rows(t.v), rows(t.out), lse, rows(t.dq),
+                  rows(t.dk), rows(t.dv));
+  });
+}
 
 }  // namespace ringattn::test

@@ -40,6 +40,13 @@ class CpuBf16Kernel : public ::testing::TestWithParam<CpuBf16> {
     return o;
   }
 
+  // q and k of `in` drawn again (from seed + 1000) with standard deviation `stddev`.
+  static void redraw_qk(CaseTensors& in, uint32_t seed, float stddev) {
+    std::mt19937 rng(seed + 1000);
+    in.q.fill_normal(rng, stddev);
+    in.k.fill_normal(rng, stddev);
+  }
+
   // Forward of `c` (bf16) on inputs drawn with standard deviation `stddev` (q and k; v is
   // N(0, 1)) against the fp64 reference: within twice the naive bf16 computation's error.
   void check_forward(Case c, uint32_t seed, float stddev = 1.0f,
@@ -47,9 +54,7 @@ class CpuBf16Kernel : public ::testing::TestWithParam<CpuBf16> {
     c.dtype = DType::kBF16;
     SCOPED_TRACE(describe(c) + " stddev " + std::to_string(stddev));
     CaseTensors in(c, seed);
-    std::mt19937 rng(seed + 1000);
-    in.q.fill_normal(rng, stddev);
-    in.k.fill_normal(rng, stddev);
+    redraw_qk(in, seed, stddev);
     DilatedConfig cfg = c.config();
     cfg.scale = scale;
     DilatedAttention(cfg, options())
@@ -65,22 +70,32 @@ class CpuBf16Kernel : public ::testing::TestWithParam<CpuBf16> {
     c.dtype = DType::kBF16;
     SCOPED_TRACE(describe(c) + " stddev " + std::to_string(stddev));
     CaseTensors in(c, seed);
-    std::mt19937 rng(seed + 1000);
-    in.q.fill_normal(rng, stddev);
-    in.k.fill_normal(rng, stddev);
+    redraw_qk(in, seed, stddev);
     const DilatedAttention attn(c.config(), options());
     attn.forward(in.q.view(), in.k.view(), in.v.view(), in.out.view(), in.lse.view());
     attn.backward(in.dout.view(), in.q.view(), in.k.view(), in.v.view(), in.out.view(),
                   in.lse.view(), in.dq.view(), in.dk.view(), in.dv.view());
     expect_grads_close(DType::kBF16, in.dq, in.dk, in.dv, reference_backward(in.problem()));
   }
+
+  // `trials` random configurations (D from 16 to 128) drawn from `rng_seed`, the inputs of
+  // trial t from seed0 + t: forward, or with `backward` forward and backward.
+  void check_random(uint32_t rng_seed, int trials, uint32_t seed0, bool backward) {
+    std::mt19937 rng(rng_seed);
+    for (int trial = 0; trial < trials; ++trial) {
+      const Case c = random_case(rng, {16, 32, 64, 80, 128});
+      const uint32_t seed = seed0 + static_cast<uint32_t>(trial);
+      if (backward) {
+        check_backward(c, seed);
+      } else {
+        check_forward(c, seed);
+      }
+    }
+  }
 };
 
 TEST_P(CpuBf16Kernel, ForwardRandomisedConfigurations) {
-  std::mt19937 rng(1);
-  for (int trial = 0; trial < 16; ++trial) {
-    check_forward(random_case(rng, {16, 32, 64, 80, 128}), 100 + trial);
-  }
+  check_random(1, 16, 100, false);
 }
 
 TEST_P(CpuBf16Kernel, ForwardHeadDimsScalesAndStrides) {
@@ -111,10 +126,7 @@ TEST_P(CpuBf16Kernel, ForwardLongRows) {
 }
 
 TEST_P(CpuBf16Kernel, BackwardRandomisedConfigurations) {
-  std::mt19937 rng(2);
-  for (int trial = 0; trial < 10; ++trial) {
-    check_backward(random_case(rng, {16, 32, 64, 80, 128}), 500 + trial);
-  }
+  check_random(2, 10, 500, true);
 }
 
 TEST_P(CpuBf16Kernel, BackwardHeadDimsStridesAndAdversarialInputs) {

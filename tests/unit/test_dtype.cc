@@ -26,31 +26,35 @@ TEST(DType, Fp16RoundTripsEveryBitPattern) {
   }
 }
 
-TEST(DType, Fp16RoundsLikeTheCompiler) {
-  std::mt19937 rng(1);
+// Calls fn(f) on `count` floats of random bit patterns (NaNs included) drawn from `seed`;
+// stops at a fatal failure.
+template <typename Fn>
+void for_random_floats(uint32_t seed, int count, Fn&& fn) {
+  std::mt19937 rng(seed);
   std::uniform_int_distribution<uint32_t> any;
-  for (int i = 0; i < 2000000; ++i) {
-    uint32_t u = any(rng);
+  for (int i = 0; i < count && !::testing::Test::HasFatalFailure(); ++i) {
+    const uint32_t u = any(rng);
     float f;
     std::memcpy(&f, &u, 4);
-    if (std::isnan(f)) continue;
+    fn(f);
+  }
+}
+
+TEST(DType, Fp16RoundsLikeTheCompiler) {
+  for_random_floats(1, 2000000, [](float f) {
+    if (std::isnan(f)) return;
     const _Float16 ref = static_cast<_Float16>(f);
     uint16_t ref_bits;
     std::memcpy(&ref_bits, &ref, 2);
     ASSERT_EQ(from_f32<fp16_t>(f).bits, ref_bits) << f;
-  }
+  });
 }
 
 TEST(DType, Bf16RoundsToNearestEven) {
-  std::mt19937 rng(2);
-  std::uniform_int_distribution<uint32_t> any;
-  for (int i = 0; i < 1000000; ++i) {
-    uint32_t u = any(rng);
-    float f;
-    std::memcpy(&f, &u, 4);
+  for_random_floats(2, 1000000, [](float f) {
     if (std::isnan(f)) {
       EXPECT_TRUE(std::isnan(to_f32(from_f32<bf16_t>(f))));
-      continue;
+      return;
     }
     const float r = to_f32(from_f32<bf16_t>(f));
     // r is a bf16 value; the neighbours of r in bf16 are no closer to f.
@@ -66,7 +70,7 @@ TEST(DType, Bf16RoundsToNearestEven) {
         ASSERT_LE(err, std::abs(double(n) - double(f))) << f;
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -74,6 +74,14 @@ struct LargeCase {
     }
     EXPECT_GT(compare_bnhd(dv, ref.dv).nonzero, 0);
   }
+
+  // Forward then backward under `cfg` on one device.
+  void run(const DilatedConfig& cfg) {
+    const DilatedAttention a(cfg);
+    a.forward(q.view(), k.view(), v.view(), out.view(), lse.view());
+    a.backward(dout.view(), q.view(), k.view(), v.view(), out.view(), lse.view(), dq.view(),
+               dk.view(), dv.view());
+  }
 };
 
 TEST(LargeScores, GradientsMatchTheReferenceOnOneDevice) {
@@ -84,10 +92,7 @@ TEST(LargeScores, GradientsMatchTheReferenceOnOneDevice) {
                      std::to_string(mag));
         LargeCase c(mag);
         DilatedConfig cfg{{32, 64}, {1, 2}, mode, causal, 1.0f};
-        const DilatedAttention a(cfg);
-        a.forward(c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view());
-        a.backward(c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view(),
-                   c.dq.view(), c.dk.view(), c.dv.view());
+        c.run(cfg);
         const ReferenceGrads ref = reference_backward(make_backward_problem(
             cfg, c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view(),
             c.dq.view(), c.dk.view(), c.dv.view(), 1 << 20, "reference"));
@@ -101,11 +106,7 @@ TEST(LargeScores, GradientsStayFiniteAtAnyMagnitude) {
   for (Mode mode : {Mode::kGroups, Mode::kLongNet}) {
     for (double mag : {1e8, 1e12, 1e20}) {
       LargeCase c(mag);
-      DilatedConfig cfg{{32, 64}, {1, 2}, mode, false, 1.0f};
-      const DilatedAttention a(cfg);
-      a.forward(c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view());
-      a.backward(c.dout.view(), c.q.view(), c.k.view(), c.v.view(), c.out.view(), c.lse.view(),
-                 c.dq.view(), c.dk.view(), c.dv.view());
+      c.run(DilatedConfig{{32, 64}, {1, 2}, mode, false, 1.0f});
       for (const Tensor* t : {&c.out, &c.dq, &c.dk, &c.dv}) {
         const std::vector<double> x = to_double(*t);
         EXPECT_TRUE(std::all_of(x.begin(), x.end(), [](double y) { return std::isfinite(y); }))
@@ -172,18 +173,8 @@ TEST(LargeScores, RingGradientsMatchTheReference) {
       Tensor out(DType::kF32, {1, N, 2, 16}), lse(DType::kF32, {1, 2, N}),
           dq(DType::kF32, {1, N, 2, 16}), dk(DType::kF32, {1, N, 1, 16}),
           dv(DType::kF32, {1, N, 1, 16});
-      const auto comms = make_thread_world(P, Matching::kMpi);
-      const std::vector<RankResult> res = run_ranks(comms, [&](Communicator& comm, int rank) {
-        const int64_t r0 = rank * n_loc;
-        ExecOptions opt;
-        opt.num_threads = 1;
-        RingDilatedAttention ring(cfg, comm, opt);
-        ring.forward(rows_of(q, r0, n_loc), rows_of(k, r0, n_loc), rows_of(v, r0, n_loc),
-                     rows_of(out, r0, n_loc), rows_of(lse, r0, n_loc, 2));
-        ring.backward(rows_of(dout, r0, n_loc), rows_of(q, r0, n_loc), rows_of(k, r0, n_loc),
-                      rows_of(v, r0, n_loc), rows_of(out, r0, n_loc), rows_of(lse, r0, n_loc, 2),
-                      rows_of(dq, r0, n_loc), rows_of(dk, r0, n_loc), rows_of(dv, r0, n_loc));
-      });
+      const std::vector<RankResult> res = run_ring_on_threads<RingDilatedAttention>(
+          P, Matching::kMpi, cfg, n_loc, {q, k, v, dout, out, lse, dq, dk, dv});
       for (const RankResult& r : res) ASSERT_TRUE(r.ok) << r.message;
       const ReferenceGrads ref = reference_backward(
           make_backward_problem(cfg, dout.view(), q.view(), k.view(), v.view(), out.view(),

@@ -481,20 +481,14 @@ TEST(Multihead, XavierInitialisation) {
   for (float g : a.out_norm_weight) EXPECT_EQ(g, 1.0f);
 }
 
-}  // namespace
-}  // namespace ringattn::test
-
-namespace ringattn::test {
-namespace {
-
 // The layer an object builds once is shared by its copies and owns what it uses: a copy
-// whose original is gone computes what the original did, on shapes that change call by call.
-TEST(Multihead, ACopyOutlivesItsOriginalAcrossShapes) {
-  const LayerCase c{2, 16, 32, 4, 2, {8, 16}, {1, 2}, Mode::kGroups, true};
-  const MultiheadWeights w = random_weights(c.config(), 3);
-  auto original = std::make_unique<MultiheadDilatedAttention>(c.config(), w);
-  const MultiheadDilatedAttention copy = *original;
-  const MultiheadDilatedAttention fresh(c.config(), w);
+// whose original is gone computes what the original did, on shapes that change call by call
+// (make() makes the original, and a fresh object with the same weights).
+template <typename Make>
+void expect_copy_outlives_original(const LayerCase& c, Make make) {
+  auto original = make();
+  auto copy = *original;
+  const auto fresh = make();
   for (const int64_t n : {int64_t{16}, int64_t{32}, int64_t{16}}) {
     const size_t size = static_cast<size_t>(c.B * n * c.E);
     const std::vector<float> x = normal_vector(size, static_cast<uint32_t>(n));
@@ -506,12 +500,31 @@ TEST(Multihead, ACopyOutlivesItsOriginalAcrossShapes) {
       original->forward(view(x), view(want));
       original.reset();  // the copy goes on alone
     } else {
-      fresh.forward(view(x), view(want));
+      fresh->forward(view(x), view(want));
     }
     copy.forward(view(x), view(got));
     EXPECT_EQ(got, want) << "N = " << n;
     EXPECT_GT(std::count_if(got.begin(), got.end(), [](float v) { return v != 0.0f; }), 0);
   }
+}
+
+const LayerCase kCopyCase{2, 16, 32, 4, 2, {8, 16}, {1, 2}, Mode::kGroups, true};
+
+TEST(Multihead, ACopyOutlivesItsOriginalAcrossShapes) {
+  const MultiheadWeights w = random_weights(kCopyCase.config(), 3);
+  expect_copy_outlives_original(kCopyCase, [&] {
+    return std::make_unique<MultiheadDilatedAttention>(kCopyCase.config(), w);
+  });
+}
+
+// The distributed layer (its ring and layer made once, shared by copies) on a 1 x 1 grid.
+TEST(Distributed, ACopyOutlivesItsOriginalAcrossShapes) {
+  const MultiheadWeights w = random_weights(kCopyCase.config(), 4);
+  const std::unique_ptr<Communicator> seq = make_self_communicator();
+  const std::unique_ptr<Communicator> head = make_self_communicator();
+  expect_copy_outlives_original(kCopyCase, [&] {
+    return std::make_unique<DistributedDilatedAttention>(kCopyCase.config(), *seq, *head, w);
+  });
 }
 
 }  // namespace

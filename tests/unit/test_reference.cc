@@ -12,10 +12,23 @@
 namespace ringattn::test {
 namespace {
 
-ReferenceResult run_reference(const DilatedConfig& cfg, const Tensor& q, const Tensor& k,
-                              const Tensor& v, Tensor& out) {
-  return reference_forward(make_problem(cfg, q.view(), k.view(), v.view(), out.view(), std::nullopt,
-                                        1 << 20, "reference"));
+// fp32 q [B, N, H, D] and k, v [B, N, Hkv, D] drawn from `rng` (in that order), and an out.
+struct RandomInputs {
+  Tensor q, k, v, out;
+  RandomInputs(std::mt19937& rng, int64_t B, int64_t N, int64_t H, int64_t Hkv, int64_t D)
+      : q(DType::kF32, {B, N, H, D}),
+        k(DType::kF32, {B, N, Hkv, D}),
+        v(DType::kF32, {B, N, Hkv, D}),
+        out(DType::kF32, {B, N, H, D}) {
+    q.fill_normal(rng);
+    k.fill_normal(rng);
+    v.fill_normal(rng);
+  }
+};
+
+ReferenceResult run_reference(const DilatedConfig& cfg, const RandomInputs& in) {
+  return reference_forward(make_problem(cfg, in.q.view(), in.k.view(), in.v.view(), in.out.view(),
+                                        std::nullopt, 1 << 20, "reference"));
 }
 
 void expect_close(const std::vector<double>& a, const std::vector<double>& b, double tol) {
@@ -46,13 +59,9 @@ TEST(Reference, MatchesBruteForceOracle) {
     SCOPED_TRACE(testing::Message() << "N=" << c.N << " H=" << c.H << " mode=" << mode_name(c.mode)
                                     << " causal=" << c.causal);
     DilatedConfig cfg{c.s, c.r, c.mode, c.causal, std::nullopt};
-    Tensor q(DType::kF32, {c.B, c.N, c.H, c.D}), k(DType::kF32, {c.B, c.N, c.Hkv, c.D}),
-        v(DType::kF32, {c.B, c.N, c.Hkv, c.D}), out(DType::kF32, {c.B, c.N, c.H, c.D});
-    q.fill_normal(rng);
-    k.fill_normal(rng);
-    v.fill_normal(rng);
-    const ReferenceResult ref = run_reference(cfg, q, k, v, out);
-    const OracleResult orc = oracle_forward(cfg, q, k, v);
+    const RandomInputs in(rng, c.B, c.N, c.H, c.Hkv, c.D);
+    const ReferenceResult ref = run_reference(cfg, in);
+    const OracleResult orc = oracle_forward(cfg, in.q, in.k, in.v);
     expect_close(ref.out, orc.out, 1e-12);
     expect_close(ref.lse, orc.lse, 1e-12);
   }
@@ -63,12 +72,8 @@ TEST(Reference, WorkedExampleFromSpec) {
   std::mt19937 rng(2);
   DilatedConfig cfg{{4, 8}, {1, 2}, Mode::kGroups, false, std::nullopt};
   const int64_t N = 16, H = 4, D = 4;
-  Tensor q(DType::kF32, {1, N, H, D}), k(DType::kF32, {1, N, H, D}), v(DType::kF32, {1, N, H, D}),
-      out(DType::kF32, {1, N, H, D});
-  q.fill_normal(rng);
-  k.fill_normal(rng);
-  v.fill_normal(rng);
-  const ReferenceResult ref = run_reference(cfg, q, k, v, out);
+  const RandomInputs in(rng, 1, N, H, H, D);
+  const ReferenceResult ref = run_reference(cfg, in);
   auto at = [&](int64_t n, int64_t h, int64_t d) { return ref.out[((n * H) + h) * D + d]; };
   // Heads 2-3 are zero at even rows; at odd rows they are non-zero.
   for (int64_t n = 0; n < N; ++n)
@@ -85,26 +90,27 @@ TEST(Reference, WorkedExampleFromSpec) {
   double w[4], sum = 0.0;
   for (int64_t j = 0; j < 4; ++j) {
     double dot = 0.0;
-    for (int64_t d = 0; d < D; ++d) dot += double(q.get(0, n, h, d)) * k.get(0, 4 + j, h, d);
+    for (int64_t d = 0; d < D; ++d) dot += double(in.q.get(0, n, h, d)) * in.k.get(0, 4 + j, h, d);
     w[j] = std::exp(dot * 0.5);
     sum += w[j];
   }
   for (int64_t d = 0; d < D; ++d) {
     double o = 0.0;
-    for (int64_t j = 0; j < 4; ++j) o += w[j] / sum * v.get(0, 4 + j, h, d);
+    for (int64_t j = 0; j < 4; ++j) o += w[j] / sum * in.v.get(0, 4 + j, h, d);
     EXPECT_NEAR(at(n, h, d), o / 2.0, 1e-12);
   }
   // Head 3, row 9 attends to rows {9, 11, 13, 15} (offset 1, second segment).
   double w3[4], sum3 = 0.0;
   for (int64_t j = 0; j < 4; ++j) {
     double dot = 0.0;
-    for (int64_t d = 0; d < D; ++d) dot += double(q.get(0, 9, 3, d)) * k.get(0, 9 + 2 * j, 3, d);
+    for (int64_t d = 0; d < D; ++d)
+      dot += double(in.q.get(0, 9, 3, d)) * in.k.get(0, 9 + 2 * j, 3, d);
     w3[j] = std::exp(dot * 0.5);
     sum3 += w3[j];
   }
   for (int64_t d = 0; d < D; ++d) {
     double o = 0.0;
-    for (int64_t j = 0; j < 4; ++j) o += w3[j] / sum3 * v.get(0, 9 + 2 * j, 3, d);
+    for (int64_t j = 0; j < 4; ++j) o += w3[j] / sum3 * in.v.get(0, 9 + 2 * j, 3, d);
     EXPECT_NEAR(at(9, 3, d), o / 2.0, 1e-12);
   }
 }
@@ -144,39 +150,27 @@ TEST(Reference, FullSegmentRateOneIsDenseAttention) {
   std::mt19937 rng(3);
   for (bool causal : {false, true}) {
     DilatedConfig cfg{{32}, {1}, Mode::kGroups, causal, std::nullopt};
-    Tensor q(DType::kF32, {2, 32, 4, 8}), k(DType::kF32, {2, 32, 2, 8}),
-        v(DType::kF32, {2, 32, 2, 8}), out(DType::kF32, {2, 32, 4, 8});
-    q.fill_normal(rng);
-    k.fill_normal(rng);
-    v.fill_normal(rng);
-    expect_close(run_reference(cfg, q, k, v, out).out, dense_attention(q, k, v, causal, 32), 1e-12);
+    const RandomInputs in(rng, 2, 32, 4, 2, 8);
+    expect_close(run_reference(cfg, in).out, dense_attention(in.q, in.k, in.v, causal, 32), 1e-12);
   }
 }
 
 TEST(Reference, RateOneShortSegmentIsBlockDiagonal) {
   std::mt19937 rng(4);
   DilatedConfig cfg{{8}, {1}, Mode::kGroups, false, std::nullopt};
-  Tensor q(DType::kF32, {1, 32, 2, 8}), k(DType::kF32, {1, 32, 2, 8}),
-      v(DType::kF32, {1, 32, 2, 8}), out(DType::kF32, {1, 32, 2, 8});
-  q.fill_normal(rng);
-  k.fill_normal(rng);
-  v.fill_normal(rng);
-  expect_close(run_reference(cfg, q, k, v, out).out, dense_attention(q, k, v, false, 8), 1e-12);
+  const RandomInputs in(rng, 1, 32, 2, 2, 8);
+  expect_close(run_reference(cfg, in).out, dense_attention(in.q, in.k, in.v, false, 8), 1e-12);
 }
 
 // longnet with two identical branches: every key counts twice, which is the same softmax
 // as one branch (multiplicity cancels), and lse grows by log(2).
 TEST(Reference, LongNetIsOneSoftmaxOverTheMultisetOfKeys) {
   std::mt19937 rng(5);
-  Tensor q(DType::kF32, {1, 16, 2, 4}), k(DType::kF32, {1, 16, 2, 4}),
-      v(DType::kF32, {1, 16, 2, 4}), out(DType::kF32, {1, 16, 2, 4});
-  q.fill_normal(rng);
-  k.fill_normal(rng);
-  v.fill_normal(rng);
+  const RandomInputs in(rng, 1, 16, 2, 2, 4);
   DilatedConfig once{{8}, {1}, Mode::kLongNet, true, std::nullopt};
   DilatedConfig twice{{8, 8}, {1, 1}, Mode::kLongNet, true, std::nullopt};
-  const ReferenceResult a = run_reference(once, q, k, v, out);
-  const ReferenceResult b = run_reference(twice, q, k, v, out);
+  const ReferenceResult a = run_reference(once, in);
+  const ReferenceResult b = run_reference(twice, in);
   expect_close(b.out, a.out, 1e-12);
   for (size_t i = 0; i < a.lse.size(); ++i) EXPECT_NEAR(b.lse[i], a.lse[i] + std::log(2.0), 1e-12);
 }

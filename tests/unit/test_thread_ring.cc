@@ -24,6 +24,25 @@ struct RingSetup {
   DilatedConfig cfg;
 };
 
+// The ring's out, dq, dk, dv (`ring`) against one process's (`one`): finite, no zeros where
+// one's are not, within fp32 rounding; out non-zero, and with `grads_nonzero` the gradients
+// too.
+void expect_outputs_match(const AttentionTensors& ring, const AttentionTensors& one,
+                          bool grads_nonzero) {
+  for (const auto& [ring_t, one_t] : {std::pair<const Tensor*, const Tensor*>{&ring.out, &one.out},
+                                      {&ring.dq, &one.dq},
+                                      {&ring.dk, &one.dk},
+                                      {&ring.dv, &one.dv}}) {
+    const Stats st = compare_bnhd(*ring_t, to_double(*one_t));
+    EXPECT_EQ(st.nonfinite, 0);
+    EXPECT_EQ(st.missing, 0);
+    if (ring_t == &ring.out || grads_nonzero) {
+      EXPECT_GT(st.nonzero, 0);
+    }
+    EXPECT_LE(st.max_abs_err, 2e-5 * std::max(1.0, st.max_ref));
+  }
+}
+
 // Forward and backward of the ring on P thread ranks against one process on the whole
 // sequence: every rank's rows of out, lse, dq, dk, dv within fp32 rounding of it.
 void expect_ring_matches_single(const RingSetup& s, Matching matching) {
@@ -43,32 +62,13 @@ void expect_ring_matches_single(const RingSetup& s, Matching matching) {
   Tensor r_out(DType::kF32, {s.B, N, s.H, s.D}), r_lse(DType::kF32, {s.B, s.H, N}),
       r_dq(DType::kF32, {s.B, N, s.H, s.D}), r_dk(DType::kF32, {s.B, N, s.Hkv, s.D}),
       r_dv(DType::kF32, {s.B, N, s.Hkv, s.D});
-  const auto comms = make_thread_world(s.P, matching);
-  const std::vector<RankResult> results = run_ranks(comms, [&](Communicator& comm, int rank) {
-    const int64_t r0 = rank * s.n_loc, n = s.n_loc;
-    ExecOptions opt;
-    opt.num_threads = 1;
-    RingDilatedAttention ring(s.cfg, comm, opt);
-    ring.forward(rows_of(q, r0, n, 1), rows_of(k, r0, n, 1), rows_of(v, r0, n, 1),
-                 rows_of(r_out, r0, n, 1), rows_of(r_lse, r0, n, 2));
-    ring.backward(rows_of(dout, r0, n, 1), rows_of(q, r0, n, 1), rows_of(k, r0, n, 1),
-                  rows_of(v, r0, n, 1), rows_of(r_out, r0, n, 1), rows_of(r_lse, r0, n, 2),
-                  rows_of(r_dq, r0, n, 1), rows_of(r_dk, r0, n, 1), rows_of(r_dv, r0, n, 1));
-  });
+  const AttentionTensors ring{q, k, v, dout, r_out, r_lse, r_dq, r_dk, r_dv};
+  const std::vector<RankResult> results =
+      run_ring_on_threads<RingDilatedAttention>(s.P, matching, s.cfg, s.n_loc, ring);
   for (int r = 0; r < s.P; ++r)
     ASSERT_TRUE(results[static_cast<size_t>(r)].ok) << results[r].message;
-  for (const auto& [ring_t, one_t] : {std::pair<const Tensor*, const Tensor*>{&r_out, &out},
-                                      {&r_dq, &dq},
-                                      {&r_dk, &dk},
-                                      {&r_dv, &dv}}) {
-    const Stats st = compare_bnhd(*ring_t, to_double(*one_t));
-    EXPECT_EQ(st.nonfinite, 0);
-    EXPECT_EQ(st.missing, 0);  // (gradients may be exactly 0: one key per query)
-    if (ring_t == &r_out) {
-      EXPECT_GT(st.nonzero, 0);
-    }
-    EXPECT_LE(st.max_abs_err, 2e-5 * std::max(1.0, st.max_ref));
-  }
+  // Gradients may be exactly 0 (one key per query): only out must be non-zero.
+  expect_outputs_match(ring, {q, k, v, dout, out, lse, dq, dk, dv}, false);
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t h = 0; h < s.H; ++h)
       for (int64_t n = 0; n < N; ++n) {
@@ -224,29 +224,11 @@ TEST(ThreadRing, BlockSparseRingFollowsNcclMatchingRules) {
   Tensor r_out(DType::kF32, {1, N, H, D}), r_lse(DType::kF32, {1, H, N}),
       r_dq(DType::kF32, {1, N, H, D}), r_dk(DType::kF32, {1, N, H, D}),
       r_dv(DType::kF32, {1, N, H, D});
-  const auto comms = make_thread_world(P, Matching::kNccl);
-  const std::vector<RankResult> res = run_ranks(comms, [&](Communicator& comm, int rank) {
-    const int64_t r0 = rank * n_loc;
-    ExecOptions opt;
-    opt.num_threads = 1;
-    BlockSparseRingDilatedAttention ring(cfg, comm, opt);
-    ring.forward(rows_of(q, r0, n_loc, 1), rows_of(k, r0, n_loc, 1), rows_of(v, r0, n_loc, 1),
-                 rows_of(r_out, r0, n_loc, 1), rows_of(r_lse, r0, n_loc, 2));
-    ring.backward(rows_of(dout, r0, n_loc, 1), rows_of(q, r0, n_loc, 1), rows_of(k, r0, n_loc, 1),
-                  rows_of(v, r0, n_loc, 1), rows_of(r_out, r0, n_loc, 1),
-                  rows_of(r_lse, r0, n_loc, 2), rows_of(r_dq, r0, n_loc, 1),
-                  rows_of(r_dk, r0, n_loc, 1), rows_of(r_dv, r0, n_loc, 1));
-  });
+  const AttentionTensors ring{q, k, v, dout, r_out, r_lse, r_dq, r_dk, r_dv};
+  const std::vector<RankResult> res =
+      run_ring_on_threads<BlockSparseRingDilatedAttention>(P, Matching::kNccl, cfg, n_loc, ring);
   for (const RankResult& r : res) ASSERT_TRUE(r.ok) << r.message;
-  for (const auto& [a, b] : {std::pair<const Tensor*, const Tensor*>{&r_out, &out},
-                             {&r_dq, &dq},
-                             {&r_dk, &dk},
-                             {&r_dv, &dv}}) {
-    const Stats st = compare_bnhd(*a, to_double(*b));
-    EXPECT_GT(st.nonzero, 0);
-    EXPECT_EQ(st.nonfinite, 0);
-    EXPECT_LE(st.max_abs_err, 2e-5 * std::max(1.0, st.max_ref));
-  }
+  expect_outputs_match(ring, {q, k, v, dout, out, lse, dq, dk, dv}, true);
 }
 
 // Every planned transfer between simulated ranks has its partner: a send of span s in step k

@@ -242,6 +242,20 @@ inline void lse2_of(const Problem& p, int64_t b, int64_t n, int64_t h, float& hi
   lo = static_cast<float>(l2 - hi);
 }
 
+// A backward query block's lse rows: for rows i < nq (local row first_row + i * stride of
+// batch b, head h) the lse in log2 units (lse2_of); rows nq..rows-1 are padding: P = 0
+// (lse2 = +inf) and dr = 0 (the caller computes dr, dO . O, of the rows below nq).
+inline void backward_row_lse(const Problem& p, int64_t b, int64_t h, int64_t first_row,
+                             int64_t stride, int64_t nq, int64_t rows, float* lse2, float* lse2_lo,
+                             float* dr) {
+  for (int64_t i = 0; i < nq; ++i) lse2_of(p, b, first_row + i * stride, h, lse2[i], lse2_lo[i]);
+  for (int64_t i = nq; i < rows; ++i) {
+    lse2[i] = static_cast<float>(kInfD);
+    lse2_lo[i] = 0.0f;
+    dr[i] = 0.0f;
+  }
+}
+
 // Backward tiles: a key block of kKeyBlock rows (dk, dv accumulate in scratch) meets query
 // blocks of kQueryBlock rows; the five products run on the forward's micro-tile.
 struct BackwardTiles {

@@ -389,14 +389,8 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
       PackTransposed(dout, r * bp.dout_st.n, nq, QB, D, D, QB, p.out_factor, sc.dot);
       PackRows(dout, r * bp.dout_st.n, nq, QR, D, dp, p.out_factor, sc.dout);
       const T* out = reinterpret_cast<const T*>(at(p.out, p.out_st, i0));
-      for (int64_t i = 0; i < QB; ++i) {
-        if (i >= nq) {
-          sc.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
-          sc.lse2_lo[i] = 0.0f;
-          sc.dr[i] = 0.0f;
-          continue;
-        }
-        lse2_of(p, b, row0 + (i0 + i) * r, h, sc.lse2[i], sc.lse2_lo[i]);
+      backward_row_lse(p, b, h, row0 + i0 * r, r, nq, QB, sc.lse2, sc.lse2_lo, sc.dr);
+      for (int64_t i = 0; i < nq; ++i) {
         float dr = 0.0f;
         for (int64_t c = 0; c < D; ++c) {
           dr += to_f32(dout[i * r * bp.dout_st.n + c]) * to_f32(out[i * r * p.out_st.n + c]);

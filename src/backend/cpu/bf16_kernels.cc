@@ -63,27 +63,17 @@ const Bf16Support& support() {
 
 CpuBf16 resolve_bf16(CpuBf16 requested) {
   const Bf16Support& s = support();
-  switch (requested) {
-    case CpuBf16::kAuto:
-      return s.amx ? CpuBf16::kAmx : s.dot ? CpuBf16::kDot : CpuBf16::kWiden;
-    case CpuBf16::kWiden:
-      return CpuBf16::kWiden;
-    case CpuBf16::kDot:
-      if (!s.dot) {
-        fail(ErrorCode::kUnsupported,
-             "cpu_bf16 = dot, but this CPU has no AVX512_BF16 dot-product instructions; use "
-             "cpu_bf16 = auto (picks what the CPU has) or widen");
-      }
-      return CpuBf16::kDot;
-    case CpuBf16::kAmx:
-      if (!s.amx) {
-        fail(ErrorCode::kUnsupported,
-             "cpu_bf16 = amx, but this CPU has no AMX-BF16 tiles or the OS refused the tile "
-             "state (Linux 5.16+ grants it through arch_prctl); use cpu_bf16 = auto or dot");
-      }
-      return CpuBf16::kAmx;
+  if (requested == CpuBf16::kAuto) {
+    return s.amx ? CpuBf16::kAmx : s.dot ? CpuBf16::kDot : CpuBf16::kWiden;
   }
-  return CpuBf16::kWiden;
+  require_supported(requested != CpuBf16::kDot || s.dot,
+                    "cpu_bf16 = dot, but this CPU has no AVX512_BF16 dot-product instructions; "
+                    "use cpu_bf16 = auto (picks what the CPU has) or widen");
+  require_supported(requested != CpuBf16::kAmx || s.amx,
+                    "cpu_bf16 = amx, but this CPU has no AMX-BF16 tiles or the OS refused the "
+                    "tile state (Linux 5.16+ grants it through arch_prctl); use cpu_bf16 = auto "
+                    "or dot");
+  return requested;
 }
 
 }  // namespace ringattn::cpu
@@ -670,17 +660,8 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
     PackPairsTransposed(dout, ds, nq, kQueryBlock, D, dp, kQueryBlock, 0u, buf.dot2);
     PackRowPairs(q, qs, nq, kQueryBlock, D, dp, buf.q2);
     PackRowPairs(dout, ds, nq, kQueryBlock, D, dp, buf.do2);
-    for (int64_t i = 0; i < kQueryBlock; ++i) {
-      if (i >= nq) {
-        buf.lse2[i] = std::numeric_limits<float>::infinity();  // P = 0
-        buf.lse2_lo[i] = 0.0f;
-        buf.dr[i] = 0.0f;
-        continue;
-      }
-      const int64_t n = row0 + (i0 + i) * r;
-      lse2_of(p, b, n, h, buf.lse2[i], buf.lse2_lo[i]);
-      buf.dr[i] = DotBf16(dout + i * ds, out + i * os, D);
-    }
+    backward_row_lse(p, b, h, row0 + i0 * r, r, nq, kQueryBlock, buf.lse2, buf.lse2_lo, buf.dr);
+    for (int64_t i = 0; i < nq; ++i) buf.dr[i] = DotBf16(dout + i * ds, out + i * os, D);
     std::memset(buf.dqt, 0, sizeof(float) * static_cast<size_t>(dp * kQueryBlock));
 
     for (int64_t j0 = tk0; j0 < k_end; j0 += kKeyBlock) {
