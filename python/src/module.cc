@@ -343,15 +343,8 @@ void check_nccl(ncclResult_t status, const char* call) {
 }
 #endif
 
-}  // namespace
-
-}  // namespace ringattn::python
-
-NB_MODULE(_C, m) {
-  using namespace ringattn;
-  using namespace ringattn::python;
-  m.doc() = "ringattn's C++ library over DLPack arrays (use the ringattn package, not this)";
-
+// ringattn.Error and its kinds, and the translation of a ringattn::Error into them.
+void bind_errors(nb::module_& m) {
   // Error: the base of every ringattn error; invalid arguments are also ValueErrors, the
   // rest RuntimeErrors (ErrorCode order).
   PyObject* base = PyErr_NewExceptionWithDoc(
@@ -375,7 +368,10 @@ NB_MODULE(_C, m) {
       raise_error(e);
     }
   });
+}
 
+// The library's version, SIMD target and what this build has.
+void bind_build_info(nb::module_& m) {
   m.def("version", &version);
   m.def("cpu_simd_target", &cpu_simd_target);
 #if defined(RINGATTN_HAVE_CUDA)
@@ -393,7 +389,10 @@ NB_MODULE(_C, m) {
 #else
   m.attr("has_nccl") = false;
 #endif
+}
 
+// The communicators Python can make or hand over.
+void bind_communicators(nb::module_& m) {
   nb::class_<CommHandle>(m, "Communicator")
       .def_prop_ro("rank", [](const CommHandle& h) { return h.comm->rank(); })
       .def_prop_ro("size", [](const CommHandle& h) { return h.comm->size(); })
@@ -459,7 +458,10 @@ NB_MODULE(_C, m) {
 #endif
       },
       "unique_id"_a, "rank"_a, "size"_a, "stream"_a);
+}
 
+// The attention calls (forward, backward over a spec) and the block patterns.
+void bind_attention(nb::module_& m) {
   nb::class_<DilatedSpec>(m, "DilatedSpec", "What a dilated attention call computes.")
       .def(nb::init<std::vector<int64_t>, std::vector<int64_t>, std::string, bool,
                     std::optional<float>>(),
@@ -531,6 +533,10 @@ NB_MODULE(_C, m) {
         return block_sparse_density(c, seq, heads);
       },
       "patterns"_a, "causal"_a, "seq"_a, "heads"_a);
+}
+
+// The fused C++ multihead layer.
+void bind_multihead(nb::module_& m) {
   nb::class_<FusedMultihead>(m, "FusedMultihead",
                              "The C++ MultiheadDilatedAttention (fp32 CPU tensors, forward).")
       .def(
@@ -554,4 +560,19 @@ NB_MODULE(_C, m) {
           "mode"_a, "causal"_a, "scale"_a.none(), "bias"_a, "layer_norm"_a, "layer_norm_eps"_a,
           "weights"_a, "threads"_a = 0)
       .def("forward", &FusedMultihead::forward, "query"_a, "key"_a, "value"_a, "y"_a);
+}
+
+}  // namespace
+
+}  // namespace ringattn::python
+
+NB_MODULE(_C, m) {
+  using namespace ringattn;
+  using namespace ringattn::python;
+  m.doc() = "ringattn's C++ library over DLPack arrays (use the ringattn package, not this)";
+  bind_errors(m);
+  bind_build_info(m);
+  bind_communicators(m);
+  bind_attention(m);
+  bind_multihead(m);
 }

@@ -4,7 +4,6 @@
 #include "ringattn/distributed.h"
 
 #include <initializer_list>
-#include <memory>
 #include <utility>
 
 #include "src/base/agreement.h"
@@ -13,26 +12,6 @@
 #include "src/layer/multihead_layer.h"
 
 namespace ringattn {
-
-namespace {
-
-// The attention configuration of this rank's slice of heads.
-DilatedConfig head_slice(const MultiheadConfig& config, const Communicator& head) {
-  DilatedConfig c = config.attention;
-  c.total_heads = config.num_heads;
-  c.head_offset = head.rank() * (config.num_heads / head.size());
-  return c;
-}
-
-std::shared_ptr<const detail::MultiheadLayer> make_layer(
-    const MultiheadConfig& config, const std::shared_ptr<RingDilatedAttention>& ring,
-    Communicator& seq, Communicator& head, const ExecOptions& options) {
-  return std::make_shared<const detail::MultiheadLayer>(
-      config, detail::LayerShape::of(config, head.size()), detail::ring_core(ring, seq, options),
-      detail::head_group(head), options.num_threads);
-}
-
-}  // namespace
 
 DistributedDilatedAttention::DistributedDilatedAttention(Unweighted, MultiheadConfig config,
                                                          Communicator& seq_comm,
@@ -44,9 +23,8 @@ DistributedDilatedAttention::DistributedDilatedAttention(Unweighted, MultiheadCo
       head_comm_(head_comm),
       distributed_(distributed),
       options_(options),
-      ring_(std::make_shared<RingDilatedAttention>(head_slice(config_, head_comm), seq_comm,
-                                                   options)),
-      layer_(make_layer(config_, ring_, seq_comm, head_comm, options)) {}
+      ring_(detail::head_slice_ring(config_, seq_comm, head_comm, options)),
+      layer_(detail::distributed_layer(config_, ring_, seq_comm, head_comm, options)) {}
 
 DistributedDilatedAttention::DistributedDilatedAttention(MultiheadConfig config,
                                                          Communicator& seq_comm,

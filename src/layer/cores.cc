@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <utility>
 
 #include "src/backend/backend.h"
 #include "src/base/agreement.h"
@@ -54,6 +56,23 @@ AttentionCore ring_core(std::shared_ptr<RingDilatedAttention> ring, Communicator
   };
   core.bf16_products = host_bf16_products(options);
   return core;
+}
+
+std::shared_ptr<RingDilatedAttention> head_slice_ring(const MultiheadConfig& config,
+                                                      Communicator& seq, Communicator& head,
+                                                      const ExecOptions& options) {
+  DilatedConfig c = config.attention;
+  c.total_heads = config.num_heads;
+  c.head_offset = head.rank() * (config.num_heads / head.size());
+  return std::make_shared<RingDilatedAttention>(std::move(c), seq, options);
+}
+
+std::shared_ptr<const MultiheadLayer> distributed_layer(
+    const MultiheadConfig& config, const std::shared_ptr<RingDilatedAttention>& ring,
+    Communicator& seq, Communicator& head, const ExecOptions& options) {
+  return std::make_shared<const MultiheadLayer>(config, LayerShape::of(config, head.size()),
+                                                ring_core(ring, seq, options), head_group(head),
+                                                options.num_threads);
 }
 
 HeadGroup head_group(Communicator& head) {

@@ -342,6 +342,36 @@ void ForwardRowsImpl(const Problem& p, const Tiles& tiles, const QueryRows& qr,
   merge_queries(p, tiles, qr, sc.ot, sc.m, sc.l, 1.0);
 }
 
+// In place over a key block's rows of sc.p (S^T) and sc.ds (dP^T), [keys][queries]: P =
+// exp(S - lse) (0 where masked: rows nk.., and on the causal diagonal keys after their query),
+// dS = P * (dP - dr); vectorised across the queries i0.. of the block.
+HWY_INLINE void BlockProbabilities(const BackwardScratch& sc, int64_t nk, int64_t j0, int64_t i0,
+                                   bool diagonal) {
+  const DF df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t QB = BackwardTiles::kQueryBlock, QR = BackwardTiles::kQueryRows;
+  const VF zero = hn::Zero(df), iota = hn::Iota(df, 0.0f);
+  for (int64_t j = 0; j < round_up(nk, Tiles::kMicroRows); ++j) {
+    const VF key = hn::Set(df, static_cast<float>(j0 + j));
+    for (int64_t i = 0; i < QB; i += L) {
+      float* pj = sc.p + j * QR + i;
+      float* dsj = sc.ds + j * QR + i;
+      // (s - hi) - lo keeps the precision of a large lse; P <= 1, as it is exactly.
+      VF prob =
+          j < nk ? Exp2(df, hn::Min(hn::Sub(hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i)),
+                                            hn::LoadU(df, sc.lse2_lo + i)),
+                                    zero))
+                 : zero;
+      if (diagonal) {
+        const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
+        prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);
+      }
+      hn::StoreU(prob, df, pj);
+      hn::StoreU(hn::Mul(prob, hn::Sub(hn::LoadU(df, dsj), hn::LoadU(df, sc.dr + i))), df, dsj);
+    }
+  }
+}
+
 // Gradients of one piece (see backward_piece in attention_cpu.h). The keys are packed
 // once; query blocks outer (their Q, dO, lse and rowsum(dO * O) packed once), key blocks
 // inner; dQ of a query block and dK, dV of all the keys stay in scratch until they are added
@@ -359,7 +389,6 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
   constexpr float kLog2e = 1.4426950408889634f;
   const float q_mul = p.scale * kLog2e;
   const int64_t esize = static_cast<int64_t>(dtype_size(p.dtype));
-  const VF zero = hn::Zero(df), iota = hn::Iota(df, 0.0f);
 
   // Keys: kept indices [tk0, tk1), packed row t - tk0.
   const int64_t tk0 = w.keys.t_begin, tk1 = w.keys.t_end, mk = tk1 - tk0;
@@ -411,28 +440,7 @@ void BackwardPieceImpl(const BackwardProblem& bp, const BackwardTiles& tiles, co
         MicroTiles<Init::kZero>(ceil_div(nk, MR), v, MR * dp, dp, 1, sc.dot + ip, QB, D, nullptr,
                                 sc.ds + ip, MR * QR, QR);
       }
-      // P = exp(S - lse) (0 where masked), dS = P * (dP - Dr), vectorised across queries.
-      const bool diagonal = p.causal && j0 + nk - 1 > i0;
-      for (int64_t j = 0; j < round_up(nk, MR); ++j) {
-        const VF key = hn::Set(df, static_cast<float>(j0 + j));
-        for (int64_t i = 0; i < QB; i += L) {
-          float* pj = sc.p + j * QR + i;
-          float* dsj = sc.ds + j * QR + i;
-          // (s - hi) - lo keeps the precision of a large lse; P <= 1, as it is exactly.
-          VF prob =
-              j < nk
-                  ? Exp2(df, hn::Min(hn::Sub(hn::Sub(hn::LoadU(df, pj), hn::LoadU(df, sc.lse2 + i)),
-                                             hn::LoadU(df, sc.lse2_lo + i)),
-                                     zero))
-                  : zero;
-          if (diagonal) {
-            const VF query = hn::Add(hn::Set(df, static_cast<float>(i0 + i)), iota);
-            prob = hn::IfThenZeroElse(hn::Gt(key, query), prob);
-          }
-          hn::StoreU(prob, df, pj);
-          hn::StoreU(hn::Mul(prob, hn::Sub(hn::LoadU(df, dsj), hn::LoadU(df, sc.dr + i))), df, dsj);
-        }
-      }
+      BlockProbabilities(sc, nk, j0, i0, p.causal && j0 + nk - 1 > i0);
       // dV += P^T dO and dK += dS^T Q (rows: keys); dQ += dS K (rows: queries).
       for (int64_t c = 0; c < dp; c += panel) {
         MicroTiles<Init::kLoad>(ceil_div(nk, MR), sc.p, MR * QR, QR, 1, sc.dout + c, dp, nq,
