@@ -36,7 +36,7 @@ int64_t head_row_block(const Problem& p, int64_t h) {
   for (int hb = p.head_begin[h]; hb < p.head_begin[h + 1]; ++hb) {
     max_rate = std::max(max_rate, p.branches[p.head_branches[hb].branch].rate);
   }
-  return std::min(p.shard_rows, std::min<int64_t>(kKeptRows * max_rate, 8 * kKeptRows));
+  return std::min(p.shard_rows, std::min<int64_t>(kKeptRows * max_rate, Tiles::kMaxRowBlock));
 }
 
 struct Task {
@@ -492,9 +492,9 @@ void for_each_grad_row(T* base, const Strides3& st, const float* contiguous, int
 
 // Casts a contiguous fp32 accumulator into a bf16 or fp16 view.
 template <typename T>
-void write_grad(const std::vector<float>& acc, void* dst, const Strides3& st, int64_t batch,
-                int64_t rows, int64_t heads, int64_t dim, int threads) {
-  for_each_grad_row(static_cast<T*>(dst), st, acc.data(), batch, rows, heads, dim, threads,
+void write_grad(const float* acc, void* dst, const Strides3& st, int64_t batch, int64_t rows,
+                int64_t heads, int64_t dim, int threads) {
+  for_each_grad_row(static_cast<T*>(dst), st, acc, batch, rows, heads, dim, threads,
                     [dim](T* row, const float* src) {
                       for (int64_t d = 0; d < dim; ++d) row[d] = from_f32<T>(src[d]);
                     });
@@ -506,26 +506,31 @@ struct ShardBackward::State {
   int threads = 1;
   detail::BackwardTiles tiles;
   std::vector<BackwardThreadScratch> scratch;
-  std::vector<float> dq_acc, dk_acc, dv_acc;  // fp32 [B][shard_rows][heads][D] unless fp32 out
-  detail::GradRows dq, dk, dv;                // where the sums live
+  // fp32 [B][shard_rows][heads][D] unless the tensor is fp32 (allocated once, zeroed by
+  // restart on the kernel's threads: page faults and zeroing of a large accumulator on one
+  // thread cost a bf16 backward 5-8% of its time).
+  hwy::AlignedFreeUniquePtr<float[]> dq_acc, dk_acc, dv_acc;
+  detail::GradRows dq, dk, dv;  // where the sums live
 };
 
 namespace {
 
-// The rows gradients are summed in: the caller's tensor when it is fp32 (zeroed here), else
-// `acc` (contiguous, zero; also when there is no tensor).
+// The rows gradients are summed in, zeroed: the caller's tensor when it is fp32, else `acc`
+// (contiguous; also when there is no tensor), allocated on the first call.
 detail::GradRows grad_rows(const Problem& p, void* dst, const Strides3& st, int64_t heads,
-                           int threads, std::vector<float>& acc) {
-  if (p.dtype == DType::kF32 && dst != nullptr) {
-    float* base = static_cast<float*>(dst);
-    const int64_t dim = p.head_dim;
-    for_each_grad_row(base, st, nullptr, p.batch, p.shard_rows, heads, dim, threads,
-                      [dim](float* row, const float*) { std::fill_n(row, dim, 0.0f); });
-    return {base, st};
+                           int threads, hwy::AlignedFreeUniquePtr<float[]>& acc) {
+  const int64_t dim = p.head_dim;
+  detail::GradRows rows{static_cast<float*>(dst), st};
+  if (p.dtype != DType::kF32 || dst == nullptr) {
+    if (!acc) {
+      acc = aligned_floats(static_cast<size_t>(p.batch * p.shard_rows * heads * dim),
+                           "the backward's fp32 gradient accumulators");
+    }
+    rows = {acc.get(), {p.shard_rows * heads * dim, heads * dim, dim}};
   }
-  assign_buffer(acc, static_cast<size_t>(p.batch * p.shard_rows * heads * p.head_dim), 0.0f,
-                "the backward's fp32 gradient accumulators");
-  return {acc.data(), {p.shard_rows * heads * p.head_dim, heads * p.head_dim, p.head_dim}};
+  for_each_grad_row(rows.base, rows.st, nullptr, p.batch, p.shard_rows, heads, dim, threads,
+                    [dim](float* row, const float*) { std::fill_n(row, dim, 0.0f); });
+  return rows;
 }
 
 }  // namespace
@@ -662,12 +667,12 @@ void ShardBackward::write_output() const {
   const Problem& p = bp_.fwd;
   if (p.dtype == DType::kF32) return;  // summed in the tensors themselves
   const int threads = s_->threads;
-  const auto cast = [&](const std::vector<float>& acc, void* dst, const Strides3& st,
-                        int64_t heads) {
+  const auto cast = [&](const hwy::AlignedFreeUniquePtr<float[]>& acc, void* dst,
+                        const Strides3& st, int64_t heads) {
     if (p.dtype == DType::kBF16) {
-      write_grad<bf16_t>(acc, dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
+      write_grad<bf16_t>(acc.get(), dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
     } else {
-      write_grad<fp16_t>(acc, dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
+      write_grad<fp16_t>(acc.get(), dst, st, p.batch, p.shard_rows, heads, p.head_dim, threads);
     }
   };
   cast(s_->dq_acc, bp_.dq, bp_.dq_st, p.heads);

@@ -153,10 +153,20 @@ struct Tiles {
   static constexpr int64_t kMaxPanel = kMicroVecs * 16;  // widest panel (AVX-512)
   static constexpr int64_t kKeyTile = 21 * kMicroRows;   // key rows per tile (126: no padding)
   static constexpr int64_t kKeyRows = (kKeyTile + kMicroRows - 1) / kMicroRows * kMicroRows;
+  static constexpr int64_t kMaxRowBlock = 8192;  // most rows of one task
   int64_t padded_dim;                // D rounded up to kMicroRows (kWiden) or to 32 (kDot, kAmx)
   int64_t row_block;                 // sequence rows per task
   CpuBf16 kernel = CpuBf16::kWiden;  // the products (resolved)
   int64_t ld_rows() const { return row_block + kMaxPanel; }  // room for a padded panel
+};
+
+// One bit per query panel of a task: the panels whose O^T columns hold a sum (the first
+// product of a panel writes them, so O^T needs no zeroing, and a panel never started is not
+// read). Not std::bitset: its members could be compiled out of line for a SIMD target.
+struct PanelBits {
+  uint64_t words[Tiles::kMaxRowBlock / 64] = {};
+  bool test(int64_t i) const { return ((words[i / 64] >> (i % 64)) & 1u) != 0; }
+  void set(int64_t i) { words[i / 64] |= uint64_t{1} << (i % 64); }
 };
 
 // Per-thread scratch: every buffer is O(tile) or O(row block), none depends on N.

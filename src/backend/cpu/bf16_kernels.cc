@@ -103,6 +103,7 @@ constexpr int64_t kPanel = 32;     // queries per forward panel: 2 vectors, 2 AM
 constexpr int64_t kKeyTile = 96;   // keys per forward tile: 6 AMX row tiles, 3 reduction steps
 constexpr int64_t kKeyBlock = 64;  // keys per backward block
 constexpr int64_t kQueryBlock = BackwardTiles::kQueryBlock;  // 64
+constexpr int64_t kAhead = 8;  // strided rows fetched ahead of the one being read or written
 
 // Which product unit the GEMMs below run on.
 enum class Unit { kDot, kAmx };
@@ -136,20 +137,32 @@ inline __m512i RowBf16(__m512 lo, __m512 hi) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// The A operand of a GEMM: the pair (A[m][2x], A[m][2x + 1]) at pairs[m * row + x * step].
+// Rows of bf16 `ld` elements apart (Rows) serve both units; the dot products also take
+// consecutive rows of a matrix paired (PackRowPairs: row = 1, step = its dp), its transpose
+// without a transposing copy.
+struct PairOperand {
+  const uint32_t* pairs;
+  int64_t row, step;
+};
+inline PairOperand Rows(const uint16_t* a, int64_t ld) {
+  return {reinterpret_cast<const uint32_t*>(a), ld / 2, 1};
+}
+
 // The GEMM all products run on:
 //   C[m][n] (+)= sum_k A[m][k] * B[k / 2][n][k % 2],  m < M, n < N, k < K
-// A: bf16 rows (lda elements apart), B: bf16 pairs along k (ldb pairs apart), C: fp32 rows
-// (ldc apart). M % 16 == 0, N % 32 == 0, K % 32 == 0, lda even.
+// A: a PairOperand (AMX: Rows only), B: bf16 pairs along k (ldb pairs apart), C: fp32 rows
+// (ldc apart). M % 16 == 0, N % 32 == 0, K % 32 == 0.
 //
 // Dot products: 8 rows x 32 columns of accumulators (16 vectors); per pair of k, two vectors
 // of B and one broadcast pair of A per row.
 template <bool kAccumulate>
-void GemmDot(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* B,
-             int64_t ldb, float* C, int64_t ldc) {
+void GemmDot(int64_t M, int64_t N, int64_t K, const PairOperand& A, const uint32_t* B, int64_t ldb,
+             float* C, int64_t ldc) {
   constexpr int kRows = 8;
-  const int64_t pairs = K / 2, lda2 = lda / 2;
+  const int64_t pairs = K / 2, a_row = A.row, a_step = A.step;
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const uint32_t* a = reinterpret_cast<const uint32_t*>(A + m0 * lda);
+    const uint32_t* a = A.pairs + m0 * a_row;
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       float* c = C + m0 * ldc + n0;
       __m512 acc[kRows][2];
@@ -159,13 +172,14 @@ void GemmDot(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, co
         acc[r][1] = kAccumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
       }
       const uint32_t* b = B + n0;
-      for (int64_t x = 0; x < pairs; ++x, b += ldb) {
+      const uint32_t* ax = a;
+      for (int64_t x = 0; x < pairs; ++x, b += ldb, ax += a_step) {
         const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
         const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16));
 #pragma GCC unroll 8
         for (int r = 0; r < kRows; ++r) {
           const __m512bh ar =
-              reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * lda2 + x])));
+              reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ax[r * a_row])));
           acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
           acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
         }
@@ -255,12 +269,13 @@ void GemmAmx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, co
 }
 
 template <bool kAccumulate>
-inline void Gemm(Unit unit, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+inline void Gemm(Unit unit, int64_t M, int64_t N, int64_t K, const PairOperand& A,
                  const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
   if (unit == Unit::kAmx) {
-    GemmAmx<kAccumulate>(M, N, K, A, lda, B, ldb, C, ldc);
+    GemmAmx<kAccumulate>(M, N, K, reinterpret_cast<const uint16_t*>(A.pairs), 2 * A.row, B, ldb, C,
+                         ldc);
   } else {
-    GemmDot<kAccumulate>(M, N, K, A, lda, B, ldb, C, ldc);
+    GemmDot<kAccumulate>(M, N, K, A, B, ldb, C, ldc);
   }
 }
 
@@ -297,10 +312,21 @@ inline uint32_t PairOf(const bf16_t* row, int64_t x, int64_t d, uint32_t flip) {
   return c < d ? (Bits(row, c) ^ (flip & 0xffffu)) : 0u;
 }
 
+// Fetches the `count` strided rows of `bytes` bytes from row `first` on into cache (rows
+// of a dilated view are too far apart for the hardware prefetcher and miss the TLB).
+inline void PrefetchRows(const void* base, int64_t stride_bytes, int64_t first, int64_t count,
+                         int64_t bytes) {
+  const char* row = static_cast<const char*>(base) + first * stride_bytes;
+  for (int64_t i = 0; i < count; ++i, row += stride_bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  }
+}
+
 // Rows of D bf16 elements (`stride` apart) into [rows][dp] bf16, zero past D and past count.
 void PackRows(const bf16_t* src, int64_t stride, int64_t count, int64_t rows, int64_t d, int64_t dp,
               uint16_t* dst) {
   for (int64_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) PrefetchRows(src, 2 * stride, i + kAhead, 1, 2 * d);
     std::memcpy(dst + i * dp, src + i * stride, sizeof(uint16_t) * static_cast<size_t>(d));
     std::memset(dst + i * dp + d, 0, sizeof(uint16_t) * static_cast<size_t>(dp - d));
   }
@@ -355,18 +381,30 @@ void PackPairsTransposed(const bf16_t* src, int64_t stride, int64_t count, int64
 }
 
 // Consecutive rows paired: pair row j holds (row 2j, row 2j + 1) interleaved along D (the B
-// operand of a product over the rows), [rows / 2][dp]; rows past count are zero.
+// operand of a product over the rows, or the A operand of one over them with row = 1,
+// step = dp), [rows / 2][dp]; rows past count and columns past D are zero.
 void PackRowPairs(const bf16_t* src, int64_t stride, int64_t count, int64_t rows, int64_t d,
                   int64_t dp, uint32_t* dst) {
+  // Words 2i and 2i + 1 of a result: element i of the first row and of the second (lo: the
+  // first 16 elements of 32, hi: the last 16).
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const auto* base = reinterpret_cast<const uint16_t*>(src);
   for (int64_t j = 0; j < rows / 2; ++j) {
     const int64_t r0 = 2 * j, r1 = 2 * j + 1;
-    const bf16_t* a = r0 < count ? src + r0 * stride : nullptr;
-    const bf16_t* b = r1 < count ? src + r1 * stride : nullptr;
+    if (r1 + kAhead < count) PrefetchRows(base, 2 * stride, r0 + kAhead, 2, 2 * d);
     uint32_t* out = dst + j * dp;
-    for (int64_t c = 0; c < d; ++c) {
-      out[c] = (a ? Bits(a, c) : 0u) | (b ? static_cast<uint32_t>(Bits(b, c)) << 16 : 0u);
+    for (int64_t c0 = 0; c0 < dp; c0 += 32) {
+      const __mmask32 m =
+          d - c0 >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << (d - c0)) - 1);
+      const __m512i a = r0 < count ? _mm512_maskz_loadu_epi16(m, base + r0 * stride + c0)
+                                   : _mm512_setzero_si512();
+      const __m512i b = r1 < count ? _mm512_maskz_loadu_epi16(m, base + r1 * stride + c0)
+                                   : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + c0, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(out + c0 + 16, _mm512_permutex2var_epi16(a, hi, b));
     }
-    std::memset(out + d, 0, sizeof(uint32_t) * static_cast<size_t>(dp - d));
   }
 }
 
@@ -434,7 +472,7 @@ void RescalePanel(float* ot, int64_t ld, int64_t dp, const float* alpha) {
 struct ForwardBuffers {
   uint32_t* qt2;  // [dp / 2][ld], Q^T pair-packed along D (raw, sign of the scale folded in)
   uint16_t* k;    // [kKeyTile][dp], the key tile
-  uint16_t* vt;   // [dp][kKeyTile], V^T of the tile
+  uint16_t* vt;   // AMX: [dp][kKeyTile], V^T of the tile; dot: [kKeyTile / 2][dp] V's row pairs
   float* s;       // [kKeyTile][kPanel], S^T of one panel
   uint32_t* p2;   // [kKeyTile / 2][kPanel], P^T pair-packed along the keys
   ForwardBuffers(void* base, int64_t dp, int64_t ld, int64_t* bytes = nullptr) {
@@ -473,9 +511,7 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
     sc.m[i] = kNegInf;
     sc.l[i] = 0.0f;
   }
-  for (int64_t r = 0; r < dp; ++r) {
-    std::memset(sc.ot + r * ld, 0, sizeof(float) * static_cast<size_t>(cols));
-  }
+  PanelBits started;
   float alpha[kPanel];
   const int64_t panels = ceil_div(rows, kPanel), row_bytes = 2 * D;
   for (int64_t x = 0; x < num_srcs; ++x) {
@@ -494,8 +530,17 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
       const int64_t pf_step = ceil_div(n_next, panels);
       PackRows(static_cast<const bf16_t*>(src.k) + at * src.k_stride, src.k_stride, nk,
                round_up(nk, 16), D, dp, buf.k);
-      PackTransposed(static_cast<const bf16_t*>(src.v) + at * src.v_stride, src.v_stride, nk,
-                     round_up(nk, 32), D, dp, kKeyTile, buf.vt);
+      // V^T as the A operand of O^T += V^T P^T: AMX tiles load it as rows of V^T; the dot
+      // products broadcast pairs of keys, which V's row pairs hold without a transpose.
+      const bf16_t* v = static_cast<const bf16_t*>(src.v) + at * src.v_stride;
+      PairOperand vt{reinterpret_cast<const uint32_t*>(buf.vt), 1, dp};
+      if (unit == Unit::kAmx) {
+        PackTransposed(v, src.v_stride, nk, round_up(nk, 32), D, dp, kKeyTile, buf.vt);
+        vt = Rows(buf.vt, kKeyTile);
+      } else {
+        PackRowPairs(v, src.v_stride, nk, round_up(nk, 32), D, dp,
+                     reinterpret_cast<uint32_t*>(buf.vt));
+      }
       for (int64_t ip = 0; ip < rows; ip += kPanel) {
         const int64_t pf_end = min64(n_next, (ip / kPanel + 1) * pf_step);
         for (int64_t j = ip / kPanel * pf_step; j < pf_end; ++j) {
@@ -512,7 +557,7 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
         const int64_t t_first = t0 + ip, t_last = t0 + min64(ip + kPanel, rows) - 1;
         const int64_t keys = p.causal ? min64(nk, t_last - tk0 + 1) : nk;
         if (keys <= 0) continue;
-        Gemm<false>(unit, round_up(keys, 16), kPanel, dp, buf.k, dp, buf.qt2 + ip, ld, buf.s,
+        Gemm<false>(unit, round_up(keys, 16), kPanel, dp, Rows(buf.k, dp), buf.qt2 + ip, ld, buf.s,
                     kPanel);
         if (p.causal && tk0 + keys - 1 > t_first) {
           for (int64_t j = max64(0, t_first - tk0 + 1); j < keys; ++j) {
@@ -522,9 +567,13 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
           }
         }
         SoftmaxPanelBf16(buf.s, keys, c, sc.m + ip, sc.l + ip, alpha, buf.p2);
-        RescalePanel(sc.ot + ip, ld, dp, alpha);
-        Gemm<true>(unit, dp, kPanel, round_up(keys, 32), buf.vt, kKeyTile, buf.p2, kPanel,
-                   sc.ot + ip, ld);
+        if (started.test(ip / kPanel)) {
+          RescalePanel(sc.ot + ip, ld, dp, alpha);
+          Gemm<true>(unit, dp, kPanel, round_up(keys, 32), vt, buf.p2, kPanel, sc.ot + ip, ld);
+        } else {
+          Gemm<false>(unit, dp, kPanel, round_up(keys, 32), vt, buf.p2, kPanel, sc.ot + ip, ld);
+          started.set(ip / kPanel);
+        }
       }
     }
   }
@@ -535,7 +584,7 @@ void ForwardRows(Unit unit, const Problem& p, const Tiles& tiles, const QueryRow
 struct BackwardBuffers {
   uint16_t* k;     // [keys][dp], K of the piece
   uint16_t* v;     // [keys][dp], V
-  uint16_t* kt;    // [dp][keys], K^T
+  uint16_t* kt;    // AMX: [dp][keys], K^T; dot: [keys / 2][dp], K's row pairs
   float* dk;       // [keys][dp], dK of the piece (unscaled)
   float* dv;       // [keys][dp], dV (without the output factor)
   uint32_t* qt2;   // [dp / 2][kQueryBlock], Q^T pair-packed along D (sign of the scale folded in)
@@ -642,7 +691,14 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
   const auto* vin = static_cast<const bf16_t*>(w.keys.v);
   PackRows(kin, w.keys.k_stride, mk, mkp, D, dp, buf.k);
   PackRows(vin, w.keys.v_stride, mk, mkp, D, dp, buf.v);
-  PackTransposed(kin, w.keys.k_stride, mk, mkp, D, dp, keys, buf.kt);
+  // K^T as the A operand of dQ^T += K^T dS^T (see the forward's V^T).
+  PairOperand kt{reinterpret_cast<const uint32_t*>(buf.kt), 1, dp};
+  if (unit == Unit::kAmx) {
+    PackTransposed(kin, w.keys.k_stride, mk, mkp, D, dp, keys, buf.kt);
+    kt = Rows(buf.kt, keys);
+  } else {
+    PackRowPairs(kin, w.keys.k_stride, mk, mkp, D, dp, reinterpret_cast<uint32_t*>(buf.kt));
+  }
   std::memset(buf.dk, 0, sizeof(float) * static_cast<size_t>(mkp * dp));
   std::memset(buf.dv, 0, sizeof(float) * static_cast<size_t>(mkp * dp));
 
@@ -667,27 +723,37 @@ void BackwardPiece(Unit unit, const BackwardProblem& bp, const BackwardTiles& ti
     for (int64_t j0 = tk0; j0 < k_end; j0 += kKeyBlock) {
       const int64_t nk = min64(kKeyBlock, k_end - j0), m = round_up(nk, 16);
       const int64_t jr = j0 - tk0;  // packed row of key j0
-      Gemm<false>(unit, m, kQueryBlock, dp, buf.k + jr * dp, dp, buf.qt2, kQueryBlock, buf.s,
+      Gemm<false>(unit, m, kQueryBlock, dp, Rows(buf.k + jr * dp, dp), buf.qt2, kQueryBlock, buf.s,
                   kQueryBlock);
-      Gemm<false>(unit, m, kQueryBlock, dp, buf.v + jr * dp, dp, buf.dot2, kQueryBlock, buf.dpt,
-                  kQueryBlock);
+      Gemm<false>(unit, m, kQueryBlock, dp, Rows(buf.v + jr * dp, dp), buf.dot2, kQueryBlock,
+                  buf.dpt, kQueryBlock);
       BlockProbabilities(buf, nk, j0, i0, p.causal && j0 + nk - 1 > i0, c, f);
       // dV += P^T dO and dK += dS^T Q (rows: keys); dQ^T += K^T dS^T (rows: D).
-      Gemm<true>(unit, m, dp, kQueryBlock, buf.pt, kQueryBlock, buf.do2, dp, buf.dv + jr * dp, dp);
-      Gemm<true>(unit, m, dp, kQueryBlock, buf.dst, kQueryBlock, buf.q2, dp, buf.dk + jr * dp, dp);
-      Gemm<true>(unit, dp, kQueryBlock, round_up(nk, 32), buf.kt + jr, keys, buf.ds2, kQueryBlock,
-                 buf.dqt, kQueryBlock);
+      Gemm<true>(unit, m, dp, kQueryBlock, Rows(buf.pt, kQueryBlock), buf.do2, dp, buf.dv + jr * dp,
+                 dp);
+      Gemm<true>(unit, m, dp, kQueryBlock, Rows(buf.dst, kQueryBlock), buf.q2, dp, buf.dk + jr * dp,
+                 dp);
+      const PairOperand kt_j{kt.pairs + jr / 2 * kt.step, kt.row, kt.step};  // from key j0
+      Gemm<true>(unit, dp, kQueryBlock, round_up(nk, 32), kt_j, buf.ds2, kQueryBlock, buf.dqt,
+                 kQueryBlock);
     }
     const float scale = p.scale;
     for (int64_t i = 0; i < nq; ++i) {
       float col[kMaxHeadDim];  // column i of dQ^T
       for (int64_t e = 0; e < D; ++e) col[e] = buf.dqt[e * kQueryBlock + i];
+      if (i + kAhead < nq) {
+        PrefetchRows(dq_rows.row(b, row0 + (i0 + i + kAhead) * r, h), 0, 0, 1, 4 * D);
+      }
       float* dq_row = dq_rows.row(b, row0 + (i0 + i) * r, h);
       for (int64_t e = 0; e < D; ++e) dq_row[e] += scale * col[e];
     }
   }
   const float scale = p.scale;
   for (int64_t j = 0; j < mk; ++j) {
+    if (j + kAhead < mk) {
+      PrefetchRows(w.dk, 4 * w.dk_stride, j + kAhead, 1, 4 * D);
+      PrefetchRows(w.dv, 4 * w.dv_stride, j + kAhead, 1, 4 * D);
+    }
     float* dk_row = w.dk + j * w.dk_stride;
     float* dv_row = w.dv + j * w.dv_stride;
     const float* dk = buf.dk + j * dp;
